@@ -1,0 +1,174 @@
+"""YAML -> validated config objects. Every error names the key, the value and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from segkit.errors import ConfigError
+from segkit.heads import Head, build_head
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Strict):
+    """Training augmentation (albumentations); probabilities per transform."""
+
+    hflip: float = Field(0.5, ge=0, le=1)
+    vflip: float = Field(0.5, ge=0, le=1)
+    rotate90: float = Field(0.5, ge=0, le=1)
+    color: float = Field(0.3, ge=0, le=1, description="light brightness/contrast jitter")
+    scale: tuple[float, float] | None = Field(None, description="random rescale range before cropping")
+
+
+class DataConfig(_Strict):
+    root: Path
+    classes: list[str] = Field(min_length=1)
+    mask: Literal["binary", "index", "color", "multilabel"] = "binary"
+    foreground_value: int | None = Field(None, ge=0, le=65535)
+    ignore_index: int | None = Field(None, ge=0, le=65535)
+    colors: list[tuple[int, int, int]] | None = None
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    channels: Literal[1, 3] = 3
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    cache: bool = True
+
+
+class ModelConfig(_Strict):
+    arch: str = "Unet"
+    encoder: str = "resnet34"
+    encoder_weights: str | None = None
+    head: Literal["softmax", "sigmoid"]
+    thresholds: float | list[float] | None = None
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(8, ge=1)
+    crop: int = Field(256, ge=32)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    loss: str | None = None
+    class_weights: list[float] | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool | Literal["auto"] = "auto"
+    seed: int = 0
+    workers: int = Field(2, ge=0)
+    early_stop_patience: int | None = Field(None, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1)
+    augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("crop")
+    @classmethod
+    def _crop_stride(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be a multiple of 32 (the U-Net's stride); e.g. {max(32, round(v / 32) * 32)}")
+        return v
+
+
+class Config(_Strict):
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+
+    def head(self) -> Head:
+        """The head this config asks for; raises ConfigError for impossible combinations."""
+        return build_head(self.model.head, self.data.classes, self.data.colors, self.model.thresholds)
+
+    def norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Input normalisation (mean, std) per channel."""
+        channels = self.data.channels
+        mean = self.data.mean or (IMAGENET_MEAN if channels == 3 else (0.5,))
+        std = self.data.std or (IMAGENET_STD if channels == 3 else (0.25,))
+        return tuple(mean), tuple(std)
+
+    def check(self) -> None:
+        """Cross-key rules that single fields cannot express."""
+        head = self.head()
+        head.loss(self.train.loss, self.train.class_weights)
+        d = self.data
+        if d.mask == "binary" and len(d.classes) > 2:
+            raise ConfigError(
+                f"data.classes: binary masks give one foreground class, but {len(d.classes)} classes are named. "
+                "Fix: `[fg]` for sigmoid, `[background, fg]` for softmax, or `data.mask: index`."
+            )
+        if d.mask == "color" and not d.colors:
+            raise ConfigError("data.colors: colour masks need one [R, G, B] per class. Fix: set data.colors.")
+        if d.foreground_value is not None and d.mask not in ("binary", "multilabel"):
+            raise ConfigError(
+                f"data.foreground_value: only binary and multilabel masks have one; data.mask is '{d.mask}'. "
+                "Fix: remove data.foreground_value."
+            )
+        mean, std = self.norm()
+        if len(mean) != d.channels or len(std) != d.channels:
+            raise ConfigError(
+                f"data.mean/data.std: need {d.channels} values (data.channels), got {len(mean)} and {len(std)}. "
+                "Fix: one value per input channel."
+            )
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key. Fix: remove it or check its spelling (see configs/*.yaml).")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing. Fix: add it.")
+        else:
+            lines.append(f"  {key} = {e.get('input')!r}: {e['msg']}. Fix: correct the value.")
+    return "\n".join(lines)
+
+
+def set_dotted(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (numbers, lists, null)."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. --set train.epochs=3.")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: '{part}' is not a section. Fix: check the key path.")
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validate a raw mapping (relative paths are relative to the working directory)."""
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+    cfg.check()
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply `key=value` overrides, validate everything."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found. Fix: check the path (ready ones are in configs/).") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err}). Fix: correct the syntax.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with data/model/train sections.")
+    for assignment in overrides:
+        set_dotted(raw, assignment)
+    return parse_config(raw, str(path))
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of a config, as saved in a run folder."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

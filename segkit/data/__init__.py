@@ -1,0 +1,1 @@
+"""Mask formats, layouts, datasets, augmentation and dataset inspection."""

@@ -1,0 +1,64 @@
+"""From a data config to checked train/val/test samples."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from segkit.config import DataConfig
+from segkit.data.dataset import PairReader
+from segkit.data.layout import Pairing, Sample, find_pairs, seeded_split, split_dirs
+from segkit.data.masks import MaskFormat, build_mask_format
+from segkit.errors import DataError
+
+log = logging.getLogger("segkit")
+
+
+def mask_format(cfg: DataConfig) -> MaskFormat:
+    return build_mask_format(cfg.mask, cfg.classes, cfg.ignore_index, cfg.foreground_value, cfg.colors)
+
+
+def pair_reader(cfg: DataConfig) -> PairReader:
+    return PairReader(mask_format(cfg), cfg.channels)
+
+
+def _labelled(pairing: Pairing, where: str) -> list[Sample]:
+    if pairing.unlabeled:
+        names = ", ".join(str(p) for p in pairing.unlabeled[:5])
+        more = f" and {len(pairing.unlabeled) - 5} more" if len(pairing.unlabeled) > 5 else ""
+        raise DataError(f"{where}: {len(pairing.unlabeled)} images have no mask: {names}{more}. "
+                        "Fix: add their masks (same stem) or move the images out of the folder.")
+    if pairing.orphan_masks:
+        log.warning("%s: %d masks match no image and are ignored (e.g. %s)", where,
+                    len(pairing.orphan_masks), pairing.orphan_masks[0])
+    if not pairing.samples:
+        raise DataError(f"{where}: no image has a mask. Fix: masks pair with images by stem.")
+    return pairing.samples
+
+
+def split_samples(cfg: DataConfig, split: str) -> list[Sample]:
+    """The labelled samples of one split ('train', 'val', 'test', or 'all' for a flat layout)."""
+    pairing = find_pairs(cfg.root, split, cfg.classes, multilabel=cfg.mask == "multilabel")
+    return _labelled(pairing, f"{Path(cfg.root)} [{split}]")
+
+
+def train_val_samples(cfg: DataConfig, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Train and validation samples: the val/ split if there is one, else a seeded share of train."""
+    dirs = split_dirs(cfg.root)
+    source = "train" if "train" in dirs else "all" if "all" in dirs else None
+    if source is None:
+        raise DataError(f"{cfg.root}: no train split (found {sorted(dirs)}). Fix: add train/images and train/masks.")
+    train = split_samples(cfg, source)
+    if "val" in dirs:
+        return train, split_samples(cfg, "val")
+    return seeded_split(train, cfg.val_fraction, seed)
+
+
+def eval_samples(cfg: DataConfig, split: str, seed: int) -> list[Sample]:
+    """Samples to score: a named split, or 'val' falling back to the seeded validation share."""
+    dirs = split_dirs(cfg.root)
+    if split in dirs:
+        return split_samples(cfg, split)
+    if split == "val":
+        return train_val_samples(cfg, seed)[1]
+    raise DataError(f"{cfg.root}: no '{split}' split (found {sorted(dirs)}). Fix: choose --split from those.")

@@ -1,0 +1,359 @@
+"""The two output heads: the one place in segkit that knows softmax from sigmoid.
+
+Everything downstream asks the head: how many channels, how to turn a mask into a
+target, which losses fit, how to activate and decode logits, how to count
+true/false positives, and which files a predicted mask becomes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segkit.errors import ConfigError
+
+IGNORE = -1
+"""Target value of an ignored pixel, for both heads."""
+
+_PALETTE = [
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+]
+
+
+def default_colors(classes: Sequence[str]) -> list[tuple[int, int, int]]:
+    """Distinct display colours; a class named 'background' is black."""
+    bright = iter(_PALETTE[1:] * (len(classes) // 15 + 1))
+    return [(0, 0, 0) if name.lower() == "background" else next(bright) for name in classes]
+
+
+class Head(ABC):
+    """Interface shared by both heads. `classes` are the output channels' names in order."""
+
+    name: ClassVar[str]
+    smp_mode: ClassVar[str]
+    default_loss: ClassVar[str]
+    base_loss: ClassVar[str]
+
+    def __init__(
+        self,
+        classes: Sequence[str],
+        colors: Sequence[Sequence[int]] | None = None,
+        thresholds: float | Sequence[float] | None = None,
+    ) -> None:
+        if len(set(classes)) != len(classes):
+            raise ConfigError(f"data.classes: {list(classes)} repeats a name. Fix: give every class a unique name.")
+        self.classes = list(classes)
+        if colors is not None and len(colors) != len(self.classes):
+            raise ConfigError(
+                f"data.colors: {len(colors)} colours for {len(self.classes)} classes {self.classes}. "
+                "Fix: give one [R, G, B] per class, in class order."
+            )
+        self.colors = [tuple(int(v) for v in c) for c in colors] if colors else default_colors(self.classes)
+        self._check_classes()
+        self.thresholds = self._check_thresholds(thresholds)
+
+    # -- configuration -------------------------------------------------------------------
+
+    @abstractmethod
+    def _check_classes(self) -> None:
+        """Raise ConfigError when this head cannot learn these classes."""
+
+    def _check_thresholds(self, thresholds: float | Sequence[float] | None) -> list[float] | None:
+        if thresholds is not None:
+            raise ConfigError(
+                f"model.thresholds: the {self.name} head decodes by argmax and takes no thresholds. "
+                "Fix: remove model.thresholds, or use model.head: sigmoid."
+            )
+        return None
+
+    @property
+    @abstractmethod
+    def channels(self) -> int:
+        """Number of output channels of the network."""
+
+    def metadata(self) -> dict:
+        """What a checkpoint needs to rebuild this head."""
+        return {"head": self.name, "classes": self.classes, "colors": [list(c) for c in self.colors],
+                "thresholds": self.thresholds}
+
+    # -- targets -------------------------------------------------------------------------
+
+    @abstractmethod
+    def label_problem(self, labels: np.ndarray, valid: np.ndarray) -> str | None:
+        """Why these labels (H, W, C multi-hot) cannot be this head's target, or None if they can."""
+
+    @abstractmethod
+    def targets(self, labels: np.ndarray, valid: np.ndarray) -> torch.Tensor:
+        """Training target from multi-hot labels (H, W, C) and the valid-pixel mask (H, W)."""
+
+    # -- loss ----------------------------------------------------------------------------
+
+    @classmethod
+    def loss_names(cls) -> list[str]:
+        """Loss names this head accepts."""
+        return [cls.base_loss, "dice", f"{cls.base_loss}+dice", "focal", "focal+dice"]
+
+    def loss(self, name: str | None = None, class_weights: Sequence[float] | None = None) -> nn.Module:
+        """The training loss, always computed on logits."""
+        name = name or self.default_loss
+        if name not in self.loss_names():
+            owners = [head.name for head in HEADS.values() if name in head.loss_names()]
+            belongs = f" '{name}' is a loss for the {owners[0]} head." if owners else ""
+            raise ConfigError(
+                f"train.loss: '{name}' does not fit the {self.name} head.{belongs} "
+                f"Fix: use one of {self.loss_names()}."
+            )
+        if class_weights is not None and len(class_weights) != self.channels:
+            raise ConfigError(
+                f"train.class_weights: {len(class_weights)} weights for {self.channels} output channels "
+                f"{self.classes}. Fix: give one weight per class."
+            )
+        weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
+        terms: list[nn.Module] = []
+        for part in name.split("+"):
+            if part == "dice":
+                terms.append(smp.losses.DiceLoss(self.smp_mode, from_logits=True, ignore_index=IGNORE,
+                                                 class_weights=class_weights))
+            elif part == "focal":
+                terms.append(smp.losses.FocalLoss(self.smp_mode, ignore_index=IGNORE,
+                                                  class_weights=class_weights))
+            else:
+                terms.append(self._base_loss(weights))
+        return SumLoss(terms)
+
+    @abstractmethod
+    def _base_loss(self, weights: torch.Tensor | None) -> nn.Module:
+        """Cross-entropy for softmax, BCE-with-logits for sigmoid."""
+
+    # -- activation, decoding, counting --------------------------------------------------
+
+    @abstractmethod
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-class probabilities (N, C, H, W) from logits (N, C, H, W)."""
+
+    @abstractmethod
+    def decode(self, logits: torch.Tensor) -> torch.Tensor:
+        """Masks from logits: softmax -> (N, H, W) class indices; sigmoid -> (N, C, H, W) bool.
+
+        Takes logits, never probabilities, and activates internally, so a threshold is
+        always compared with a probability.
+        """
+
+    @abstractmethod
+    def multihot(self, masks: torch.Tensor) -> torch.Tensor:
+        """Decoded masks as (N, C, H, W) bool, the common form for overlays and counting."""
+
+    @abstractmethod
+    def target_multihot(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of targets as (N, C, H, W) bool labels and an (N, H, W) valid mask."""
+
+    @abstractmethod
+    def stats(self, masks: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-class pixel counts (C, 4) = tp, fp, fn, tn over the batch, ignored pixels left out."""
+
+    # -- files ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def mask_files(self, mask: np.ndarray, rel: Path) -> list[tuple[Path, np.ndarray]]:
+        """The files one decoded mask becomes: (path relative to the output folder, array)."""
+
+    def palette(self) -> list[int]:
+        """A PNG palette (768 ints) that shows class i in its colour."""
+        flat = [v for c in self.colors for v in c]
+        return flat + [0] * (768 - len(flat))
+
+
+class SumLoss(nn.Module):
+    """Sum of loss terms, each on logits."""
+
+    def __init__(self, terms: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.terms = nn.ModuleList(terms)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return sum(term(logits, target) for term in self.terms)
+
+
+class MaskedBCEWithLogits(nn.Module):
+    """BCE-with-logits averaged over the valid pixels only (smp's loss, normalised here)."""
+
+    def __init__(self, weights: torch.Tensor | None) -> None:
+        super().__init__()
+        self.bce = smp.losses.SoftBCEWithLogitsLoss(ignore_index=IGNORE, reduction="none")
+        self.register_buffer("weights", None if weights is None else weights.view(1, -1, 1, 1))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.bce(logits, target)
+        if self.weights is not None:
+            loss = loss * self.weights
+        valid = (target != IGNORE).sum()
+        return loss.sum() / valid.clamp_min(1)
+
+
+class SoftmaxHead(Head):
+    """N >= 2 mutually exclusive classes: every valid pixel has exactly one."""
+
+    name = "softmax"
+    smp_mode = "multiclass"
+    default_loss = "ce+dice"
+    base_loss = "ce"
+
+    def _check_classes(self) -> None:
+        if len(self.classes) < 2:
+            only = self.classes[0] if self.classes else "fg"
+            raise ConfigError(
+                f"model.head: softmax with one class ({self.classes}) outputs the constant 1; "
+                "its cross-entropy is 0 and it learns nothing. "
+                f"Fix: use `model.head: sigmoid` with `data.classes: [{only}]`, "
+                f"or keep softmax with `data.classes: [background, {only}]`."
+            )
+
+    @property
+    def channels(self) -> int:
+        return len(self.classes)
+
+    def label_problem(self, labels: np.ndarray, valid: np.ndarray) -> str | None:
+        count = labels.sum(axis=2, dtype=np.int32)
+        both = int(((count > 1) & valid).sum())
+        if both:
+            return (
+                f"{both} pixels carry more than one label, which softmax cannot represent. "
+                "Fix: use `model.head: sigmoid` for overlapping masks."
+            )
+        none = int(((count == 0) & valid).sum())
+        if none:
+            return (
+                f"{none} pixels have no class, but softmax needs exactly one per pixel. "
+                "Fix: add a class for them (e.g. `background` first in data.classes), "
+                "mark them ignored, or use `model.head: sigmoid`."
+            )
+        return None
+
+    def targets(self, labels: np.ndarray, valid: np.ndarray) -> torch.Tensor:
+        index = labels.argmax(axis=2).astype(np.int64)
+        index[~valid] = IGNORE
+        return torch.from_numpy(index)
+
+    def _base_loss(self, weights: torch.Tensor | None) -> nn.Module:
+        return nn.CrossEntropyLoss(weight=weights, ignore_index=IGNORE)
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.softmax(dim=1)
+
+    def decode(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(dim=1)
+
+    def multihot(self, masks: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(masks.long(), self.channels).permute(0, 3, 1, 2).bool()
+
+    def target_multihot(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = target != IGNORE
+        return self.multihot(target.clamp_min(0)) & valid.unsqueeze(1), valid
+
+    def stats(self, masks: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        tp, fp, fn, tn = smp.metrics.get_stats(masks.long().cpu(), target.long().cpu(), mode="multiclass",
+                                               num_classes=self.channels, ignore_index=IGNORE)
+        return torch.stack([tp, fp, fn, tn], dim=-1).sum(0)
+
+    def mask_files(self, mask: np.ndarray, rel: Path) -> list[tuple[Path, np.ndarray]]:
+        return [(rel.with_suffix(".png"), mask.astype(np.uint8 if self.channels <= 256 else np.uint16))]
+
+
+class SigmoidHead(Head):
+    """N >= 1 independent classes: a pixel may have any number of labels, or none."""
+
+    name = "sigmoid"
+    smp_mode = "multilabel"
+    default_loss = "bce+dice"
+    base_loss = "bce"
+
+    def _check_classes(self) -> None:
+        if not self.classes:
+            raise ConfigError("data.classes: empty. Fix: name at least one class, e.g. `data.classes: [fg]`.")
+
+    def _check_thresholds(self, thresholds: float | Sequence[float] | None) -> list[float]:
+        if thresholds is None:
+            thresholds = 0.5
+        values = [float(thresholds)] * len(self.classes) if isinstance(thresholds, (int, float)) else list(thresholds)
+        if len(values) != len(self.classes):
+            raise ConfigError(
+                f"model.thresholds: {len(values)} values for {len(self.classes)} classes {self.classes}. "
+                "Fix: give one probability per class, or a single number for all."
+            )
+        if not all(0.0 < v < 1.0 for v in values):
+            raise ConfigError(
+                f"model.thresholds: {values} must be probabilities strictly between 0 and 1 "
+                "(thresholds apply to sigmoid outputs, not logits). Fix: e.g. 0.5."
+            )
+        return values
+
+    @property
+    def channels(self) -> int:
+        return len(self.classes)
+
+    def label_problem(self, labels: np.ndarray, valid: np.ndarray) -> str | None:
+        return None
+
+    def targets(self, labels: np.ndarray, valid: np.ndarray) -> torch.Tensor:
+        target = torch.from_numpy(labels.transpose(2, 0, 1).astype(np.float32))
+        target[:, torch.from_numpy(~valid)] = IGNORE
+        return target
+
+    def _base_loss(self, weights: torch.Tensor | None) -> nn.Module:
+        return MaskedBCEWithLogits(weights)
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.sigmoid()
+
+    def decode(self, logits: torch.Tensor) -> torch.Tensor:
+        thresholds = torch.tensor(self.thresholds, device=logits.device).view(1, -1, 1, 1)
+        return self.activate(logits.float()) >= thresholds
+
+    def multihot(self, masks: torch.Tensor) -> torch.Tensor:
+        return masks.bool()
+
+    def target_multihot(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = target[:, 0] != IGNORE
+        return target == 1, valid
+
+    def stats(self, masks: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        truth, valid = self.target_multihot(target)
+        keep = valid.unsqueeze(1)
+        tp, fp, fn, tn = smp.metrics.get_stats((masks.bool() & keep).long().cpu(), truth.long().cpu(),
+                                               mode="multilabel")
+        ignored = (~valid).flatten(1).sum(1, keepdim=True).cpu()
+        return torch.stack([tp, fp, fn, tn - ignored], dim=-1).sum(0)
+
+    def mask_files(self, mask: np.ndarray, rel: Path) -> list[tuple[Path, np.ndarray]]:
+        return [(Path(name) / rel.with_suffix(".png"), mask[c].astype(np.uint8) * 255)
+                for c, name in enumerate(self.classes)]
+
+
+HEADS: dict[str, type[Head]] = {"softmax": SoftmaxHead, "sigmoid": SigmoidHead}
+
+
+def build_head(
+    name: str,
+    classes: Sequence[str],
+    colors: Sequence[Sequence[int]] | None = None,
+    thresholds: float | Sequence[float] | None = None,
+) -> Head:
+    """Head by name; the thin registry that config and checkpoints go through."""
+    if name not in HEADS:
+        raise ConfigError(f"model.head: '{name}' is not a head. Fix: use one of {sorted(HEADS)}.")
+    return HEADS[name](classes, colors=colors, thresholds=thresholds)
+
+
+def head_from_metadata(meta: dict) -> Head:
+    """Rebuild the head a checkpoint was trained with."""
+    return build_head(meta["head"], meta["classes"], meta.get("colors"), meta.get("thresholds"))
