@@ -261,7 +261,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits = model(image)
             loss = loss_fn(logits.float(), target)
-            value = float(loss)
+            value = float(loss.detach())
             if not math.isfinite(value):
                 kept = f"last/ holds epoch {epoch}" if epoch > 0 else "no checkpoint yet"
                 raise TrainingError(f"non-finite loss ({value}) at epoch {epoch + 1}, step {step + 1}; "

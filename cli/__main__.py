@@ -1,0 +1,5 @@
+"""`python -m cli ...` (what `torchrun -m cli train ...` runs)."""
+
+from cli.app import main
+
+main()

@@ -1,0 +1,32 @@
+"""`segkit inspect DATA_ROOT`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.app import app
+
+
+@app.command()
+def inspect(
+    root: Annotated[Path, typer.Argument(help="Data folder (images/ + masks/, or train/ val/ test/ splits).")],
+    config: Annotated[Path | None, typer.Option(help="Read masks as this config's data section says.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON.")] = None,
+) -> None:
+    """Class frequencies, empty/missing/mismatched masks, label overlap, and which head fits."""
+    from segkit.config import load_config
+    from segkit.data.inspect import DataGuess, inspect as run
+    from segkit.data.io import write_bytes
+
+    data = None
+    if config is not None:
+        d = load_config(config, [f"data.root={root}"]).data
+        data = DataGuess(d.mask, d.classes, d.ignore_index, d.foreground_value, d.colors)
+    report = run(root, data)
+    typer.echo(report.text())
+    if json_out is not None:
+        write_bytes(json_out, json.dumps(report.to_dict(), indent=2).encode())
