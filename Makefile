@@ -18,7 +18,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/segkit inspect data/nuclei
-	$(BIN)/segkit train configs/nuclei-sigmoid.yaml --out $(DEMO)/train --device cpu
+	$(BIN)/segkit train configs/nuclei-sigmoid.yaml --out $(DEMO)/train --device cpu --no-progress
+	$(BIN)/segkit predict $(DEMO)/train/best data/nuclei/test/images $(DEMO)/masks --device cpu --no-progress
+	$(BIN)/segkit evaluate $(DEMO)/train/best data/nuclei --split test --json $(DEMO)/scores.json --device cpu --no-progress
+	$(BIN)/segkit visualize data/nuclei/test/images $(DEMO)/masks $(DEMO)/overlays --checkpoint $(DEMO)/train/best --truth data/nuclei/test/masks
+	@echo
+	@echo "demo done: checkpoint $(DEMO)/train/best, curves $(DEMO)/train/curves.png,"
+	@echo "masks $(DEMO)/masks, scores $(DEMO)/scores.json, overlays $(DEMO)/overlays"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -163,9 +163,20 @@ class Head(ABC):
 
     # -- files ---------------------------------------------------------------------------
 
+    output_format: ClassVar[str]
+    """The data.mask format of the files `mask_files` writes, so they can be read back."""
+
     @abstractmethod
-    def mask_files(self, mask: np.ndarray, rel: Path) -> list[tuple[Path, np.ndarray]]:
-        """The files one decoded mask becomes: (path relative to the output folder, array)."""
+    def file_names(self, rel: Path) -> list[Path]:
+        """Mask files one image at `rel` (relative to the input folder) becomes, relative to the output."""
+
+    @abstractmethod
+    def mask_files(self, mask: np.ndarray, rel: Path) -> list[tuple[Path, np.ndarray, list[int] | None]]:
+        """The files one decoded mask becomes: (relative path, array, PNG palette or None)."""
+
+    @abstractmethod
+    def confusion(self, masks: torch.Tensor, target: torch.Tensor) -> np.ndarray | None:
+        """Truth x prediction pixel counts for exclusive classes; None where classes overlap."""
 
     def palette(self) -> list[int]:
         """A PNG palette (768 ints) that shows class i in its colour."""
@@ -265,8 +276,20 @@ class SoftmaxHead(Head):
                                                num_classes=self.channels, ignore_index=IGNORE)
         return torch.stack([tp, fp, fn, tn], dim=-1).sum(0)
 
-    def mask_files(self, mask: np.ndarray, rel: Path) -> list[tuple[Path, np.ndarray]]:
-        return [(rel.with_suffix(".png"), mask.astype(np.uint8 if self.channels <= 256 else np.uint16))]
+    output_format = "index"
+
+    def file_names(self, rel: Path) -> list[Path]:
+        return [rel.with_suffix(".png")]
+
+    def mask_files(self, mask: np.ndarray, rel: Path) -> list[tuple[Path, np.ndarray, list[int] | None]]:
+        if self.channels <= 256:
+            return [(rel.with_suffix(".png"), mask.astype(np.uint8), self.palette())]
+        return [(rel.with_suffix(".png"), mask.astype(np.uint16), None)]
+
+    def confusion(self, masks: torch.Tensor, target: torch.Tensor) -> np.ndarray | None:
+        valid = target != IGNORE
+        pairs = target[valid].long() * self.channels + masks[valid].long()
+        return torch.bincount(pairs.cpu(), minlength=self.channels ** 2).view(self.channels, -1).numpy()
 
 
 class SigmoidHead(Head):
@@ -334,9 +357,16 @@ class SigmoidHead(Head):
         ignored = (~valid).flatten(1).sum(1, keepdim=True).cpu()
         return torch.stack([tp, fp, fn, tn - ignored], dim=-1).sum(0)
 
-    def mask_files(self, mask: np.ndarray, rel: Path) -> list[tuple[Path, np.ndarray]]:
-        return [(Path(name) / rel.with_suffix(".png"), mask[c].astype(np.uint8) * 255)
-                for c, name in enumerate(self.classes)]
+    output_format = "multilabel"
+
+    def file_names(self, rel: Path) -> list[Path]:
+        return [Path(name) / rel.with_suffix(".png") for name in self.classes]
+
+    def mask_files(self, mask: np.ndarray, rel: Path) -> list[tuple[Path, np.ndarray, list[int] | None]]:
+        return [(path, mask[c].astype(np.uint8) * 255, None) for c, path in enumerate(self.file_names(rel))]
+
+    def confusion(self, masks: torch.Tensor, target: torch.Tensor) -> np.ndarray | None:
+        return None
 
 
 HEADS: dict[str, type[Head]] = {"softmax": SoftmaxHead, "sigmoid": SigmoidHead}
@@ -357,3 +387,23 @@ def build_head(
 def head_from_metadata(meta: dict) -> Head:
     """Rebuild the head a checkpoint was trained with."""
     return build_head(meta["head"], meta["classes"], meta.get("colors"), meta.get("thresholds"))
+
+
+def parse_thresholds(text: str, classes: Sequence[str]) -> float | list[float]:
+    """`0.4` for every class, or `class=value,...` for some (the others keep 0.5)."""
+    text = text.strip()
+    if "=" not in text:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--threshold {text!r}: not a number. Fix: e.g. 0.4 or nucleus=0.4.") from None
+    values = dict.fromkeys(classes, 0.5)
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in values:
+            raise ConfigError(f"--threshold: '{name.strip()}' is not a class of this model ({list(classes)}).")
+        try:
+            values[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--threshold {part!r}: '{value}' is not a number.") from None
+    return list(values.values())

@@ -7,17 +7,30 @@ working memory grows with the image width and the tile, not with the image area.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segkit.heads import Head
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from segkit import distributed as dist
+from segkit.data.io import is_image, read_image, write_bytes, write_png
+from segkit.device import amp_dtype, resolve_device
+from segkit.errors import SegkitError
+from segkit.heads import Head, head_from_metadata
 from segkit.model import load_checkpoint
+
+log = logging.getLogger("segkit")
 
 STRIDE = 32
 """Input sizes must be multiples of this (five 2x downsamplings in the encoders segkit builds)."""
@@ -96,8 +109,6 @@ class Segmenter:
     def __init__(self, model: nn.Module, head: Head, meta: dict, device: str | torch.device = "cpu",
                  amp: bool | str = "auto", tile: int = 1024, overlap: int = 128, tta: bool = False,
                  batch_size: int = 4) -> None:
-        from segkit.train import amp_dtype, resolve_device
-
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
         if self.device.type == "cuda":
@@ -118,8 +129,6 @@ class Segmenter:
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "auto", **options) -> Segmenter:
         """From a checkpoint folder (`best/`, `last/`): reads safetensors + JSON, never a pickle."""
-        from segkit.train import resolve_device
-
         dev = resolve_device(device)
         model, head, meta = load_checkpoint(Path(checkpoint), dev)
         return cls(model, head, meta, dev, **options)
@@ -190,6 +199,58 @@ class Segmenter:
                 prob_out[:, top:top + rows.shape[1]] = part.probs
         return Prediction(mask, prob_out)
 
+    def set_thresholds(self, thresholds: float | Sequence[float]) -> None:
+        """Replace the decoding thresholds (sigmoid heads; softmax heads refuse)."""
+        self.head = head_from_metadata({**self.head.metadata(), "thresholds": thresholds})
+
+    def fits(self, image: np.ndarray) -> bool:
+        """Whether an image goes through the network whole (else in windows)."""
+        return max(image.shape[:2]) <= self.tile
+
+    def predict_stream(self, items: Iterable[tuple[Any, np.ndarray]], probs: bool = False
+                       ) -> Iterator[tuple[Any, Prediction]]:
+        """(key, image) in -> (key, prediction) out, in order; consecutive images of one size share
+        a forward pass, images larger than the tile go through windows."""
+        for batch in batches_by_shape(iter(items), self.batch_size, self.fits):
+            if len(batch) == 1 and not self.fits(batch[0][1]):
+                yield batch[0][0], self.predict(batch[0][1], probs)
+                continue
+            for (key, _), pred in zip(batch, self.predict_batch([image for _, image in batch], probs)):
+                yield key, pred
+
+    def predict_folder(self, input_dir: str | Path, output_dir: str | Path, probs: bool = False,
+                       overwrite: bool = False, workers: int = 2, progress: bool = False) -> FolderSummary:
+        """Masks for every image under `input_dir`, mirrored under `output_dir` (see DESIGN.md).
+
+        Unreadable files are reported and skipped; every other image is written. Under
+        torchrun each rank takes a disjoint share of the files.
+        """
+        input_dir, output_dir = Path(input_dir), Path(output_dir)
+        files = plan_outputs(self.head, input_dir, output_dir, probs, overwrite)
+        mine = files[dist.rank()::dist.world_size()]
+        began = time.perf_counter()
+        summary = FolderSummary(images=0, seconds=0.0)
+        reader = DataLoader(_ImageFiles([f for f, _ in mine], self.in_channels), batch_size=None,
+                            num_workers=workers, collate_fn=_as_is,
+                            prefetch_factor=8 if workers else None)
+        items = _readable(reader, summary)
+        bar = tqdm(total=len(mine), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+        with ThreadPoolExecutor(max(1, workers)) as writers:
+            pending: list[Future] = []
+            for path, pred in self.predict_stream(items, probs):
+                rel = path.relative_to(input_dir)
+                pending.append(writers.submit(_write_prediction, self.head, pred, rel, output_dir))
+                summary.images += 1
+                bar.update(1)
+                if len(pending) > 4 * max(1, workers):
+                    pending.pop(0).result()
+            for job in pending:
+                job.result()
+        bar.update(len(summary.failed))
+        bar.close()
+        summary.seconds = time.perf_counter() - began
+        return summary
+
     def _weight(self, h: int, w: int) -> torch.Tensor:
         if (h, w) not in self._weights:
             self._weights[(h, w)] = gaussian_weight(h, w).to(self.device)
@@ -241,3 +302,91 @@ def batches_by_shape(items: Iterator[tuple[int, np.ndarray]], size: int,
         pending.append(item)
     if pending:
         yield pending
+
+
+@dataclass
+class FolderSummary:
+    """What a folder prediction did: images written, files that failed (path, reason), time."""
+
+    images: int
+    seconds: float
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Every image file under `folder`, recursively, in a stable order."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image(p))
+
+
+def plan_outputs(head: Head, input_dir: Path, output_dir: Path, probs: bool, overwrite: bool
+                 ) -> list[tuple[Path, list[Path]]]:
+    """Input files and the outputs each will write; refuses anything that could lose data."""
+    if not input_dir.is_dir():
+        raise SegkitError(f"{input_dir}: input folder not found.")
+    inp, outp = input_dir.resolve(), output_dir.resolve()
+    if outp == inp or inp in outp.parents:
+        raise SegkitError(f"{output_dir}: the output folder is inside the input folder {input_dir}; "
+                          "masks would mix with (and be read as) images. Fix: choose an output folder outside it.")
+    files = list_images(input_dir)
+    if not files:
+        raise SegkitError(f"{input_dir}: no images (png, jpg, tif, bmp, gif) found.")
+    plan, seen = [], {}
+    for path in files:
+        rel = path.relative_to(input_dir)
+        outs = head.file_names(rel) + ([rel.with_suffix(".npy")] if probs else [])
+        if outs[0] in seen:
+            raise SegkitError(f"{path} and {seen[outs[0]]} would write the same mask {outs[0]}. "
+                              "Fix: rename one of them (stems must be unique per folder).")
+        seen[outs[0]] = path
+        plan.append((path, outs))
+    if not overwrite:
+        existing = [output_dir / o for _, outs in plan for o in outs if (output_dir / o).exists()]
+        if existing:
+            raise SegkitError(f"{output_dir}: {len(existing)} outputs exist already (e.g. {existing[0]}). "
+                              "Fix: --overwrite to replace them, or choose another output folder.")
+    return plan
+
+
+class _ImageFiles(Dataset):
+    """Decodes images in DataLoader workers; a failure comes back as its message, not an exception."""
+
+    def __init__(self, files: Sequence[Path], channels: int) -> None:
+        self.files, self.channels = list(files), channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Path, np.ndarray | None, str | None]:
+        try:
+            return self.files[i], read_image(self.files[i], self.channels), None
+        except SegkitError as err:
+            return self.files[i], None, str(err)
+
+
+def _as_is(item: Any) -> Any:
+    """DataLoader collate that keeps numpy arrays as they are."""
+    return item
+
+
+def _readable(reader: Iterable, summary: FolderSummary) -> Iterator[tuple[Path, np.ndarray]]:
+    for path, image, error in reader:
+        if error is not None:
+            log.error("skipped %s", error)
+            summary.failed.append((path, error))
+            continue
+        yield path, image
+
+
+def _write_prediction(head: Head, pred: Prediction, rel: Path, output_dir: Path) -> None:
+    for path, arr, palette in head.mask_files(pred.mask, rel):
+        write_png(output_dir / path, arr, palette)
+    if pred.probs is not None:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, pred.probs)
+        write_bytes(output_dir / rel.with_suffix(".npy"), buf.getvalue())

@@ -76,6 +76,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def checkpoint_meta(head: Head, arch: str, encoder: str, in_channels: int,
                     mean: tuple[float, ...], std: tuple[float, ...], **extra: Any) -> dict[str, Any]:
+    """model.json: everything prediction needs; `extra` carries e.g. the training masks' encoding."""
     return {"segkit_version": segkit.__version__, "arch": arch, "encoder": encoder, "in_channels": in_channels,
             **head.metadata(), "mean": list(mean), "std": list(std), **extra}
 

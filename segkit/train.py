@@ -26,6 +26,7 @@ from segkit.data.dataset import SegmentationDataset, scan
 from segkit.data.io import write_bytes
 from segkit.data.splits import pair_reader, train_val_samples
 from segkit.data.transforms import eval_transform, train_transform
+from segkit.device import amp_dtype, resolve_device
 from segkit.errors import ConfigError, SegkitError, TrainingError
 from segkit.heads import Head
 from segkit.infer import forward_padded
@@ -46,25 +47,6 @@ class TrainResult:
     best_dice: float
     images_per_s: float
     stopped: str  # "completed", "early stop"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda, but no CUDA GPU is visible. Fix: --device cpu or auto.")
-    return torch.device(name)
-
-
-def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
-    """bf16 where supported, fp16 on older GPUs; off on CPU unless asked for (then bf16)."""
-    if amp == "auto":
-        amp = device.type == "cuda"
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
 
 
 class EpochSampler(Sampler):
@@ -214,7 +196,11 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.epochs * steps, min(steps, 100)))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    meta = checkpoint_meta(head, cfg.model.arch, cfg.model.encoder, cfg.data.channels, mean, std)
+    d = cfg.data
+    meta = checkpoint_meta(head, cfg.model.arch, cfg.model.encoder, d.channels, mean, std,
+                           data={"mask": d.mask, "ignore_index": d.ignore_index,
+                                 "foreground_value": d.foreground_value, "colors": d.colors,
+                                 "val_fraction": d.val_fraction, "seed": t.seed})
 
     start_epoch, best, best_epoch, bad_epochs = 0, -1.0, 0, 0
     history: list[dict] = []

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import matplotlib
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from segkit.data.io import atomic_path  # noqa: E402
+from segkit.data.io import atomic_path, read_image, to_unit_float, write_png  # noqa: E402
+from segkit.data.layout import Sample, pair  # noqa: E402
+from segkit.config import load_config  # noqa: E402
+from segkit.data.masks import MaskFormat, build_mask_format  # noqa: E402
+from segkit.errors import SegkitError  # noqa: E402
+from segkit.heads import Head, head_from_metadata  # noqa: E402
+from segkit.model import read_meta  # noqa: E402
 
 
 def plot_curves(history: Sequence[dict], path: Path, metric: str = "val_mean_dice") -> None:
@@ -27,3 +37,191 @@ def plot_curves(history: Sequence[dict], path: Path, metric: str = "val_mean_dic
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+
+
+ERROR_COLORS = {"false positive": (255, 40, 40), "missed (false negative)": (40, 120, 255),
+                "wrong class": (255, 0, 255)}
+
+
+def to_display(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 for viewing, from grey/RGB images of 8 or 16 bits."""
+    arr = image if image.ndim == 3 else image[:, :, None]
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    if arr.dtype != np.uint8:
+        arr = (to_unit_float(arr) * 255).round().astype(np.uint8)
+    return arr
+
+
+def _painted(colors: Sequence[Sequence[int]]) -> list[int]:
+    """Classes drawn on overlays: all but those coloured black (background)."""
+    return [i for i, c in enumerate(colors) if tuple(c) != (0, 0, 0)]
+
+
+def overlay(image: np.ndarray, masks: np.ndarray, colors: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
+    """Masks (C, H, W) bool over an image: each pixel tinted with the mean colour of its classes,
+    and every class outlined in its colour, so overlapping classes stay visible."""
+    out = to_display(image).astype(np.float32)
+    keep = _painted(colors)
+    if not keep:
+        return out.astype(np.uint8)
+    layers = masks[keep].astype(np.float32)
+    palette = np.array([colors[i] for i in keep], np.float32)
+    count = layers.sum(0)
+    tint = np.einsum("chw,ck->hwk", layers, palette) / np.maximum(count, 1)[:, :, None]
+    hit = count > 0
+    out[hit] = (1 - alpha) * out[hit] + alpha * tint[hit]
+    kernel = np.ones((3, 3), np.uint8)
+    for layer, color in zip(masks[keep], palette):
+        m = layer.astype(np.uint8)
+        edge = (m - cv2.erode(m, kernel)).astype(bool)
+        out[edge] = color
+    return out.round().astype(np.uint8)
+
+
+def error_map(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, valid: np.ndarray,
+              colors: Sequence[Sequence[int]]) -> np.ndarray:
+    """Errors over a dimmed image: false positives, misses, and pixels with both (a wrong class)."""
+    keep = _painted(colors)
+    t, p = truth[keep], pred[keep]
+    fp = (p & ~t).any(0) & valid
+    fn = (t & ~p).any(0) & valid
+    out = (to_display(image).astype(np.float32) * 0.4).astype(np.uint8)
+    for sel, name in ((fp & ~fn, "false positive"), (fn & ~fp, "missed (false negative)"), (fp & fn, "wrong class")):
+        out[sel] = ERROR_COLORS[name]
+    return out
+
+
+def _font(size: int = 14) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def with_legend(panel: np.ndarray, entries: Sequence[tuple[str, Sequence[int]]],
+                titles: Sequence[str] = ()) -> np.ndarray:
+    """Add titles above equal-width panels and a legend strip (colour box + name) below."""
+    font = _font()
+    h, w = panel.shape[:2]
+    row_h, title_h = 20, 22 if titles else 0
+    per_row = max(1, w // 170)
+    rows = (len(entries) + per_row - 1) // per_row
+    canvas = Image.new("RGB", (w, h + title_h + rows * row_h + 6), (255, 255, 255))
+    canvas.paste(Image.fromarray(panel), (0, title_h))
+    draw = ImageDraw.Draw(canvas)
+    for i, title in enumerate(titles):
+        draw.text((i * w // len(titles) + 4, 3), title, fill=(0, 0, 0), font=font)
+    for i, (name, color) in enumerate(entries):
+        x, y = (i % per_row) * 170 + 4, h + title_h + 4 + (i // per_row) * row_h
+        draw.rectangle((x, y + 2, x + 14, y + 16), fill=tuple(int(v) for v in color), outline=(0, 0, 0))
+        draw.text((x + 20, y + 1), name, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def legend_entries(classes: Sequence[str], colors: Sequence[Sequence[int]]) -> list[tuple[str, Sequence[int]]]:
+    return [(classes[i], colors[i]) for i in _painted(colors)]
+
+
+def overlay_picture(image: np.ndarray, masks: np.ndarray, classes: Sequence[str],
+                    colors: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
+    """One overlay with its legend."""
+    return with_legend(overlay(image, masks, colors, alpha), legend_entries(classes, colors))
+
+
+def panels_picture(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, valid: np.ndarray,
+                   classes: Sequence[str], colors: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
+    """image | truth | prediction | errors, side by side, with titles and a legend."""
+    parts = [to_display(image), overlay(image, truth, colors, alpha), overlay(image, pred, colors, alpha),
+             error_map(image, truth, pred, valid, colors)]
+    entries = legend_entries(classes, colors) + list(ERROR_COLORS.items())
+    return with_legend(np.concatenate(parts, axis=1), entries, ["image", "truth", "prediction", "errors"])
+
+
+@dataclass
+class MaskSource:
+    """A folder of masks and how to read it (format with class names)."""
+
+    folder: Path
+    fmt: MaskFormat
+
+    def read(self, images_dir: Path) -> dict[str, Sample]:
+        pairing = pair(images_dir, self.folder, self.fmt.classes, multilabel=self.fmt.multilabel)
+        return {s.stem: s for s in pairing.samples}
+
+
+def _resize_to(masks: np.ndarray, valid: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    if masks.shape[1:] == shape:
+        return masks, valid
+    h, w = shape
+    resized = [cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) for m in masks]
+    return np.stack(resized).astype(bool), cv2.resize(valid.astype(np.uint8), (w, h),
+                                                      interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def visualize_folder(images_dir: Path, masks: MaskSource, out_dir: Path, classes: Sequence[str],
+                     colors: Sequence[Sequence[int]], truth: MaskSource | None = None, alpha: float = 0.5,
+                     overwrite: bool = False) -> tuple[int, list[Path]]:
+    """An overlay PNG per image with a mask (panels with the truth when given).
+
+    Returns (pictures written, images skipped because they have no mask).
+    """
+    images_dir, out_dir = Path(images_dir), Path(out_dir)
+    for src in [images_dir, masks.folder] + ([truth.folder] if truth else []):
+        if out_dir.resolve() == src.resolve() or src.resolve() in out_dir.resolve().parents:
+            raise SegkitError(f"{out_dir}: the output folder is inside an input folder ({src}). "
+                              "Fix: choose a separate output folder.")
+    predicted = masks.read(images_dir)
+    truths = truth.read(images_dir) if truth else {}
+    stems = sorted(s for s in predicted if truth is None or s in truths)
+    if not stems:
+        raise SegkitError(f"{masks.folder}: no mask pairs with an image in {images_dir} by stem.")
+    if not overwrite:
+        existing = [out_dir / f"{s}.png" for s in stems if (out_dir / f"{s}.png").exists()]
+        if existing:
+            raise SegkitError(f"{out_dir}: {len(existing)} pictures exist already (e.g. {existing[0]}). "
+                              "Fix: --overwrite, or another output folder.")
+    skipped = [p for p in sorted(images_dir.iterdir()) if p.is_file() and p.stem not in stems and not p.name.startswith(".")]
+    for stem in stems:
+        sample = predicted[stem]
+        image = read_image(sample.image, 3)
+        labels, valid = masks.fmt.read(sample.mask)
+        pred, _ = _resize_to(labels.transpose(2, 0, 1).astype(bool), valid, image.shape[:2])
+        if truth is None:
+            picture = overlay_picture(image, pred, classes, colors, alpha)
+        else:
+            tl, tv = truth.fmt.read(truths[stem].mask)
+            t, tv = _resize_to(tl.transpose(2, 0, 1).astype(bool), tv, image.shape[:2])
+            picture = panels_picture(image, t, pred, tv, classes, colors, alpha)
+        write_png(out_dir / f"{stem}.png", picture)
+    return len(stems), skipped
+
+
+def sources_for(masks_dir: Path, checkpoint: Path | None, config: Path | None, truth_dir: Path | None
+                ) -> tuple[Head, MaskSource, MaskSource | None]:
+    """Head (classes, colours) and mask readers for visualize.
+
+    With a checkpoint, masks are `segkit predict` output (the head's own file format) and
+    the truth is read as the checkpoint's training masks; with a config, both are read in
+    the config's data format.
+    """
+    if (checkpoint is None) == (config is None):
+        raise SegkitError("visualize needs exactly one of --checkpoint or --config (for class names and colours).")
+    if config is not None:
+        cfg = load_config(config)
+        head = cfg.head()
+        fmt = build_mask_format(cfg.data.mask, head.classes, cfg.data.ignore_index, cfg.data.foreground_value,
+                                cfg.data.colors)
+        return head, MaskSource(Path(masks_dir), fmt), MaskSource(Path(truth_dir), fmt) if truth_dir else None
+    meta = read_meta(checkpoint)
+    head = head_from_metadata(meta)
+    predicted = build_mask_format(head.output_format, head.classes)
+    truth = None
+    if truth_dir is not None:
+        d = meta.get("data") or {}
+        if not d:
+            raise SegkitError(f"{checkpoint}/model.json has no `data` section to read --truth with. "
+                              "Fix: use --config.")
+        truth = MaskSource(Path(truth_dir), build_mask_format(d["mask"], head.classes, d.get("ignore_index"),
+                                                              d.get("foreground_value"), d.get("colors")))
+    return head, MaskSource(Path(masks_dir), predicted), truth

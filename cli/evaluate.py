@@ -1,0 +1,45 @@
+"""`segkit evaluate CHECKPOINT DATA_ROOT`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.app import app
+from cli.predict import BatchSize, Checkpoint, Device, Overlap, Threshold, Tile, Tta, Workers, load_segmenter
+
+
+@app.command()
+def evaluate(
+    checkpoint: Checkpoint,
+    data_root: Annotated[Path, typer.Argument(help="Data folder with images and masks.")],
+    split: Annotated[str, typer.Option(help="test | val | train | all (flat layout).")] = "test",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the scores as JSON here.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Read the masks as this config's data section says "
+                                                     "(default: as the checkpoint was trained).")] = None,
+    exclude_background: Annotated[bool, typer.Option("--exclude-background",
+                                                     help="Leave the 'background' class out of the mean.")] = False,
+    batch_size: BatchSize = 4,
+    workers: Workers = 2,
+    tile: Tile = 1024,
+    overlap: Overlap = 128,
+    tta: Tta = False,
+    threshold: Threshold = None,
+    device: Device = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Per-class IoU, Dice, precision, recall; macro mean and micro; confusion matrix for softmax."""
+    from segkit.data.io import write_bytes
+    from segkit.evaluate import background_classes, evaluate as run, format_scores, samples_for
+
+    seg = load_segmenter(checkpoint, device, batch_size, tile, overlap, tta, threshold)
+    samples, reader = samples_for(seg, data_root, split, config)
+    exclude = background_classes(seg.classes) if exclude_background else []
+    result = run(seg, samples, reader, exclude, workers=workers, progress=progress)
+    typer.echo(format_scores(result))
+    if json_out is not None:
+        write_bytes(json_out, json.dumps(result, indent=2).encode())
+        typer.echo(f"scores: {json_out}")

@@ -1,0 +1,67 @@
+"""`segkit predict CHECKPOINT INPUT_DIR OUTPUT_DIR`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.app import app
+
+Checkpoint = Annotated[Path, typer.Argument(help="Checkpoint folder (a run's best/ or last/).")]
+BatchSize = Annotated[int, typer.Option(help="Images (or windows) per forward pass.")]
+Workers = Annotated[int, typer.Option(help="Processes decoding images (and threads encoding masks).")]
+Tile = Annotated[int, typer.Option(help="Images larger than this go through sliding windows of this size.")]
+Overlap = Annotated[int, typer.Option(help="Overlap of neighbouring windows, pixels.")]
+Tta = Annotated[bool, typer.Option("--tta", help="Average flips (in logit space).")]
+Threshold = Annotated[str | None, typer.Option(help="Sigmoid heads: 0.4, or class=0.4,other=0.6.")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
+
+
+def load_segmenter(checkpoint: Path, device: str, batch_size: int, tile: int, overlap: int, tta: bool,
+                   threshold: str | None):
+    """The Segmenter that predict and evaluate share, options checked with clear messages."""
+    from segkit import Segmenter
+    from segkit.errors import SegkitError
+    from segkit.heads import parse_thresholds
+
+    try:
+        seg = Segmenter.load(checkpoint, device=device, batch_size=batch_size, tile=tile, overlap=overlap, tta=tta)
+    except ValueError as err:
+        raise SegkitError(f"--{err}") from None
+    if threshold is not None:
+        seg.set_thresholds(parse_thresholds(threshold, seg.classes))
+    return seg
+
+
+@app.command()
+def predict(
+    checkpoint: Checkpoint,
+    input_dir: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    output_dir: Annotated[Path, typer.Argument(help="Where masks go, mirroring the input tree.")],
+    batch_size: BatchSize = 4,
+    workers: Workers = 2,
+    tile: Tile = 1024,
+    overlap: Overlap = 128,
+    tta: Tta = False,
+    save_probs: Annotated[bool, typer.Option("--save-probs", help="Also write float16 probabilities (.npy).")] = False,
+    threshold: Threshold = None,
+    device: Device = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Masks for every image in a folder: index PNGs (softmax) or one binary PNG per class (sigmoid)."""
+    from segkit import distributed
+    from segkit.device import resolve_device
+
+    distributed.setup(resolve_device(device))
+    seg = load_segmenter(checkpoint, device, batch_size, tile, overlap, tta, threshold)
+    summary = seg.predict_folder(input_dir, output_dir, probs=save_probs, overwrite=overwrite, workers=workers,
+                                 progress=progress and distributed.rank() == 0)
+    for path, reason in summary.failed:
+        typer.echo(f"failed: {reason}", err=True)
+    typer.echo(f"{summary.images} images in {summary.seconds:.1f} s ({summary.images_per_s:.2f} images/s), "
+               f"{len(summary.failed)} failed; masks in {output_dir}")
+    if summary.failed:
+        raise typer.Exit(1)

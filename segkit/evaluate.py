@@ -1,0 +1,142 @@
+"""Scoring a Segmenter against masks: the same predictions as `predict`, counted by the head."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from segkit.data.dataset import PairReader
+from segkit.data.layout import Sample
+from segkit.data.splits import eval_samples, pair_reader
+from segkit.config import DataConfig, load_config
+from segkit.errors import DataError, SegkitError
+from segkit.infer import Segmenter
+from segkit.metrics import summarize
+
+
+class _Pairs(Dataset):
+    """(image, target) per sample, read in DataLoader workers; failures come back as messages."""
+
+    def __init__(self, samples: Sequence[Sample], reader: PairReader, seg: Segmenter) -> None:
+        self.samples, self.reader, self.head = list(samples), reader, seg.head
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, np.ndarray | None, str | None]:
+        try:
+            image, labels, valid = self.reader.read(self.samples[i])
+        except SegkitError as err:
+            return None, None, str(err)
+        return self.head.targets(labels, valid), image, None
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def samples_for(seg: Segmenter, root: Path, split: str, config: Path | None = None
+                ) -> tuple[list[Sample], PairReader]:
+    """The samples of one split of `root` and the reader for their masks: the config's data section
+    when given, else the encoding the checkpoint was trained on."""
+    if config is not None:
+        full = load_config(config, [f"data.root={root}"])
+        cfg, seed = full.data, full.train.seed
+        if cfg.classes != seg.classes:
+            raise SegkitError(f"{config}: data.classes {cfg.classes} differ from the checkpoint's {seg.classes}.")
+    else:
+        d = seg.meta.get("data")
+        if not d:
+            raise SegkitError("model.json has no `data` section (mask encoding). Fix: pass --config with the "
+                              "data section that describes these masks.")
+        cfg = DataConfig(root=root, classes=seg.classes, mask=d["mask"], ignore_index=d.get("ignore_index"),
+                         foreground_value=d.get("foreground_value"), colors=d.get("colors"),
+                         val_fraction=d.get("val_fraction", 0.2), channels=seg.in_channels)
+        seed = d.get("seed", 0)
+    return eval_samples(cfg, split, seed), pair_reader(cfg)
+
+
+def background_classes(classes: Sequence[str]) -> list[str]:
+    """Classes named background (any case): what --exclude-background leaves out of the mean."""
+    found = [c for c in classes if c.lower() == "background"]
+    if not found:
+        raise SegkitError(f"--exclude-background: no class is named 'background' in {list(classes)}.")
+    return found
+
+
+def evaluate(seg: Segmenter, samples: Sequence[Sample], reader: PairReader, exclude: Sequence[str] = (),
+             workers: int = 2, progress: bool = False) -> dict:
+    """Dataset-level scores of `seg` on `samples`: per class, macro mean, micro; confusion for softmax."""
+    head = seg.head
+    counts = torch.zeros(head.channels, 4, dtype=torch.int64)
+    confusion: np.ndarray | None = None
+    failed: list[str] = []
+    loader = DataLoader(_Pairs(samples, reader, seg), batch_size=None, num_workers=workers, collate_fn=_as_is)
+
+    def readable():
+        for target, image, error in loader:
+            if error is not None:
+                failed.append(error)
+                continue
+            yield target, image
+
+    began = time.perf_counter()
+    n = 0
+    for target, pred in tqdm(seg.predict_stream(readable()), total=len(samples), desc="evaluate",
+                             disable=not progress, dynamic_ncols=True):
+        mask, truth = torch.from_numpy(pred.mask)[None], target[None]
+        counts += head.stats(mask, truth)
+        conf = head.confusion(mask, truth)
+        if conf is not None:
+            confusion = conf if confusion is None else confusion + conf
+        n += 1
+    if failed:
+        raise DataError(f"{len(failed)} of {len(samples)} samples could not be read, no scores written:\n  "
+                        + "\n  ".join(failed[:10]))
+    result = summarize(counts.numpy(), head.classes, exclude)
+    result.update(images=n, head=head.name, seconds=time.perf_counter() - began,
+                  background_in_mean=any(c.lower() == "background" for c in result["classes_in_mean"]))
+    if confusion is not None:
+        result["confusion_matrix"] = {"rows": "truth", "columns": "prediction", "classes": head.classes,
+                                      "counts": confusion.tolist()}
+    if head.thresholds is not None:
+        result["thresholds"] = dict(zip(head.classes, head.thresholds))
+    return result
+
+
+def _fmt(v: float) -> str:
+    return "   n/a" if isinstance(v, float) and math.isnan(v) else f"{v:6.4f}"
+
+
+def format_scores(result: dict) -> str:
+    """The terminal table: per class, then macro mean and micro, then the rules used."""
+    classes = list(result["per_class"])
+    width = max(12, *(len(c) for c in classes))
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Dice':>6}  {'prec.':>6}  {'recall':>6}  {'truth px':>11}  {'pred px':>11}"]
+    for c in classes:
+        s = result["per_class"][c]
+        lines.append(f"{c:<{width}}  {_fmt(s['iou'])}  {_fmt(s['dice'])}  {_fmt(s['precision'])}  "
+                     f"{_fmt(s['recall'])}  {s['truth_pixels']:>11}  {s['predicted_pixels']:>11}")
+    m, u = result["mean"], result["micro"]
+    lines.append(f"{'mean (macro)':<{width}}  {_fmt(m['iou'])}  {_fmt(m['dice'])}")
+    lines.append(f"{'micro':<{width}}  {_fmt(u['iou'])}  {_fmt(u['dice'])}")
+    lines.append(f"\n{result['images']} images; mean = unweighted average over classes {result['classes_in_mean']}"
+                 f" (background {'included' if result['background_in_mean'] else 'not included'}); "
+                 "micro = ratios of pixel counts summed over those classes.")
+    lines.append(f"empty-class rule: {result['empty_class_rule']}.")
+    if "confusion_matrix" in result:
+        cm = result["confusion_matrix"]
+        lines.append("\nconfusion matrix (rows = truth, columns = prediction, pixels):")
+        cw = max(8, *(len(c) for c in classes))
+        lines.append(" " * (width + 2) + " ".join(f"{c[:cw]:>{cw}}" for c in classes))
+        for c, row in zip(classes, cm["counts"]):
+            lines.append(f"{c:<{width}}  " + " ".join(f"{v:>{cw}}" for v in row))
+    return "\n".join(lines)
