@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from segkit.data.layout import Sample
 from segkit.data.splits import eval_samples, pair_reader
 from segkit.config import DataConfig, load_config
 from segkit.errors import DataError, SegkitError
-from segkit.infer import Segmenter
+from segkit.infer import Prediction, Segmenter
 from segkit.metrics import summarize
 
 
@@ -73,8 +73,13 @@ def background_classes(classes: Sequence[str]) -> list[str]:
 
 
 def evaluate(seg: Segmenter, samples: Sequence[Sample], reader: PairReader, exclude: Sequence[str] = (),
-             workers: int = 2, progress: bool = False) -> dict:
-    """Dataset-level scores of `seg` on `samples`: per class, macro mean, micro; confusion for softmax."""
+             workers: int = 2, progress: bool = False,
+             observe: Callable[[Prediction, torch.Tensor], None] | None = None) -> dict:
+    """Dataset-level scores of `seg` on `samples`: per class, macro mean, micro; confusion for softmax.
+
+    `observe(prediction, target)` sees every prediction with its probabilities (for
+    analyses such as calibration) without a second pass over the data.
+    """
     head = seg.head
     counts = torch.zeros(head.channels, 4, dtype=torch.int64)
     confusion: np.ndarray | None = None
@@ -90,13 +95,16 @@ def evaluate(seg: Segmenter, samples: Sequence[Sample], reader: PairReader, excl
 
     began = time.perf_counter()
     n = 0
-    for target, pred in tqdm(seg.predict_stream(readable()), total=len(samples), desc="evaluate",
+    for target, pred in tqdm(seg.predict_stream(readable(), probs=observe is not None), total=len(samples),
+                             desc="evaluate",
                              disable=not progress, dynamic_ncols=True):
         mask, truth = torch.from_numpy(pred.mask)[None], target[None]
         counts += head.stats(mask, truth)
         conf = head.confusion(mask, truth)
         if conf is not None:
             confusion = conf if confusion is None else confusion + conf
+        if observe is not None:
+            observe(pred, target)
         n += 1
     if failed:
         raise DataError(f"{len(failed)} of {len(samples)} samples could not be read, no scores written:\n  "

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segkit.errors import ConfigError
+from segkit.errors import ConfigError, SegkitError
 
 IGNORE = -1
 """Target value of an ignored pixel, for both heads."""
@@ -178,6 +178,11 @@ class Head(ABC):
     def confusion(self, masks: torch.Tensor, target: torch.Tensor) -> np.ndarray | None:
         """Truth x prediction pixel counts for exclusive classes; None where classes overlap."""
 
+    def sigmoid_equivalent(self) -> Head:
+        """The 1-channel sigmoid head computing the same masks (2-class softmax only)."""
+        raise SegkitError(f"a {self.name} head with classes {self.classes} has no exact 1-channel sigmoid "
+                          "equivalent; only a 2-class softmax head does.")
+
     def palette(self) -> list[int]:
         """A PNG palette (768 ints) that shows class i in its colour."""
         flat = [v for c in self.colors for v in c]
@@ -277,6 +282,11 @@ class SoftmaxHead(Head):
         return torch.stack([tp, fp, fn, tn], dim=-1).sum(0)
 
     output_format = "index"
+
+    def sigmoid_equivalent(self) -> Head:
+        if self.channels != 2:
+            return super().sigmoid_equivalent()
+        return SigmoidHead(self.classes[1:], self.colors[1:], 0.5)
 
     def file_names(self, rel: Path) -> list[Path]:
         return [rel.with_suffix(".png")]

@@ -131,7 +131,7 @@ def _write_csv(path: Path, history: list[dict]) -> None:
     write_bytes(path, buf.getvalue().encode())
 
 
-def _read_csv(path: Path) -> list[dict]:
+def read_history(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with path.open() as f:
@@ -215,7 +215,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
         scaler.load_state_dict(state["scaler"])
         start_epoch, best, best_epoch, bad_epochs = (state["epoch"], state["best"], state["best_epoch"],
                                                      state["bad_epochs"])
-        history = _read_csv(out / "metrics.csv")[:start_epoch]
+        history = read_history(out / "metrics.csv")[:start_epoch]
         if start_epoch >= t.epochs:
             raise SegkitError(f"{out}: already trained for {start_epoch} epochs (train.epochs = {t.epochs}). "
                               "Fix: raise --epochs to train further.")

@@ -33,10 +33,16 @@ def plot_curves(history: Sequence[dict], path: Path, metric: str = "val_mean_dic
     ax_loss.legend()
     ax_metric.plot(epochs, [row[metric] for row in history], color="tab:green")
     ax_metric.set(xlabel="epoch", ylabel=metric, title=metric.replace("_", " "), ylim=(0, 1))
+    save_figure(fig, path)
+
+
+def save_figure(fig: plt.Figure, path: Path) -> str:
+    """Save a matplotlib figure as PNG atomically and close it; returns the path."""
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+    return str(path)
 
 
 ERROR_COLORS = {"false positive": (255, 40, 40), "missed (false negative)": (40, 120, 255),
