@@ -27,12 +27,49 @@ def setup_logging() -> None:
     logging.getLogger("segkit").setLevel(logging.INFO)
 
 
+def _pop_nproc(args: list[str]) -> tuple[int, list[str]]:
+    """Take `--nproc K` (or `--nproc=K`) out of the arguments."""
+    rest, nproc, i = [], 1, 0
+    while i < len(args):
+        if args[i] == "--nproc" and i + 1 < len(args):
+            nproc, i = int(args[i + 1]), i + 2
+            continue
+        if args[i].startswith("--nproc="):
+            nproc = int(args[i].split("=", 1)[1])
+        else:
+            rest.append(args[i])
+        i += 1
+    return nproc, rest
+
+
+def launch(nproc: int, args: list[str]) -> int:
+    """Re-run this command under torchrun with `nproc` processes on this machine."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "cli", *args]
+    return subprocess.call(cmd)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user mistakes exit 2 with the message, a stopped training exits 1."""
+    """Console entry point: user mistakes exit 2 with the message, a stopped training exits 1.
+
+    `--nproc K` on train/predict relaunches the command under torchrun (DDP / sharded files).
+    """
+    from segkit import distributed
+
     setup_logging()
     _register()
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, standalone_mode=False)
+        nproc, args = _pop_nproc(args)
+    except ValueError:
+        typer.echo("error: --nproc takes a whole number of processes, e.g. --nproc 2", err=True)
+        sys.exit(2)
+    if nproc > 1 and not distributed.launched():
+        sys.exit(launch(nproc, args))
+    try:
+        app(args=args, standalone_mode=False)
     except SegkitError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -50,6 +50,7 @@ def predict(
     device: Device = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    nproc: Annotated[int, typer.Option(help="Processes to launch with torchrun (DDP / file shards).")] = 1,
 ) -> None:
     """Masks for every image in a folder: index PNGs (softmax) or one binary PNG per class (sigmoid)."""
     from segkit import distributed
@@ -61,7 +62,8 @@ def predict(
                                  progress=progress and distributed.rank() == 0)
     for path, reason in summary.failed:
         typer.echo(f"failed: {reason}", err=True)
-    typer.echo(f"{summary.images} images in {summary.seconds:.1f} s ({summary.images_per_s:.2f} images/s), "
-               f"{len(summary.failed)} failed; masks in {output_dir}")
+    if distributed.rank() == 0:
+        typer.echo(f"{summary.images} images in {summary.seconds:.1f} s ({summary.images_per_s:.2f} images/s), "
+                   f"{len(summary.failed)} failed; masks in {output_dir}")
     if summary.failed:
         raise typer.Exit(1)

@@ -19,6 +19,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from last/.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set train.lr=3e-4.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar per epoch.")] = True,
+    nproc: Annotated[int, typer.Option(help="Processes to launch with torchrun (DDP / file shards).")] = 1,
 ) -> None:
     """Train a U-Net from a config; writes config.yaml, metrics.csv, curves.png, best/ and last/."""
     from segkit import distributed

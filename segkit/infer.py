@@ -227,6 +227,7 @@ class Segmenter:
         """
         input_dir, output_dir = Path(input_dir), Path(output_dir)
         files = plan_outputs(self.head, input_dir, output_dir, probs, overwrite)
+        dist.barrier()  # every rank has checked for existing outputs before any rank writes
         mine = files[dist.rank()::dist.world_size()]
         began = time.perf_counter()
         summary = FolderSummary(images=0, seconds=0.0)
@@ -249,6 +250,9 @@ class Segmenter:
         bar.update(len(summary.failed))
         bar.close()
         summary.seconds = time.perf_counter() - began
+        if dist.active():
+            summary.images, summary.seconds = dist.all_reduce_sum([summary.images, summary.seconds], self.device)
+            summary.images, summary.seconds = int(summary.images), summary.seconds / dist.world_size()
         return summary
 
     def _weight(self, h: int, w: int) -> torch.Tensor:

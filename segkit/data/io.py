@@ -14,6 +14,8 @@ from PIL import Image, UnidentifiedImageError
 
 from segkit.errors import DataError
 
+Image.MAX_IMAGE_PIXELS = None  # whole-slide and aerial images are legitimately huge; memory is planned for
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 
 

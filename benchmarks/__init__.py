@@ -1,0 +1,1 @@
+"""Throughput and memory measurements (`make bench`); figures are printed and written as JSON."""
