@@ -31,6 +31,9 @@ def compare(
                                                      help="Add the 1-channel softmax mistake as a row.")] = False,
     write_thresholds: Annotated[bool, typer.Option("--write-thresholds",
                                                    help="Store the best sigmoid thresholds in its checkpoints.")] = False,
+    softmax_exclusive: Annotated[bool, typer.Option(
+        "--softmax-exclusive", help="Overlapping data: also train softmax with overlapping pixels ignored "
+                                    "(labelled as such).")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = False,
 ) -> None:
     """Train softmax and sigmoid heads on the same data and seeds; write report.md/json and figures."""
@@ -41,7 +44,7 @@ def compare(
     report, summary = run(cfg, out or Path("runs") / f"compare-{config.stem}",
                           heads=[h.strip() for h in heads.split(",") if h.strip()], seeds=_ints(seeds, "--seeds"),
                           epochs=epochs, include_degenerate=include_degenerate, tune_thresholds=write_thresholds,
-                          progress=progress)
+                          softmax_exclusive=softmax_exclusive, progress=progress)
     typer.echo(summary["conclusion"])
     typer.echo(f"report: {report}")
 

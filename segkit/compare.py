@@ -44,9 +44,10 @@ class Plan:
     classes: dict[str, list[str]]
     skipped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    exclusive_part: bool = False  # softmax trained with overlapping pixels ignored
 
 
-def plan_heads(cfg: Config, report: Report, heads: Sequence[str]) -> Plan:
+def plan_heads(cfg: Config, report: Report, heads: Sequence[str], exclusive_part: bool = False) -> Plan:
     """Class lists from the data: binary -> sigmoid [fg] vs softmax [background, fg]; exclusive ->
     the same N classes for both (plus background for softmax where pixels have no class);
     overlapping -> sigmoid only, with the share of pixels softmax cannot represent."""
@@ -56,9 +57,16 @@ def plan_heads(cfg: Config, report: Report, heads: Sequence[str]) -> Plan:
         plan = Plan("binary", {"sigmoid": fg, "softmax": ["background", *fg]})
     elif report.overlap_share > 0:
         plan = Plan("overlapping", {"sigmoid": fg})
-        plan.skipped["softmax"] = (f"{report.overlap_share:.2%} of pixels carry more than one label; softmax "
-                                   "gives each pixel exactly one class and cannot represent them, so no "
-                                   "softmax model is trained.")
+        cannot = (f"{report.overlap_share:.2%} of pixels carry more than one label; softmax gives each pixel "
+                  "exactly one class and cannot represent them")
+        if exclusive_part:
+            plan.classes["softmax"] = ["background", *fg]
+            plan.exclusive_part = True
+            plan.notes.append(f"softmax (exclusive part): {cannot}; they are ignored in its training and "
+                              "scoring, so its scores are on the exclusive pixels only.")
+        else:
+            plan.skipped["softmax"] = (f"{cannot}, so no softmax model is trained "
+                                       "(--softmax-exclusive trains one on the exclusive part).")
     else:
         covering = report.unlabeled_share == 0
         plan = Plan("exclusive", {"sigmoid": list(names) if covering else fg,
@@ -74,9 +82,11 @@ def plan_heads(cfg: Config, report: Report, heads: Sequence[str]) -> Plan:
     return plan
 
 
-def head_config(cfg: Config, head: str, classes: list[str], seed: int, epochs: int | None) -> Config:
+def head_config(cfg: Config, head: str, classes: list[str], seed: int, epochs: int | None,
+                ignore_overlap: bool = False) -> Config:
     raw = cfg.model_dump(mode="json")
     raw["data"]["classes"] = classes
+    raw["data"]["overlap"] = "ignore" if ignore_overlap else cfg.data.overlap
     if cfg.data.colors and cfg.data.mask != "color":
         raw["data"]["colors"] = None
     raw["model"]["head"] = head
@@ -284,8 +294,9 @@ def summarize_runs(plan: Plan, runs: list[Run]) -> dict:
             "runs": [{"seed": r.seed, "folder": str(r.folder), "scores": r.scores, "analysis": r.analysis}
                      for r in mine],
         }
+    labels = {h: f"{h} (exclusive part only)" if plan.exclusive_part and h == "softmax" else h for h in table}
     return {"kind": plan.kind, "common_classes": common, "heads": table, "skipped": plan.skipped,
-            "notes": plan.notes}
+            "notes": plan.notes, "labels": labels}
 
 
 def conclusion(summary: dict) -> str:
@@ -361,7 +372,7 @@ def write_report(summary: dict, runs: list[Run], out: Path, degenerate: dict | N
     lines += ["", f"| head | classes | Dice on {', '.join(common) or '-'} | macro Dice | macro IoU | pixel acc. | "
                   "ECE | train s | img/s | params |", "|---|---|---|---|---|---|---|---|---|---|"]
     for head, r in summary["heads"].items():
-        lines.append(f"| {head} | {', '.join(r['classes'])} | {_pm(r['common_dice'])} | {_pm(r['macro_dice'])} | "
+        lines.append(f"| {summary['labels'][head]} | {', '.join(r['classes'])} | {_pm(r['common_dice'])} | {_pm(r['macro_dice'])} | "
                      f"{_pm(r['macro_iou'])} | {_pm(r['pixel_accuracy'])} | {_pm(r['ece'])} | "
                      f"{_pm(r['train_seconds'], 0)} | {_pm(r['images_per_s'], 1)} | {r['parameters']:,} |")
     if degenerate:
@@ -406,15 +417,16 @@ def write_thresholds(checkpoint: Path, thresholds: dict[str, float]) -> None:
 
 def compare(cfg: Config, out: Path, heads: Sequence[str] = ("softmax", "sigmoid"), seeds: Sequence[int] = (0,),
             epochs: int | None = None, include_degenerate: bool = False, tune_thresholds: bool = False,
-            progress: bool = False) -> tuple[Path, dict]:
+            softmax_exclusive: bool = False, progress: bool = False) -> tuple[Path, dict]:
     """Run the experiment into `out` and write report.md, report.json and figures."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise SegkitError(f"{out}: folder exists and is not empty. Fix: --out a new folder.")
     data = DataGuess(cfg.data.mask, cfg.data.classes, cfg.data.ignore_index, cfg.data.foreground_value,
                      cfg.data.colors)
-    plan = plan_heads(cfg, inspect(cfg.data.root, data), heads)
-    configs = [(h, s, head_config(cfg, h, classes, s, epochs)) for h, classes in plan.classes.items() for s in seeds]
+    plan = plan_heads(cfg, inspect(cfg.data.root, data), heads, softmax_exclusive)
+    configs = [(h, s, head_config(cfg, h, classes, s, epochs, plan.exclusive_part and h == "softmax"))
+               for h, classes in plan.classes.items() for s in seeds]
     runs = []
     for head, seed, c in configs:
         log.info("compare: %s head %s, seed %d", head, c.data.classes, seed)

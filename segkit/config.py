@@ -41,6 +41,9 @@ class DataConfig(_Strict):
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     cache: bool = True
+    overlap: Literal["error", "ignore"] = Field(
+        "error", description="pixels with several labels: refused by softmax, or 'ignore' them (excluded from "
+                             "loss and scores) to train softmax on the exclusive part")
 
 
 class ModelConfig(_Strict):

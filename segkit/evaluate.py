@@ -59,7 +59,8 @@ def samples_for(seg: Segmenter, root: Path, split: str, config: Path | None = No
                               "data section that describes these masks.")
         cfg = DataConfig(root=root, classes=seg.classes, mask=d["mask"], ignore_index=d.get("ignore_index"),
                          foreground_value=d.get("foreground_value"), colors=d.get("colors"),
-                         val_fraction=d.get("val_fraction", 0.2), channels=seg.in_channels)
+                         val_fraction=d.get("val_fraction", 0.2), channels=seg.in_channels,
+                         overlap=d.get("overlap", "error"))
         seed = d.get("seed", 0)
     return eval_samples(cfg, split, seed), pair_reader(cfg)
 

@@ -263,49 +263,37 @@ class Segmenter:
     def _bands(self, image: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
         """Blended logits of finished rows, top to bottom: (first row, (C, rows, W) tensor).
 
-        One band of windows at a time is accumulated (logits x Gaussian weight); rows no
-        later window touches are divided by their weight sum and handed out.
+        One band of windows at a time is accumulated (logits x Gaussian weight) into a fixed
+        buffer of tile + step rows; rows no later window touches are divided by their weight
+        sum, handed out, and the unfinished rest moves to the top of the buffer.
         """
         h, w = image.shape[:2]
         th, tw = min(h, self.tile), min(w, self.tile)
         step = self.tile - self.overlap
         ys, xs = window_starts(h, th, step), window_starts(w, tw, step)
         weight = self._weight(th, tw)
-        acc = torch.zeros(self.head.channels, 0, w, device=self.device)
-        norm = torch.zeros(0, w, device=self.device)
+        rows = min(h, th + step)
+        acc = torch.zeros(self.head.channels, rows, w, device=self.device)
+        norm = torch.zeros(rows, w, device=self.device)
         top = 0
         for k, y in enumerate(ys):
-            grow = y + th - (top + acc.shape[1])
-            if grow > 0:
-                acc = torch.cat([acc, acc.new_zeros(acc.shape[0], grow, w)], 1)
-                norm = torch.cat([norm, norm.new_zeros(grow, w)], 0)
             band = image[y:y + th]
             for i in range(0, len(xs), self.batch_size):
                 chunk = xs[i:i + self.batch_size]
                 logits = self.forward(self.to_input([band[:, x:x + tw] for x in chunk]))
                 for x, out in zip(chunk, logits):
-                    acc[:, y - top:y - top + th, x:x + tw] += out * weight
+                    acc[:, y - top:y - top + th, x:x + tw].addcmul_(out, weight)
                     norm[y - top:y - top + th, x:x + tw] += weight
-            done = (ys[k + 1] if k + 1 < len(ys) else h) - top
+            end = ys[k + 1] if k + 1 < len(ys) else h
+            done = end - top
             yield top, acc[:, :done] / norm[:done]
-            acc, norm, top = acc[:, done:], norm[done:], top + done
-
-
-def batches_by_shape(items: Iterator[tuple[int, np.ndarray]], size: int,
-                     fits: Callable[[np.ndarray], bool]) -> Iterator[list[tuple[int, np.ndarray]]]:
-    """Group consecutive same-shape images into batches; images that do not `fit` go alone."""
-    pending: list[tuple[int, np.ndarray]] = []
-    for item in items:
-        image = item[1]
-        if pending and (pending[0][1].shape != image.shape or len(pending) == size):
-            yield pending
-            pending = []
-        if not fits(image):
-            yield [item]
-            continue
-        pending.append(item)
-    if pending:
-        yield pending
+            keep = y + th - end
+            if keep > 0:
+                acc[:, :keep] = acc[:, done:done + keep].clone()
+                norm[:keep] = norm[done:done + keep].clone()
+            acc[:, max(keep, 0):].zero_()
+            norm[max(keep, 0):].zero_()
+            top = end
 
 
 @dataclass

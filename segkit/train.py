@@ -200,7 +200,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
     meta = checkpoint_meta(head, cfg.model.arch, cfg.model.encoder, d.channels, mean, std,
                            data={"mask": d.mask, "ignore_index": d.ignore_index,
                                  "foreground_value": d.foreground_value, "colors": d.colors,
-                                 "val_fraction": d.val_fraction, "seed": t.seed})
+                                 "val_fraction": d.val_fraction, "seed": t.seed, "overlap": d.overlap})
 
     start_epoch, best, best_epoch, bad_epochs = 0, -1.0, 0, 0
     history: list[dict] = []

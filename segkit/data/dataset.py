@@ -49,9 +49,10 @@ class Record:
 class PairReader:
     """Reads an image and its mask(s) into (image, labels, valid), matching their sizes."""
 
-    def __init__(self, fmt: MaskFormat, channels: int) -> None:
+    def __init__(self, fmt: MaskFormat, channels: int, ignore_overlap: bool = False) -> None:
         self.fmt = fmt
         self.channels = channels
+        self.ignore_overlap = ignore_overlap
         self._told_resize = False
 
     def read(self, sample: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -72,6 +73,8 @@ class PairReader:
                 self._told_resize = True
             labels = cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST).reshape(h, w, -1)
             valid = cv2.resize(valid.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+        if self.ignore_overlap:
+            valid = valid & (labels.sum(axis=2, dtype=np.int32) <= 1)
         return image, labels, valid
 
 

@@ -19,7 +19,7 @@ def mask_format(cfg: DataConfig) -> MaskFormat:
 
 
 def pair_reader(cfg: DataConfig) -> PairReader:
-    return PairReader(mask_format(cfg), cfg.channels)
+    return PairReader(mask_format(cfg), cfg.channels, ignore_overlap=cfg.overlap == "ignore")
 
 
 def _labelled(pairing: Pairing, where: str) -> list[Sample]:
