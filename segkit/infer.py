@@ -296,6 +296,23 @@ class Segmenter:
             top = end
 
 
+def batches_by_shape(items: Iterator[tuple[Any, np.ndarray]], size: int,
+                     fits: Callable[[np.ndarray], bool]) -> Iterator[list[tuple[Any, np.ndarray]]]:
+    """Group consecutive same-shape images into batches; images that do not `fit` go alone."""
+    pending: list[tuple[Any, np.ndarray]] = []
+    for item in items:
+        image = item[1]
+        if pending and (pending[0][1].shape != image.shape or len(pending) == size):
+            yield pending
+            pending = []
+        if not fits(image):
+            yield [item]
+            continue
+        pending.append(item)
+    if pending:
+        yield pending
+
+
 @dataclass
 class FolderSummary:
     """What a folder prediction did: images written, files that failed (path, reason), time."""
