@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     if nproc > 1 and not distributed.launched():
         sys.exit(launch(nproc, args))
     try:
-        app(args=args, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)  # a command's typer.Exit(n) comes back as n
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except SegkitError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
