@@ -310,17 +310,19 @@ def conclusion(summary: dict) -> str:
     ma, sa = _spread(ra["common_dice"])
     mb, sb = _spread(rb["common_dice"])
     diff = ma - mb
-    spreads = [v for v in (sa, sb) if not math.isnan(v)]
     on = f"mean Dice over the classes both heads have ({', '.join(common)})"
     text = f"The {a} head scores {diff:.4f} higher than the {b} head in {on}: {ma:.4f} vs {mb:.4f}."
-    if not spreads:
+    na, nb = len(ra["common_dice"]), len(rb["common_dice"])
+    if math.isnan(sa) or math.isnan(sb):
         return text + " With one seed there is no spread to judge this by; run --seeds 0,1,2."
-    spread = max(spreads)
-    if diff <= spread:
-        return text + (f" The difference is inside the seed spread (standard deviation up to {spread:.4f}): "
-                       "on this data the two heads are equivalent; choose by what the masks mean "
-                       "(overlap needs sigmoid, exclusive classes suit softmax).")
-    return text + f" The difference exceeds the seed spread ({spread:.4f}): prefer the {a} head here."
+    noise = 2 * math.sqrt(sa**2 / na + sb**2 / nb)  # about a 95% band for the difference of two means
+    spread = f"seed standard deviations {sa:.4f} ({a}, {na} seeds) and {sb:.4f} ({b}, {nb} seeds)"
+    if diff <= noise:
+        return text + (f" The difference is inside the seed spread ({spread}; twice the standard error of the "
+                       f"difference is {noise:.4f}): on this data the two heads are equivalent; choose by what "
+                       "the masks mean (overlap needs sigmoid, exclusive classes suit softmax).")
+    return text + (f" The difference is larger than the seed spread ({spread}; twice the standard error of the "
+                   f"difference is {noise:.4f}): prefer the {a} head here.")
 
 
 def _thresholded(summary: dict) -> list[tuple[str, dict]]:
