@@ -20,6 +20,7 @@ from segkit.config import Config, parse_config
 from segkit.data.inspect import DataGuess, Report, inspect
 from segkit.data.io import to_unit_float, write_bytes
 from segkit.data.splits import eval_samples, pair_reader
+from segkit.data.transforms import eval_transform
 from segkit.errors import ConfigError, SegkitError
 from segkit.evaluate import evaluate
 from segkit.heads import Head
@@ -224,12 +225,11 @@ def degenerate_run(cfg: Config, steps: int = 5) -> dict:
     fg_idx = [i for i, c in enumerate(cfg.data.classes) if c.lower() != "background"]
     fg_pixels = valid_pixels = predicted_fg = 0
     probs_seen: set[float] = set()
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
+    normalise = eval_transform(mean, std)
     with torch.inference_mode():
         for sample in samples:
             image, labels, valid = reader.read(sample)
-            x = (torch.from_numpy(to_unit_float(image)).permute(2, 0, 1)[None] - m) / s
+            x = torch.from_numpy(normalise(image=to_unit_float(image))["image"]).permute(2, 0, 1)[None]
             logits = forward_padded(model, x)
             probs_seen.update(torch.unique(logits.softmax(1)).tolist())
             predicted_fg += int((logits.argmax(1) != 0).sum())

@@ -15,10 +15,10 @@ from tqdm import tqdm
 
 from segkit.data.dataset import PairReader
 from segkit.data.layout import Sample
-from segkit.data.splits import eval_samples, pair_reader
-from segkit.config import DataConfig, load_config
+from segkit.data.splits import checkpoint_data, eval_samples, pair_reader
+from segkit.config import load_config
 from segkit.errors import DataError, SegkitError
-from segkit.infer import Prediction, Segmenter
+from segkit.infer import Prediction, Segmenter, keep_arrays
 from segkit.metrics import summarize
 
 
@@ -39,10 +39,6 @@ class _Pairs(Dataset):
         return self.head.targets(labels, valid), image, None
 
 
-def _as_is(item: Any) -> Any:
-    return item
-
-
 def samples_for(seg: Segmenter, root: Path, split: str, config: Path | None = None
                 ) -> tuple[list[Sample], PairReader]:
     """The samples of one split of `root` and the reader for their masks: the config's data section
@@ -53,15 +49,7 @@ def samples_for(seg: Segmenter, root: Path, split: str, config: Path | None = No
         if cfg.classes != seg.classes:
             raise SegkitError(f"{config}: data.classes {cfg.classes} differ from the checkpoint's {seg.classes}.")
     else:
-        d = seg.meta.get("data")
-        if not d:
-            raise SegkitError("model.json has no `data` section (mask encoding). Fix: pass --config with the "
-                              "data section that describes these masks.")
-        cfg = DataConfig(root=root, classes=seg.classes, mask=d["mask"], ignore_index=d.get("ignore_index"),
-                         foreground_value=d.get("foreground_value"), colors=d.get("colors"),
-                         val_fraction=d.get("val_fraction", 0.2), channels=seg.in_channels,
-                         overlap=d.get("overlap", "error"))
-        seed = d.get("seed", 0)
+        cfg, seed = checkpoint_data(seg.meta, root)
     return eval_samples(cfg, split, seed), pair_reader(cfg)
 
 
@@ -85,7 +73,7 @@ def evaluate(seg: Segmenter, samples: Sequence[Sample], reader: PairReader, excl
     counts = torch.zeros(head.channels, 4, dtype=torch.int64)
     confusion: np.ndarray | None = None
     failed: list[str] = []
-    loader = DataLoader(_Pairs(samples, reader, seg), batch_size=None, num_workers=workers, collate_fn=_as_is)
+    loader = DataLoader(_Pairs(samples, reader, seg), batch_size=None, num_workers=workers, collate_fn=keep_arrays)
 
     def readable():
         for target, image, error in loader:

@@ -232,7 +232,7 @@ class Segmenter:
         began = time.perf_counter()
         summary = FolderSummary(images=0, seconds=0.0)
         reader = DataLoader(_ImageFiles([f for f, _ in mine], self.in_channels), batch_size=None,
-                            num_workers=workers, collate_fn=_as_is,
+                            num_workers=workers, collate_fn=keep_arrays,
                             prefetch_factor=8 if workers else None)
         items = _readable(reader, summary)
         bar = tqdm(total=len(mine), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
@@ -376,7 +376,7 @@ class _ImageFiles(Dataset):
             return self.files[i], None, str(err)
 
 
-def _as_is(item: Any) -> Any:
+def keep_arrays(item: Any) -> Any:
     """DataLoader collate that keeps numpy arrays as they are."""
     return item
 

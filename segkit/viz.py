@@ -18,6 +18,7 @@ from segkit.data.io import atomic_path, read_image, to_unit_float, write_png  # 
 from segkit.data.layout import Sample, pair  # noqa: E402
 from segkit.config import load_config  # noqa: E402
 from segkit.data.masks import MaskFormat, build_mask_format  # noqa: E402
+from segkit.data.splits import checkpoint_data, mask_format  # noqa: E402
 from segkit.errors import SegkitError  # noqa: E402
 from segkit.heads import Head, head_from_metadata  # noqa: E402
 from segkit.model import read_meta  # noqa: E402
@@ -216,18 +217,10 @@ def sources_for(masks_dir: Path, checkpoint: Path | None, config: Path | None, t
     if config is not None:
         cfg = load_config(config)
         head = cfg.head()
-        fmt = build_mask_format(cfg.data.mask, head.classes, cfg.data.ignore_index, cfg.data.foreground_value,
-                                cfg.data.colors)
+        fmt = mask_format(cfg.data)
         return head, MaskSource(Path(masks_dir), fmt), MaskSource(Path(truth_dir), fmt) if truth_dir else None
     meta = read_meta(checkpoint)
     head = head_from_metadata(meta)
     predicted = build_mask_format(head.output_format, head.classes)
-    truth = None
-    if truth_dir is not None:
-        d = meta.get("data") or {}
-        if not d:
-            raise SegkitError(f"{checkpoint}/model.json has no `data` section to read --truth with. "
-                              "Fix: use --config.")
-        truth = MaskSource(Path(truth_dir), build_mask_format(d["mask"], head.classes, d.get("ignore_index"),
-                                                              d.get("foreground_value"), d.get("colors")))
+    truth = MaskSource(Path(truth_dir), mask_format(checkpoint_data(meta, Path(truth_dir))[0])) if truth_dir else None
     return head, MaskSource(Path(masks_dir), predicted), truth

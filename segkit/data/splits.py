@@ -9,7 +9,7 @@ from segkit.config import DataConfig
 from segkit.data.dataset import PairReader
 from segkit.data.layout import Pairing, Sample, find_pairs, seeded_split, split_dirs
 from segkit.data.masks import MaskFormat, build_mask_format
-from segkit.errors import DataError
+from segkit.errors import DataError, SegkitError
 
 log = logging.getLogger("segkit")
 
@@ -62,3 +62,17 @@ def eval_samples(cfg: DataConfig, split: str, seed: int) -> list[Sample]:
     if split == "val":
         return train_val_samples(cfg, seed)[1]
     raise DataError(f"{cfg.root}: no '{split}' split (found {sorted(dirs)}). Fix: choose --split from those.")
+
+
+def checkpoint_data(meta: dict, root: Path) -> tuple[DataConfig, int]:
+    """The data section a checkpoint was trained with (model.json `data`), pointed at `root`,
+    and the training seed: masks are then read, and a flat layout split, as in training."""
+    d = meta.get("data")
+    if not d:
+        raise SegkitError("model.json has no `data` section (mask encoding). Fix: pass --config with the "
+                          "data section that describes these masks.")
+    cfg = DataConfig(root=root, classes=meta["classes"], mask=d["mask"], ignore_index=d.get("ignore_index"),
+                     foreground_value=d.get("foreground_value"), colors=d.get("colors"),
+                     val_fraction=d.get("val_fraction", 0.2), channels=int(meta["in_channels"]),
+                     overlap=d.get("overlap", "error"))
+    return cfg, int(d.get("seed", 0))
