@@ -334,10 +334,13 @@ def _figures(summary: dict, runs: list[Run], out: Path) -> dict[str, str]:
     figs = {}
     fig, ax = plt.subplots(figsize=(7, 4))
     palette = dict(zip(summary["heads"], ["tab:blue", "tab:orange"]))
+    common = summary["common_classes"]
     for r in runs:
-        ax.plot([h["epoch"] for h in r.history], [h["val_mean_dice"] for h in r.history],
+        ax.plot([h["epoch"] for h in r.history],
+                [statistics.fmean(h[f"dice_{c}"] for c in common) for h in r.history],
                 label=f"{r.head} seed {r.seed}", color=palette[r.head], alpha=0.8)
-    ax.set(xlabel="epoch", ylabel="validation mean Dice (own classes)", title="learning curves", ylim=(0, 1))
+    ax.set(xlabel="epoch", ylabel=f"validation Dice on {', '.join(common)}"[:60], title="learning curves",
+           ylim=(0, 1))
     ax.legend(fontsize=8)
     figs["learning_curves"] = save_figure(fig, out / "learning_curves.png")
     fig, axes = plt.subplots(1, len(summary["heads"]), figsize=(4.5 * len(summary["heads"]), 4), squeeze=False)
