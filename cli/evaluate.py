@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -32,7 +31,7 @@ def evaluate(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Per-class IoU, Dice, precision, recall; macro mean and micro; confusion matrix for softmax."""
-    from segkit.data.io import write_bytes
+    from segkit.data.io import write_json
     from segkit.evaluate import background_classes, evaluate as run, format_scores, samples_for
 
     seg = load_segmenter(checkpoint, device, batch_size, tile, overlap, tta, threshold)
@@ -41,5 +40,5 @@ def evaluate(
     result = run(seg, samples, reader, exclude, workers=workers, progress=progress)
     typer.echo(format_scores(result))
     if json_out is not None:
-        write_bytes(json_out, json.dumps(result, indent=2).encode())
+        write_json(json_out, result)
         typer.echo(f"scores: {json_out}")

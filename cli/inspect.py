@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +19,7 @@ def inspect(
     """Class frequencies, empty/missing/mismatched masks, label overlap, and which head fits."""
     from segkit.config import load_config
     from segkit.data.inspect import DataGuess, inspect as run
-    from segkit.data.io import write_bytes
+    from segkit.data.io import write_json
 
     data = None
     if config is not None:
@@ -29,4 +28,4 @@ def inspect(
     report = run(root, data)
     typer.echo(report.text())
     if json_out is not None:
-        write_bytes(json_out, json.dumps(report.to_dict(), indent=2).encode())
+        write_json(json_out, report.to_dict())

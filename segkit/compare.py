@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from segkit.config import Config, parse_config
 from segkit.data.inspect import DataGuess, Report, inspect
-from segkit.data.io import to_unit_float, write_bytes
+from segkit.data.io import to_unit_float, write_bytes, write_json
 from segkit.data.splits import eval_samples, pair_reader
 from segkit.data.transforms import eval_transform
 from segkit.errors import ConfigError, SegkitError
@@ -406,7 +406,7 @@ def write_report(summary: dict, runs: list[Run], out: Path, degenerate: dict | N
                       f"{degenerate['predicted_foreground_pixels']}. {degenerate['note']}"]
     lines += ["", "## Conclusion", "", summary["conclusion"], ""]
     lines += [f"![{name}]({Path(path).name})" for name, path in figs.items()]
-    write_bytes(out / "report.json", json.dumps(summary, indent=2, default=float).encode())
+    write_json(out / "report.json", summary)
     write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
     return out / "report.md"
 
@@ -429,9 +429,15 @@ def compare(cfg: Config, out: Path, heads: Sequence[str] = ("softmax", "sigmoid"
         raise SegkitError(f"{out}: folder exists and is not empty. Fix: --out a new folder.")
     data = DataGuess(cfg.data.mask, cfg.data.classes, cfg.data.ignore_index, cfg.data.foreground_value,
                      cfg.data.colors)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {','.join(map(str, seeds))}: a seed repeats. Fix: give each seed once, e.g. 0,1,2.")
     plan = plan_heads(cfg, inspect(cfg.data.root, data), heads, softmax_exclusive)
     configs = [(h, s, head_config(cfg, h, classes, s, epochs, plan.exclusive_part and h == "softmax"))
                for h, classes in plan.classes.items() for s in seeds]
+    if not configs:
+        raise ConfigError(f"nothing to train: --heads {','.join(heads)} with --seeds {','.join(map(str, seeds))} "
+                          "leaves no run. " + " ".join(plan.skipped.values())
+                          + " Fix: name at least one head this data allows, and at least one seed.")
     runs = []
     for head, seed, c in configs:
         log.info("compare: %s head %s, seed %d", head, c.data.classes, seed)

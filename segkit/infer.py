@@ -140,10 +140,10 @@ class Segmenter:
     # -- tensors -----------------------------------------------------------------------
 
     def to_input(self, images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
-        """Normalised (N, C, H, W) float tensor on the device from (H, W, C) arrays of equal size."""
-        batch = np.stack(images) if not isinstance(images, np.ndarray) else images
-        if batch.ndim == 3:
-            batch = batch[None]
+        """Normalised (N, C, H, W) float tensor on the device from one (H, W[, C]) array or a list of them."""
+        batch = np.stack(images) if not isinstance(images, np.ndarray) else images[None]
+        if batch.ndim == 3:  # grey (H, W) images
+            batch = batch[..., None]
         scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(batch.dtype, 1.0)
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(scale)
@@ -160,6 +160,8 @@ class Segmenter:
     @torch.inference_mode()
     def logits(self, image: np.ndarray) -> torch.Tensor:
         """(C, H, W) float32 logits of one image, windowed when it is larger than the tile."""
+        if image.ndim == 2:
+            image = image[:, :, None]
         h, w = image.shape[:2]
         out = torch.empty(self.head.channels, h, w)
         for top, rows in self._bands(image):

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from segkit.data.io import atomic_path, read_image, to_unit_float, write_png  # noqa: E402
+from segkit.data.io import atomic_path, is_image, read_image, to_unit_float, write_png  # noqa: E402
 from segkit.data.layout import Sample, pair  # noqa: E402
 from segkit.config import load_config  # noqa: E402
 from segkit.data.masks import MaskFormat, build_mask_format  # noqa: E402
@@ -188,7 +188,7 @@ def visualize_folder(images_dir: Path, masks: MaskSource, out_dir: Path, classes
         if existing:
             raise SegkitError(f"{out_dir}: {len(existing)} pictures exist already (e.g. {existing[0]}). "
                               "Fix: --overwrite, or another output folder.")
-    skipped = [p for p in sorted(images_dir.iterdir()) if p.is_file() and p.stem not in stems and not p.name.startswith(".")]
+    skipped = [p for p in sorted(images_dir.iterdir()) if p.is_file() and is_image(p) and p.stem not in stems]
     for stem in stems:
         sample = predicted[stem]
         image = read_image(sample.image, 3)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -140,6 +143,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf -> None, recursively: standard JSON has no NaN (a class with no score)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Standard JSON (no NaN), written atomically."""
+    write_bytes(Path(path), json.dumps(_finite(obj), indent=2, allow_nan=False, default=float).encode())
 
 
 def write_png(path: Path, arr: np.ndarray, palette: list[int] | None = None) -> None:

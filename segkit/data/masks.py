@@ -73,7 +73,7 @@ class BinaryMasks(MaskFormat):
     def read(self, mask: Path) -> Labels:
         arr = _grey(read_mask_raw(mask, as_palette_index=False), mask)
         valid = self._valid(arr)
-        fg = self._foreground(arr) & valid
+        fg = self._foreground(np.where(valid, arr, 0)) & valid  # the ignore value must not set the threshold
         layers = [fg] if len(self.classes) == 1 else [~fg & valid, fg]
         return np.stack(layers, axis=2).astype(np.uint8), valid
 

@@ -1,0 +1,538 @@
+"""Inference: padding to the stride, windowed prediction with Gaussian blending in logit space,
+flip TTA, predictions of arrays and streams, and `segkit predict` over awkward folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+from torch import nn
+
+from segkit.data.io import read_image
+from segkit.errors import ConfigError, SegkitError
+from segkit.heads import build_head
+from segkit.infer import (
+    STRIDE,
+    Segmenter,
+    batches_by_shape,
+    forward_padded,
+    forward_tta,
+    gaussian_weight,
+    pad_to_stride,
+    plan_outputs,
+    window_starts,
+)
+from segkit.model import build_model, checkpoint_meta, save_checkpoint
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+DATA = {"mask": "index", "ignore_index": None, "foreground_value": None, "colors": None,
+        "val_fraction": 0.2, "seed": 0}
+HEADS = [("softmax", ["background", "a", "b"]), ("sigmoid", ["a", "b"])]
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def cli(capsys, *args) -> tuple[int | str, str, str]:
+    """`segkit ARGS` in this process: (exit code, stdout, stderr)."""
+    from cli.app import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except Exception as err:  # what escapes main() is what a user would see as a traceback
+        import traceback
+
+        traceback.print_exc()
+        code = f"uncaught {type(err).__name__}: {err}"
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def make_seg(head_name, classes, model, **options) -> Segmenter:
+    head = build_head(head_name, classes)
+    meta = checkpoint_meta(head, "Unet", "resnet18", 3, MEAN, STD, data=DATA)
+    return Segmenter(model, head, meta, device="cpu", **options)
+
+
+def pointwise(channels: int, seed: int = 0) -> nn.Module:
+    """A 1x1 convolution: no spatial context, so windows cannot change its output."""
+    torch.manual_seed(seed)
+    return nn.Conv2d(3, channels, 1)
+
+
+class WindowMean(nn.Module):
+    """Every output pixel is a fixed linear map of the mean of its whole input window:
+    a model whose windowed output depends on the window, so blending weights show."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.proj = nn.Linear(3, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.proj(x.mean((2, 3)))
+        return m[:, :, None, None].expand(-1, -1, *x.shape[-2:]).contiguous()
+
+
+def rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def normalise(image: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def coverage(h: int, w: int, tile: int, overlap: int) -> np.ndarray:
+    """How many windows cover each pixel."""
+    th, tw = min(h, tile), min(w, tile)
+    count = np.zeros((h, w), np.int32)
+    for y in window_starts(h, th, tile - overlap):
+        for x in window_starts(w, tw, tile - overlap):
+            count[y:y + th, x:x + tw] += 1
+    return count
+
+
+# -- windows and weights ----------------------------------------------------------------------
+
+
+def test_window_starts_known_values():
+    assert window_starts(200, 64, 48) == [0, 48, 96, 136]
+    assert window_starts(150, 64, 48) == [0, 48, 86]
+    assert window_starts(64, 64, 48) == [0]
+    assert window_starts(30, 64, 48) == [0]
+    assert window_starts(65, 64, 48) == [0, 1]
+    assert window_starts(128, 64, 64) == [0, 64]
+
+
+@pytest.mark.parametrize("tile,step", [(32, 32), (64, 48), (64, 4), (96, 64)])
+def test_window_starts_cover_every_pixel_and_end_at_the_border(tile, step):
+    for size in range(1, 301):
+        starts = window_starts(size, tile, step)
+        assert starts[0] == 0
+        assert all(0 < b - a <= step for a, b in zip(starts, starts[1:])), (size, starts)
+        if size <= tile:
+            assert starts == [0]
+        else:
+            assert starts[-1] + tile == size
+            covered = np.zeros(size, bool)
+            for s in starts:
+                covered[s:s + tile] = True
+            assert covered.all()
+
+
+def test_gaussian_weight_is_centred_symmetric_and_floored():
+    for h, w in ((64, 64), (64, 96), (33, 7), (1, 5)):
+        g = gaussian_weight(h, w)
+        assert g.shape == (h, w) and g.dtype == torch.float32
+        assert float(g.max()) == pytest.approx(1.0)
+        assert float(g.min()) >= 1e-3
+        assert torch.equal(g, g.flip(0)) and torch.equal(g, g.flip(1))
+        # decreasing away from the centre along both axes
+        row = g[h // 2]
+        assert torch.all(row[: (w + 1) // 2][1:] >= row[: (w + 1) // 2][:-1])
+    corner = gaussian_weight(64, 64)
+    assert float(corner[0, 0]) < 0.01 < float(corner[32, 32])
+
+
+# -- padding ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("h,w", [(7, 5), (33, 65), (32, 64), (1, 1), (31, 33)])
+def test_pad_to_stride_pads_bottom_right_to_multiples(h, w):
+    x = torch.randn(2, 3, h, w)
+    padded, oh, ow = pad_to_stride(x)
+    assert (oh, ow) == (h, w)
+    assert padded.shape == (2, 3, -(-h // STRIDE) * STRIDE, -(-w // STRIDE) * STRIDE)
+    assert torch.equal(padded[..., :h, :w], x)  # the image stays at the top left, untouched
+    if (h, w) == (32, 64):
+        assert padded is x or torch.equal(padded, x)
+    if (h, w) == (33, 65):  # reflect: row 33 mirrors row 31, column 65 mirrors column 63
+        assert torch.equal(padded[..., h, :w], x[..., h - 2, :])
+        assert torch.equal(padded[..., :h, w], x[..., :, w - 2])
+    if (h, w) == (7, 5):  # too small to reflect 25 rows: replicate the last row and column
+        assert torch.equal(padded[..., -1, :w], x[..., -1, :])
+        assert torch.equal(padded[..., :h, -1], x[..., :, -1])
+
+
+@pytest.mark.parametrize("h,w", [(7, 5), (33, 65), (64, 32)])
+def test_forward_padded_returns_logits_at_exactly_the_input_size(h, w):
+    torch.manual_seed(0)
+    unet = build_model("Unet", "resnet18", 3).eval()
+    conv = pointwise(2).eval()
+    x = torch.randn(2, 3, h, w)
+    with torch.inference_mode():
+        out = forward_padded(unet, x)
+        assert out.shape == (2, 3, h, w) and out.dtype == torch.float32
+        assert torch.isfinite(out).all()
+        # a pointwise model: cropping the padded output gives the model's own output exactly
+        assert torch.allclose(forward_padded(conv, x), conv(x), atol=1e-6)
+
+
+# -- windowed prediction ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head_name,classes", HEADS)
+@pytest.mark.parametrize("h,w,tile,overlap", [
+    (200, 150, 64, 16),
+    (150, 200, 64, 16),
+    (70, 300, 32, 0),
+    (300, 40, 64, 31),
+    (65, 65, 64, 16),
+    (40, 300, 64, 16),
+    (97, 130, 32, 8),
+])
+def test_tiled_logits_equal_whole_image_logits_for_a_pointwise_model(head_name, classes, h, w, tile, overlap):
+    image = rgb(h, w, seed=h + w)
+    model = pointwise(len(classes))
+    whole = make_seg(head_name, classes, model, tile=1024)
+    tiled = make_seg(head_name, classes, model, tile=tile, overlap=overlap, batch_size=3)
+    assert not tiled.fits(image) and whole.fits(image)
+    a, b = whole.logits(image), tiled.logits(image)
+    assert a.shape == b.shape == (len(classes), h, w)
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    single = torch.from_numpy(coverage(h, w, tile, overlap) == 1)
+    assert single.any()
+    assert float((a - b)[:, single].abs().max()) <= 1e-6  # one window only: that window's own output
+    with torch.no_grad():
+        direct = model(normalise(image))[0]
+    assert torch.allclose(a, direct, atol=1e-5)
+    pa, pb = whole.predict(image, probs=True), tiled.predict(image, probs=True)
+    assert pa.mask.shape == pb.mask.shape
+    assert pa.mask.shape == ((h, w) if head_name == "softmax" else (len(classes), h, w))
+    assert np.array_equal(pa.mask, pb.mask)
+    assert pb.probs.shape == (len(classes), h, w) and pb.probs.dtype == np.float16
+    assert np.allclose(pa.probs.astype(np.float32), pb.probs.astype(np.float32), atol=1e-3)
+
+
+def test_tiled_logits_are_the_gaussian_weighted_mean_of_window_outputs():
+    """A model whose output is its window's mean: the blend is exactly sum(g * m) / sum(g)."""
+    h, w, tile, overlap = 200, 150, 64, 16
+    image = rgb(h, w, seed=5)
+    model = WindowMean(2)
+    seg = make_seg("sigmoid", ["a", "b"], model, tile=tile, overlap=overlap, batch_size=2)
+    got = seg.logits(image).double()
+    x = normalise(image)
+    g = gaussian_weight(tile, tile).double()
+    num = torch.zeros(2, h, w, dtype=torch.float64)
+    den = torch.zeros(h, w, dtype=torch.float64)
+    with torch.no_grad():
+        for y in window_starts(h, tile, tile - overlap):
+            for xs in window_starts(w, tile, tile - overlap):
+                m = model(x[..., y:y + tile, xs:xs + tile])[0].double()
+                num[:, y:y + tile, xs:xs + tile] += m * g
+                den[y:y + tile, xs:xs + tile] += g
+    expected = num / den
+    assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+    # and the blend is not a plain average: overlapping windows do differ here
+    assert float((got[:, 40:70, :] - got[:, 40:70, :].mean()).abs().max()) > 1e-3
+
+
+def test_predict_of_a_large_image_matches_logits_decoded_once():
+    image = rgb(300, 200, seed=2)
+    seg = make_seg("softmax", ["background", "a", "b"], pointwise(3), tile=64, overlap=16)
+    logits = seg.logits(image)
+    pred = seg.predict(image, probs=True)
+    assert pred.mask.dtype == np.uint8 and pred.mask.shape == (300, 200)
+    assert np.array_equal(pred.mask, logits.argmax(0).numpy())
+    assert np.allclose(pred.probs.astype(np.float32), logits.softmax(0).numpy(), atol=1e-3)
+    assert np.allclose(pred.probs.astype(np.float32).sum(0), 1, atol=2e-3)
+
+
+def test_segmenter_rejects_bad_tiles():
+    for tile, overlap in ((100, 16), (16, 0), (64, 64), (64, -1)):
+        with pytest.raises(ValueError):
+            make_seg("sigmoid", ["a"], pointwise(1), tile=tile, overlap=overlap)
+
+
+# -- TTA ---------------------------------------------------------------------------------------------
+
+
+def symmetric_conv(channels: int) -> nn.Module:
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, channels, 3, padding=1)
+    with torch.no_grad():
+        k = conv.weight
+        k.copy_((k + k.flip(-1) + k.flip(-2) + k.flip(-1, -2)) / 4)  # symmetric under both flips
+    return conv
+
+
+@pytest.mark.parametrize("head_name,classes", HEADS)
+def test_tta_of_a_flip_equivariant_model_equals_no_tta(head_name, classes):
+    image = rgb(64, 96, seed=7)
+    conv = symmetric_conv(len(classes))
+    plain = make_seg(head_name, classes, conv).logits(image)
+    tta = make_seg(head_name, classes, conv, tta=True).logits(image)
+    assert torch.allclose(plain, tta, atol=1e-5)
+    # a pointwise model is flip-equivariant at any size, tiled or not
+    odd = rgb(45, 170, seed=8)
+    one = pointwise(len(classes))
+    plain = make_seg(head_name, classes, one).logits(odd)
+    tta = make_seg(head_name, classes, one, tta=True, tile=64, overlap=16).logits(odd)
+    assert torch.allclose(plain, tta, atol=1e-5)
+    assert np.array_equal(make_seg(head_name, classes, one).predict(odd).mask,
+                          make_seg(head_name, classes, one, tta=True).predict(odd).mask)
+
+
+def test_tta_averages_the_four_flips_in_logit_space_and_activates_once():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(8)  # lopsided and strong: flips change the output a lot
+    image = rgb(64, 64, seed=9)
+    x = normalise(image)
+    with torch.no_grad():
+        outs = [conv(x.flip(d)).flip(d) if d else conv(x) for d in ((), (-1,), (-2,), (-2, -1))]
+    mean = torch.stack(outs).mean(0)
+    with torch.inference_mode():
+        assert torch.allclose(forward_tta(conv, x), mean, atol=1e-5)
+    assert not torch.allclose(outs[0], mean, atol=1e-2)  # TTA is not a no-op for this model
+    seg = make_seg("softmax", ["background", "a", "b"], conv, tta=True)
+    pred = seg.predict(image, probs=True)
+    assert np.allclose(pred.probs.astype(np.float32), mean[0].softmax(0).numpy(), atol=1e-3)
+    mean_of_probs = torch.stack(outs).softmax(2).mean(0)[0].numpy()
+    assert np.abs(mean_of_probs - mean[0].softmax(0).numpy()).max() > 0.02  # the distinction matters here
+    assert np.array_equal(pred.mask, mean[0].argmax(0).numpy())
+
+
+# -- arrays in, masks out -----------------------------------------------------------------------------
+
+
+def test_predict_normalises_8_bit_16_bit_float_and_grey_images_alike():
+    seg = make_seg("sigmoid", ["a", "b"], pointwise(2), tile=64, overlap=16)
+    image = rgb(40, 50, seed=4)
+    ref = seg.logits(image)
+    assert torch.allclose(seg.logits(image.astype(np.uint16) * 257), ref, atol=1e-5)
+    assert torch.allclose(seg.logits(image.astype(np.float32) / 255), ref, atol=1e-5)
+    grey = image[:, :, 0]
+    a = seg.predict(grey, probs=True)
+    b = seg.predict(np.repeat(grey[:, :, None], 3, axis=2), probs=True)
+    assert a.mask.shape == (2, 40, 50) and a.mask.dtype == bool
+    assert np.array_equal(a.mask, b.mask) and np.array_equal(a.probs, b.probs)
+
+
+def test_logits_accept_a_grey_image_like_predict_does():
+    """predict() takes (H, W) images; logits() of the same image must not fail or differ."""
+    seg = make_seg("sigmoid", ["a", "b"], pointwise(2), tile=64, overlap=16)
+    for h, w in ((40, 50), (100, 70)):  # whole, and through windows
+        grey = rgb(h, w, seed=h)[:, :, 0]
+        want = seg.logits(grey[:, :, None])
+        assert want.shape == (2, h, w)
+        assert torch.equal(seg.logits(grey), want)
+
+
+def test_sigmoid_thresholds_decide_the_masks():
+    seg = make_seg("sigmoid", ["a", "b"], pointwise(2), tile=64, overlap=16)
+    image = rgb(50, 60, seed=6)
+    probs = seg.logits(image).sigmoid().numpy()
+    seg.set_thresholds([0.3, 0.8])
+    mask = seg.predict(image).mask
+    assert np.array_equal(mask[0], probs[0] >= 0.3) and np.array_equal(mask[1], probs[1] >= 0.8)
+    soft = make_seg("softmax", ["background", "a"], pointwise(2))
+    with pytest.raises(ConfigError):
+        soft.set_thresholds(0.4)
+
+
+def test_predict_stream_keeps_order_and_batches_only_equal_sizes():
+    seg = make_seg("softmax", ["background", "a", "b"], pointwise(3), tile=64, overlap=16, batch_size=2)
+    shapes = [(40, 50), (40, 50), (40, 50), (30, 20), (100, 90), (30, 20), (30, 20)]
+    images = [rgb(h, w, seed=i) for i, (h, w) in enumerate(shapes)]
+    batches = list(batches_by_shape(iter(enumerate(images)), 2, seg.fits))
+    assert [[k for k, _ in b] for b in batches] == [[0, 1], [2], [3], [4], [5, 6]]
+    out = list(seg.predict_stream(enumerate(images), probs=True))
+    assert [k for k, _ in out] == list(range(len(images)))
+    for (k, pred), image in zip(out, images):
+        alone = seg.predict(image, probs=True)
+        assert pred.mask.shape == image.shape[:2]
+        assert np.array_equal(pred.mask, alone.mask)
+        assert np.allclose(pred.probs.astype(np.float32), alone.probs.astype(np.float32), atol=1e-3)
+
+
+# -- folders: `segkit predict` ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny random-weight U-Net checkpoints, one per head."""
+    root = tmp_path_factory.mktemp("ckpt")
+    folders = {}
+    for head_name, classes in HEADS:
+        torch.manual_seed(0)
+        head = build_head(head_name, classes)
+        data = {**DATA, "mask": "index" if head_name == "softmax" else "multilabel"}
+        folders[head_name] = root / head_name
+        save_checkpoint(folders[head_name], build_model("Unet", "resnet18", head.channels),
+                        checkpoint_meta(head, "Unet", "resnet18", 3, MEAN, STD, data=data))
+    return folders
+
+
+def awkward_folder(root: Path) -> dict[str, tuple[int, int]]:
+    """Good images of every awkward kind (relative path -> (H, W)) and one corrupt file."""
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    tifffile.imwrite(root / "deep16.tif", np.random.default_rng(0).integers(0, 65536, (40, 50), dtype=np.uint16))
+    Image.fromarray(rgb(33, 45, 1)[:, :, 0]).save(root / "grey.png")
+    Image.fromarray(np.dstack([rgb(30, 20, 2), np.full((30, 20), 7, np.uint8)]), "RGBA").save(root / "rgba.png")
+    Image.fromarray(rgb(7, 5, 3)).save(root / "tiny.png")
+    Image.fromarray(rgb(36, 52, 4)).save(root / "sub" / "deeper" / "normal.png")
+    Image.fromarray(rgb(70, 40, 5)).save(root / "sub" / "tall.png")
+    return {"deep16.tif": (40, 50), "grey.png": (33, 45), "rgba.png": (30, 20), "tiny.png": (7, 5),
+            "sub/deeper/normal.png": (36, 52), "sub/tall.png": (70, 40)}
+
+
+PREDICT = ["--device", "cpu", "--no-progress", "--tile", "64", "--overlap", "16"]  # tall.png goes through windows
+
+
+def test_predict_softmax_folder_writes_palette_masks_and_probabilities(capsys, tmp_path, checkpoints):
+    sizes = awkward_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    code, stdout, stderr = cli(capsys, "predict", checkpoints["softmax"], tmp_path / "in", out, *PREDICT,
+                               "--save-probs", "--workers", "2")
+    assert code == 1, stderr
+    assert "corrupt.png" in stderr and "Traceback" not in stderr
+    assert f"{len(sizes)} images" in stdout and "1 failed" in stdout
+    seg = Segmenter.load(checkpoints["softmax"], device="cpu", tile=64, overlap=16)
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    expected = sorted([str(Path(r).with_suffix(".png").as_posix()) for r in sizes]
+                      + [str(Path(r).with_suffix(".npy").as_posix()) for r in sizes])
+    assert written == expected  # the input tree mirrored; nothing for the corrupt file, no temp files
+    for rel, (h, w) in sizes.items():
+        with Image.open(out / Path(rel).with_suffix(".png")) as im:
+            assert im.mode == "P", rel
+            assert (im.height, im.width) == (h, w), rel
+            mask = np.asarray(im)
+            assert tuple(im.getpalette()[3:6]) == seg.head.colors[1]
+        assert np.array_equal(mask, seg.predict(read_image(tmp_path / "in" / rel)).mask), rel
+        probs = np.load(out / Path(rel).with_suffix(".npy"))
+        assert probs.dtype == np.float16 and probs.shape == (3, h, w), rel
+        assert np.allclose(probs.astype(np.float32).sum(0), 1, atol=3e-3), rel
+        p = np.sort(probs.astype(np.float32), axis=0)
+        clear = p[-1] - p[-2] > 2e-3  # away from float16 ties the probabilities' argmax is the mask
+        assert np.array_equal(probs.astype(np.float32).argmax(0)[clear], mask[clear]), rel
+
+
+def test_predict_sigmoid_folder_writes_one_binary_png_per_class(capsys, tmp_path, checkpoints):
+    sizes = awkward_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    code, stdout, stderr = cli(capsys, "predict", checkpoints["sigmoid"], tmp_path / "in", out, *PREDICT,
+                               "--workers", "0", "--save-probs")
+    assert code == 1 and "corrupt.png" in stderr and "Traceback" not in stderr
+    seg = Segmenter.load(checkpoints["sigmoid"], device="cpu", tile=64, overlap=16)
+    for rel, (h, w) in sizes.items():
+        expected = seg.predict(read_image(tmp_path / "in" / rel)).mask
+        for c, cls in enumerate(["a", "b"]):
+            with Image.open(out / cls / Path(rel).with_suffix(".png")) as im:
+                assert im.mode == "L" and (im.height, im.width) == (h, w), (cls, rel)
+                m = np.asarray(im)
+            assert set(np.unique(m).tolist()) <= {0, 255}
+            assert np.array_equal(m == 255, expected[c]), (cls, rel)
+        probs = np.load(out / Path(rel).with_suffix(".npy"))
+        assert probs.dtype == np.float16 and probs.shape == (2, h, w)
+        assert probs.min() >= 0 and probs.max() <= 1
+
+
+def test_predict_refuses_output_inside_input_and_writes_nothing(capsys, tmp_path, checkpoints):
+    awkward_folder(tmp_path / "in")
+    before = sorted(p.as_posix() for p in (tmp_path / "in").rglob("*"))
+    for out in (tmp_path / "in", tmp_path / "in" / "masks", tmp_path / "in" / "sub" / "x"):
+        code, _, stderr = cli(capsys, "predict", checkpoints["softmax"], tmp_path / "in", out, *PREDICT)
+        assert code == 2 and stderr.startswith("error: ") and "inside the input" in stderr
+        assert "Traceback" not in stderr
+    assert sorted(p.as_posix() for p in (tmp_path / "in").rglob("*")) == before
+
+
+def test_predict_refuses_to_overwrite_unless_asked(capsys, tmp_path, checkpoints):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    Image.fromarray(rgb(40, 40, 1)).save(tmp_path / "in" / "one.png")
+    Image.fromarray(rgb(20, 30, 2)).save(tmp_path / "in" / "sub" / "two.jpg")
+    out = tmp_path / "out"
+    for head_name in ("softmax", "sigmoid"):
+        target = out / head_name
+        code, stdout, stderr = cli(capsys, "predict", checkpoints[head_name], tmp_path / "in", target, *PREDICT)
+        assert code == 0, stderr
+        assert "2 images" in stdout and "0 failed" in stdout
+        first = {p: p.read_bytes() for p in target.rglob("*.png")}
+        assert len(first) == (2 if head_name == "softmax" else 4)
+        code, _, stderr = cli(capsys, "predict", checkpoints[head_name], tmp_path / "in", target, *PREDICT)
+        assert code == 2 and "--overwrite" in stderr and "Traceback" not in stderr
+        # asking for probabilities now adds new files only, but the masks exist: still refused
+        code, _, stderr = cli(capsys, "predict", checkpoints[head_name], tmp_path / "in", target, *PREDICT,
+                              "--save-probs")
+        assert code == 2 and "--overwrite" in stderr
+        assert {p: p.read_bytes() for p in target.rglob("*.png")} == first
+        assert not list(target.rglob("*.npy"))
+        code, stdout, stderr = cli(capsys, "predict", checkpoints[head_name], tmp_path / "in", target, *PREDICT,
+                                   "--overwrite", "--save-probs")
+        assert code == 0, stderr
+        assert {p: p.read_bytes() for p in target.rglob("*.png")} == first  # same model, same masks
+        assert len(list(target.rglob("*.npy"))) == 2
+
+
+def test_predict_large_image_through_windows_gets_a_mask_of_its_size(capsys, tmp_path, checkpoints):
+    (tmp_path / "in").mkdir()
+    image = rgb(300, 200, seed=11)
+    Image.fromarray(image).save(tmp_path / "in" / "big.png")
+    code, _, stderr = cli(capsys, "predict", checkpoints["softmax"], tmp_path / "in", tmp_path / "out",
+                          "--device", "cpu", "--no-progress", "--tile", "64", "--overlap", "16", "--workers", "0",
+                          "--batch-size", "4")
+    assert code == 0, stderr
+    mask = np.asarray(Image.open(tmp_path / "out" / "big.png"))
+    assert mask.shape == (300, 200)
+    seg = Segmenter.load(checkpoints["softmax"], device="cpu", tile=64, overlap=16, batch_size=4)
+    assert np.array_equal(mask, seg.predict(image).mask)
+
+
+def test_predict_folder_api_summary_and_user_errors(tmp_path, checkpoints):
+    seg = Segmenter.load(checkpoints["softmax"], device="cpu")
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "in" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"broken" * 30)
+    Image.fromarray(rgb(20, 24)).save(tmp_path / "in" / "sub" / "ok.png")
+    summary = seg.predict_folder(tmp_path / "in", tmp_path / "out", workers=0)
+    assert summary.images == 1 and (tmp_path / "out" / "sub" / "ok.png").is_file()
+    assert [p.name for p, _ in summary.failed] == ["corrupt.png"]
+    assert "corrupt.png" in summary.failed[0][1]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SegkitError, match="no images"):
+        seg.predict_folder(tmp_path / "empty", tmp_path / "o1")
+    with pytest.raises(SegkitError, match="not found"):
+        seg.predict_folder(tmp_path / "missing", tmp_path / "o2")
+    (tmp_path / "dup").mkdir()
+    Image.fromarray(rgb(8, 8)).save(tmp_path / "dup" / "x.png")
+    tifffile.imwrite(tmp_path / "dup" / "x.tif", rgb(8, 8))
+    with pytest.raises(SegkitError, match="same mask"):
+        plan_outputs(seg.head, tmp_path / "dup", tmp_path / "o3", probs=False, overwrite=False)
+    assert not (tmp_path / "o3").exists()
+
+
+def test_predict_cli_reports_bad_options_without_traceback(capsys, tmp_path, checkpoints):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rgb(8, 8)).save(tmp_path / "in" / "x.png")
+    for extra, words in ((["--tile", "100"], "32"), (["--overlap", "64", "--tile", "64"], "overlap"),
+                         (["--threshold", "0.3"], "argmax")):
+        code, _, stderr = cli(capsys, "predict", checkpoints["softmax"], tmp_path / "in", tmp_path / "out",
+                              "--device", "cpu", "--no-progress", *extra)
+        assert code == 2 and stderr.startswith("error: ") and words in stderr, (extra, stderr)
+        assert "Traceback" not in stderr
+    assert not (tmp_path / "out").exists()
+    code, _, stderr = cli(capsys, "predict", tmp_path / "in", tmp_path / "in", tmp_path / "out")
+    assert code == 2 and "not a segkit checkpoint" in stderr
+
+
+def test_predict_usage_errors_exit_2_without_traceback(capsys, tmp_path, checkpoints):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rgb(8, 8)).save(tmp_path / "in" / "x.png")
+    for args in ([tmp_path / "in"], [tmp_path / "in", tmp_path / "out", "--tile", "big"],
+                 [tmp_path / "in", tmp_path / "out", "--no-such-option"]):
+        code, _, stderr = cli(capsys, "predict", checkpoints["softmax"], *args)
+        assert code == 2, (args, code)
+        assert "Traceback" not in stderr
+    assert not (tmp_path / "out").exists()

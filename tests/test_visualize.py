@@ -1,0 +1,351 @@
+"""Pictures: overlays tinted with class colours and outlined, error panels against the truth,
+and `segkit visualize` end to end on masks written like `segkit predict` writes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segkit.data.io import write_png
+from segkit.errors import SegkitError
+from segkit.heads import build_head
+from segkit.model import build_model, checkpoint_meta, save_checkpoint
+from segkit.viz import ERROR_COLORS, error_map, overlay, panels_picture, sources_for, to_display
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+GREY = 100
+H, W = 48, 64
+A_COLOR, B_COLOR = (240, 20, 60), (20, 200, 100)  # even values: every tint below is a whole number
+DATA = {"mask": "index", "ignore_index": None, "foreground_value": None, "colors": None,
+        "val_fraction": 0.2, "seed": 0}
+
+
+def cli(capsys, *args) -> tuple[int | str, str, str]:
+    """`segkit ARGS` in this process: (exit code, stdout, stderr)."""
+    from cli.app import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except Exception as err:  # what escapes main() is what a user would see as a traceback
+        import traceback
+
+        traceback.print_exc()
+        code = f"uncaught {type(err).__name__}: {err}"
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def ckpt(folder: Path, head_name: str, classes: list[str], colors=None, mask: str = "index"):
+    head = build_head(head_name, classes, colors=colors)
+    torch.manual_seed(0)
+    save_checkpoint(folder, build_model("Unet", "resnet18", head.channels),
+                    checkpoint_meta(head, "Unet", "resnet18", 3, MEAN, STD, data={**DATA, "mask": mask}))
+    return head
+
+
+def edges(m: np.ndarray) -> np.ndarray:
+    """Pixels of `m` with an 8-neighbour outside `m` (outside the picture counts as inside)."""
+    p = np.pad(m, 1, constant_values=True)
+    inner = np.ones_like(m)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            inner &= p[1 + dy: 1 + dy + m.shape[0], 1 + dx: 1 + dx + m.shape[1]]
+    return m & ~inner
+
+
+def expected_overlay(grey: int, masks: np.ndarray, colors, alpha: float) -> np.ndarray:
+    """Independent rendering of DESIGN's overlay on a flat grey image: tint with the mean
+    colour of a pixel's classes, then each class's outline in its colour (later classes on top)."""
+    painted = [i for i, c in enumerate(colors) if tuple(c) != (0, 0, 0)]
+    out = np.full(masks.shape[1:] + (3,), float(grey))
+    count = masks[painted].sum(0)
+    tint = np.zeros_like(out)
+    for i in painted:
+        tint += masks[i][:, :, None] * np.array(colors[i], float)
+    hit = count > 0
+    out[hit] = (1 - alpha) * out[hit] + alpha * tint[hit] / count[hit][:, None]
+    for i in painted:
+        out[edges(masks[i])] = colors[i]
+    return out
+
+
+def flat_image(folder: Path, stem: str = "x", h: int = H, w: int = W) -> np.ndarray:
+    folder.mkdir(parents=True, exist_ok=True)
+    image = np.full((h, w, 3), GREY, np.uint8)
+    Image.fromarray(image).save(folder / f"{stem}.png")
+    return image
+
+
+def overlay_rows(picture: np.ndarray, w: int, h: int) -> int:
+    """First row of the pictured image: the first panel is the untouched flat grey image."""
+    rows = np.flatnonzero((picture[:, :w] == GREY).all(axis=(1, 2)))
+    assert len(rows) == h and rows[-1] - rows[0] == h - 1, rows
+    return int(rows[0])
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+# -- overlay and error map ---------------------------------------------------------------------------
+
+
+def test_overlay_tints_outlines_and_blends_overlapping_classes():
+    image = np.full((H, W, 3), GREY, np.uint8)
+    masks = np.zeros((3, H, W), bool)
+    masks[1, 8:32, 8:40] = True
+    masks[2, 20:44, 24:56] = True  # overlaps class 1 on rows 20..31, columns 24..39
+    masks[0] = ~(masks[1] | masks[2])
+    colors = [(0, 0, 0), A_COLOR, B_COLOR]
+    out = overlay(image, masks, colors, alpha=0.5)
+    assert out.dtype == np.uint8 and out.shape == (H, W, 3)
+    assert np.array_equal(out, expected_overlay(GREY, masks, colors, 0.5))
+    assert out[2, 2].tolist() == [GREY] * 3  # background (black) is never painted
+    assert out[12, 12].tolist() == [170, 60, 80]  # round(0.5 * 100 + 0.5 * a)
+    assert out[38, 50].tolist() == [60, 150, 100]
+    assert out[25, 30].tolist() == [115, 105, 90]  # both: the mean colour (130, 110, 80), tinted
+    assert out[31, 30].tolist() == list(A_COLOR)  # a's outline runs through b's area
+    assert out[25, 24].tolist() == list(B_COLOR)  # b's outline runs through a's area
+    alpha = 0.25
+    out = overlay(image, masks, colors, alpha=alpha)
+    assert out[12, 12].tolist() == np.round(np.array(A_COLOR) * alpha + GREY * (1 - alpha)).tolist()
+    assert np.array_equal(overlay(image, masks, colors, alpha=0.0)[~(edges(masks[1]) | edges(masks[2]))],
+                          image[~(edges(masks[1]) | edges(masks[2]))])
+
+
+def test_overlay_of_a_16_bit_grey_image_shows_it_as_8_bit():
+    image = np.full((10, 12), 257 * GREY, np.uint16)
+    masks = np.zeros((1, 10, 12), bool)
+    out = overlay(image, masks, [A_COLOR])
+    assert out.shape == (10, 12, 3) and (out == GREY).all()
+    assert np.array_equal(to_display(image), np.full((10, 12, 3), GREY, np.uint8))
+
+
+def test_error_map_colours_false_positives_misses_and_wrong_classes():
+    image = np.full((20, 20, 3), GREY, np.uint8)
+    truth = np.zeros((3, 20, 20), bool)
+    pred = np.zeros((3, 20, 20), bool)
+    truth[1, 2:8, 2:8] = True
+    pred[1, 2:8, 2:10] = True  # columns 8, 9: false positive of class 1
+    truth[2, 12:18, 12:18] = True
+    pred[2, 12:18, 14:18] = True  # columns 12, 13: missed class 2
+    pred[1, 12:14, 14:16] = True
+    pred[2, 12:14, 14:16] = False  # truth 2, predicted 1: wrong class
+    truth[0] = ~(truth[1] | truth[2])
+    pred[0] = ~(pred[1] | pred[2])
+    valid = np.ones((20, 20), bool)
+    valid[0] = False  # nothing is an error where the truth is unknown
+    pred[1, 0, :] = True
+    out = error_map(image, truth, pred, valid, [(0, 0, 0), A_COLOR, B_COLOR])
+    assert out[4, 8].tolist() == list(ERROR_COLORS["false positive"])
+    assert out[15, 12].tolist() == list(ERROR_COLORS["missed (false negative)"])
+    assert out[12, 14].tolist() == list(ERROR_COLORS["wrong class"])
+    assert out[4, 4].tolist() == [40, 40, 40]  # right: the image, dimmed
+    assert out[0, 5].tolist() == [40, 40, 40]  # ignored
+    assert out[10, 0].tolist() == [40, 40, 40]
+
+
+def test_panels_picture_is_four_panels_wide():
+    image = np.full((H, W, 3), GREY, np.uint8)
+    m = np.zeros((2, H, W), bool)
+    m[1, 10:20, 10:20] = True
+    m[0] = ~m[1]
+    pic = panels_picture(image, m, m, np.ones((H, W), bool), ["background", "a"], [(0, 0, 0), A_COLOR])
+    assert pic.shape[1] == 4 * W and pic.shape[0] > H
+    top = overlay_rows(pic, W, H)
+    assert np.array_equal(pic[top:top + H, W:2 * W], expected_overlay(GREY, m, [(0, 0, 0), A_COLOR], 0.5))
+    assert (pic[top:top + H, 3 * W:] == 40).all()  # no errors
+
+
+# -- `segkit visualize` --------------------------------------------------------------------------------
+
+
+SOFT_COLORS = [(0, 0, 0), A_COLOR, B_COLOR]
+
+
+def softmax_masks(pred_index: np.ndarray) -> np.ndarray:
+    return np.stack([pred_index == k for k in range(3)])
+
+
+def test_visualize_softmax_prediction(capsys, tmp_path):
+    head = ckpt(tmp_path / "ckpt", "softmax", ["background", "a", "b"], SOFT_COLORS)
+    flat_image(tmp_path / "images")
+    pred = np.zeros((H, W), np.uint8)
+    pred[8:24, 8:32] = 1
+    pred[28:44, 36:60] = 2
+    (tmp_path / "masks").mkdir()
+    write_png(tmp_path / "masks" / "x.png", pred, head.palette())  # as `segkit predict` writes it
+    code, out, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out",
+                         "--checkpoint", tmp_path / "ckpt", "--alpha", "0.5")
+    assert code == 0, err
+    assert "1 pictures" in out
+    pic = read_rgb(tmp_path / "out" / "x.png")
+    assert pic.shape[1] == W and pic.shape[0] > H  # a legend strip below
+    body = pic[:H]
+    assert np.array_equal(body, expected_overlay(GREY, softmax_masks(pred), SOFT_COLORS, 0.5))
+    assert body[2, 2].tolist() == [GREY] * 3 and body[46, 62].tolist() == [GREY] * 3
+    assert body[15, 20].tolist() == [170, 60, 80]  # round((1 - 0.5) * 100 + 0.5 * colour of a)
+    assert body[35, 48].tolist() == [60, 150, 100]
+    assert body[8, 20].tolist() == list(A_COLOR) and body[43, 48].tolist() == list(B_COLOR)  # outlines
+    # another alpha, into another folder
+    code, _, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out2",
+                       "--checkpoint", tmp_path / "ckpt", "--alpha", "0.25")
+    assert code == 0, err
+    assert read_rgb(tmp_path / "out2" / "x.png")[15, 20].tolist() == [135, 80, 90]  # 75 + colour / 4
+
+
+def test_visualize_sigmoid_overlapping_prediction(capsys, tmp_path):
+    ckpt(tmp_path / "ckpt", "sigmoid", ["a", "b"], [A_COLOR, B_COLOR], mask="multilabel")
+    flat_image(tmp_path / "images")
+    masks = np.zeros((2, H, W), bool)
+    masks[0, 8:32, 8:40] = True
+    masks[1, 20:44, 24:56] = True
+    for c, name in enumerate(["a", "b"]):  # OUTPUT/<class>/<stem>.png, 0/255, as `segkit predict` writes them
+        write_png(tmp_path / "masks" / name / "x.png", masks[c].astype(np.uint8) * 255)
+    code, _, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out",
+                       "--checkpoint", tmp_path / "ckpt")
+    assert code == 0, err
+    body = read_rgb(tmp_path / "out" / "x.png")[:H]
+    assert np.array_equal(body, expected_overlay(GREY, masks, [A_COLOR, B_COLOR], 0.5))
+    assert body[25, 30].tolist() == [115, 105, 90]  # in both: the mean colour blend
+    assert body[12, 12].tolist() == [170, 60, 80] and body[40, 50].tolist() == [60, 150, 100]
+    assert body[2, 2].tolist() == [GREY] * 3
+    assert body[31, 30].tolist() == list(A_COLOR)  # both outlines, also where they cross the other class
+    assert body[25, 24].tolist() == list(B_COLOR)
+
+
+def test_visualize_with_truth_draws_four_panels_and_errors(capsys, tmp_path):
+    head = ckpt(tmp_path / "ckpt", "softmax", ["background", "a", "b"], SOFT_COLORS)
+    flat_image(tmp_path / "images")
+    truth = np.zeros((H, W), np.uint8)
+    truth[8:24, 8:32] = 1
+    truth[28:44, 36:56] = 2
+    pred = np.zeros((H, W), np.uint8)
+    pred[8:24, 8:32] = 1
+    pred[10:14, 10:14] = 2  # truth a: wrong class
+    pred[28:44, 40:60] = 2  # columns 36..39 missed, columns 56..59 false positives
+    write_png(tmp_path / "truth" / "x.png", truth)
+    write_png(tmp_path / "masks" / "x.png", pred, head.palette())
+    code, _, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "panels",
+                       "--checkpoint", tmp_path / "ckpt", "--truth", tmp_path / "truth")
+    assert code == 0, err
+    pic = read_rgb(tmp_path / "panels" / "x.png")
+    assert pic.shape[1] == 4 * W
+    top = overlay_rows(pic, W, H)
+    assert top > 0  # titles above
+    panels = [pic[top:top + H, k * W:(k + 1) * W] for k in range(4)]
+    assert (panels[0] == GREY).all()
+    assert np.array_equal(panels[1], expected_overlay(GREY, softmax_masks(truth), SOFT_COLORS, 0.5))
+    assert np.array_equal(panels[2], expected_overlay(GREY, softmax_masks(pred), SOFT_COLORS, 0.5))
+    errors = panels[3]
+    fp = (pred == 2) & (truth == 0)
+    missed = (truth == 2) & (pred == 0)
+    wrong = (truth == 1) & (pred == 2)
+    assert fp.sum() == 16 * 4 and missed.sum() == 16 * 4 and wrong.sum() == 16
+    assert (errors[fp] == ERROR_COLORS["false positive"]).all()
+    assert errors[30, 58].tolist() == list(ERROR_COLORS["false positive"])
+    assert (errors[missed] == ERROR_COLORS["missed (false negative)"]).all()
+    assert (errors[wrong] == ERROR_COLORS["wrong class"]).all()
+    right = ~(fp | missed | wrong)
+    assert (errors[right] == int(GREY * 0.4)).all()
+
+
+def test_visualize_predict_output_end_to_end(capsys, tmp_path):
+    head = ckpt(tmp_path / "ckpt", "softmax", ["background", "a", "b"], SOFT_COLORS)
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    image = np.full((H, W, 3), GREY, np.uint8)
+    image[10:30, 10:40] = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)  # something for the model to see
+    Image.fromarray(image).save(tmp_path / "images" / "x.png")
+    code, _, err = cli(capsys, "predict", tmp_path / "ckpt", tmp_path / "images", tmp_path / "pred",
+                       "--device", "cpu", "--no-progress", "--workers", "0")
+    assert code == 0, err
+    code, _, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "pred", tmp_path / "out",
+                       "--checkpoint", tmp_path / "ckpt", "--alpha", "0.5")
+    assert code == 0, err
+    pred = np.asarray(Image.open(tmp_path / "pred" / "x.png"))
+    body = read_rgb(tmp_path / "out" / "x.png")[:H]
+    masks = softmax_masks(pred)
+    outline = edges(masks[1]) | edges(masks[2])
+    inner = np.zeros((H, W), bool)
+    inner[1:-1, 1:-1] = True  # away from the picture's border, where outlines are a matter of taste
+    assert len(np.unique(pred)) > 1  # the random model does draw more than one class here
+    for k, color in enumerate(head.colors):
+        sel = masks[k] & ~outline & inner
+        want = image[sel] if k == 0 else np.round(0.5 * image[sel] + 0.5 * np.array(color))
+        assert np.array_equal(body[sel], want), k
+        if k:  # painted classes are outlined in their colour
+            assert (body[edges(masks[k]) & inner] == color).all(), k
+
+
+def test_visualize_refuses_to_overwrite_or_write_inside_an_input(capsys, tmp_path):
+    head = ckpt(tmp_path / "ckpt", "softmax", ["background", "a", "b"], SOFT_COLORS)
+    flat_image(tmp_path / "images")
+    pred = np.zeros((H, W), np.uint8)
+    pred[8:24, 8:32] = 1
+    write_png(tmp_path / "masks" / "x.png", pred, head.palette())
+    args = ["--checkpoint", tmp_path / "ckpt"]
+    for out in (tmp_path / "images" / "o", tmp_path / "masks", tmp_path / "masks" / "o"):
+        code, _, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", out, *args)
+        assert code == 2 and err.startswith("error: ") and "inside an input" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["x.png"]
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["x.png"]
+    assert cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out", *args)[0] == 0
+    before = (tmp_path / "out" / "x.png").read_bytes()
+    code, _, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out", *args,
+                       "--alpha", "0.9")
+    assert code == 2 and "--overwrite" in err
+    assert (tmp_path / "out" / "x.png").read_bytes() == before
+    code, _, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out", *args,
+                       "--alpha", "0.9", "--overwrite")
+    assert code == 0, err
+    assert (tmp_path / "out" / "x.png").read_bytes() != before
+
+
+def test_visualize_usage_errors_exit_2_with_a_message(capsys, tmp_path):
+    """Click/Typer usage errors (a value out of range, an unknown option, a missing argument) are
+    user mistakes like SegkitError: a message and exit code 2, no traceback."""
+    ckpt(tmp_path / "ckpt", "softmax", ["background", "a", "b"], SOFT_COLORS)
+    flat_image(tmp_path / "images")
+    for args in (["--checkpoint", tmp_path / "ckpt", "--alpha", "1.5"], ["--checkpoint", tmp_path / "ckpt", "--bogus"]):
+        code, out, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "images", tmp_path / "o", *args)
+        assert code == 2, (args, code)
+        assert ("alpha" in err or "1.5" in err or "bogus" in err) and "Traceback" not in err
+    code, _, err = cli(capsys, "visualize", tmp_path / "images")
+    assert code == 2 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_visualize_reports_images_without_masks_but_not_other_files(capsys, tmp_path):
+    head = ckpt(tmp_path / "ckpt", "softmax", ["background", "a", "b"], SOFT_COLORS)
+    flat_image(tmp_path / "images", "x")
+    flat_image(tmp_path / "images", "y")
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    write_png(tmp_path / "masks" / "x.png", np.zeros((H, W), np.uint8), head.palette())
+    code, out, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out",
+                         "--checkpoint", tmp_path / "ckpt")
+    assert code == 0, err
+    assert "1 pictures" in out and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.png"]
+    assert "1 images have no mask" in err and "y.png" in err  # notes.txt is not an image without a mask
+
+
+def test_visualize_needs_exactly_one_source_of_classes(capsys, tmp_path):
+    ckpt(tmp_path / "ckpt", "softmax", ["background", "a"])
+    with pytest.raises(SegkitError, match="exactly one"):
+        sources_for(tmp_path, None, None, None)
+    with pytest.raises(SegkitError, match="exactly one"):
+        sources_for(tmp_path, tmp_path / "ckpt", tmp_path / "c.yaml", None)
+    code, _, err = cli(capsys, "visualize", tmp_path, tmp_path, tmp_path / "o")
+    assert code == 2 and "--checkpoint or --config" in err and "Traceback" not in err
+    head, masks, truth = sources_for(tmp_path / "m", tmp_path / "ckpt", None, tmp_path / "t")
+    assert head.classes == ["background", "a"] and masks.fmt.classes == ["background", "a"]
+    assert truth is not None and truth.folder == tmp_path / "t"
