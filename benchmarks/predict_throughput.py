@@ -24,9 +24,8 @@ def run(out: Path, device: str = "auto", n: int = 64, size: int = 512, batch_siz
         seg.model = torch.compile(seg.model)
     dev = seg.device
     masks = out / "predict-out"
-    x = torch.randn(batch_size, 3, size, size, device=dev)
-    if dev.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    # The layout segkit feeds the model: HWC images permuted to NCHW are channels_last in memory.
+    x = torch.randn(batch_size, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
 
     def bare() -> None:
         with torch.inference_mode(), torch.autocast(dev.type, dtype=seg.dtype or torch.float32,

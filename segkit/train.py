@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -88,9 +89,15 @@ class _EpochKeyed(torch.utils.data.Dataset):
         return self.dataset[i]
 
 
+def _one_thread(_: int) -> None:
+    """Data workers decode and augment one sample at a time; OpenCV's own thread pool in every
+    worker would only compete with the model for the cores."""
+    cv2.setNumThreads(1)
+
+
 def _loader_kwargs(workers: int, device: torch.device) -> dict:
     return {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
-            **({"prefetch_factor": 4} if workers > 0 else {})}
+            **({"prefetch_factor": 4, "worker_init_fn": _one_thread} if workers > 0 else {})}
 
 
 def lr_lambda(total_steps: int, warmup: int):

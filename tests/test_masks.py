@@ -1,142 +1,395 @@
-"""Mask encodings -> labels -> each head's targets; image reading; overlap detection on ISIC."""
+"""Mask encodings -> labels -> each head's targets; reading images; overlap detection on real ISIC masks."""
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
+from conftest import CONFIGS, DATASETS, TINY, assert_refused
 from segkit.data.io import read_image
 from segkit.data.layout import pair
 from segkit.data.masks import build_mask_format
-from segkit.errors import DataError
+from segkit.errors import ConfigError, DataError
 from segkit.heads import IGNORE, SigmoidHead, SoftmaxHead
-from tests.util import DATASETS
 
 ISIC = DATASETS / "isic2018-multilabel-mini"
+ISBI = DATASETS / "isbi2012-membrane"
+I = IGNORE  # noqa: E741  (short, for hand-written target tables)
 
 
-def _png(path, arr, mode=None):
+def _png(path: Path, arr: np.ndarray, mode: str | None = None) -> Path:
     Image.fromarray(arr, mode).save(path)
     return path
 
 
-def test_binary_png_both_heads(tmp_path):
-    m = np.array([[0, 255], [255, 0]], np.uint8)
-    labels, valid = build_mask_format("binary", ["fg"]).read(_png(tmp_path / "m.png", m))
-    assert labels[:, :, 0].tolist() == [[0, 1], [1, 0]] and valid.all()
-    assert SigmoidHead(["fg"]).targets(labels, valid)[0].tolist() == [[0, 1], [1, 0]]
-    labels2, valid2 = build_mask_format("binary", ["background", "fg"]).read(tmp_path / "m.png")
-    assert SoftmaxHead(["background", "fg"]).targets(labels2, valid2).tolist() == [[0, 1], [1, 0]]
+# A 3x4 binary picture used by several formats: 1 = foreground.
+FG = np.array([[0, 1, 1, 0],
+               [0, 1, 0, 0],
+               [1, 1, 0, 0]], np.uint8)
 
 
-def test_binary_jpeg_noise_is_thresholded(tmp_path):
-    yy, xx = np.mgrid[:40, :40]
-    m = (((yy - 19) ** 2 + (xx - 21) ** 2) < 150).astype(np.uint8) * 255
-    Image.fromarray(m).save(tmp_path / "m.jpg", quality=60)
+def _both_heads_binary(labels_fg, valid_fg, labels_bf, valid_bf, fg=FG):
+    """Targets of `[fg]` (sigmoid) and `[background, fg]` (softmax) labels of the FG picture."""
+    sig = SigmoidHead(["fg"]).targets(labels_fg, valid_fg)
+    assert sig.dtype == torch.float32 and sig.shape == (1, *fg.shape)
+    assert sig[0].tolist() == fg.astype(float).tolist()
+    soft = SoftmaxHead(["background", "fg"]).targets(labels_bf, valid_bf)
+    assert soft.dtype == torch.long and soft.tolist() == fg.tolist()
+
+
+# -- binary ---------------------------------------------------------------------------------------
+
+
+def test_binary_png_0_255_both_heads(tmp_path):
+    path = _png(tmp_path / "m.png", FG * 255)
+    labels, valid = build_mask_format("binary", ["fg"]).read(path)
+    assert labels.shape == (3, 4, 1) and labels.dtype == np.uint8 and valid.all()
+    assert labels[:, :, 0].tolist() == FG.tolist()
+    labels2, valid2 = build_mask_format("binary", ["background", "fg"]).read(path)
+    assert labels2.transpose(2, 0, 1).tolist() == [(1 - FG).tolist(), FG.tolist()]
+    _both_heads_binary(labels, valid, labels2, valid2)
+
+
+def test_binary_0_1_png_and_ignore_value(tmp_path):
+    arr = FG.copy()
+    arr[0, 0] = 255  # ignored pixel: must not count as foreground nor set the threshold
+    path = _png(tmp_path / "m.png", arr)
+    labels, valid = build_mask_format("binary", ["fg"], ignore_index=255).read(path)
+    assert valid.tolist() == [[False, True, True, True], [True] * 4, [True] * 4]
+    assert labels[:, :, 0].tolist() == FG.tolist()
+    sig = SigmoidHead(["fg"]).targets(labels, valid)
+    assert sig[0, 0].tolist() == [I, 1, 1, 0] and sig[0, 2].tolist() == [1, 1, 0, 0]
+    labels2, valid2 = build_mask_format("binary", ["background", "fg"], ignore_index=255).read(path)
+    assert SoftmaxHead(["background", "fg"]).targets(labels2, valid2).tolist() == [
+        [I, 1, 1, 0], [0, 1, 0, 0], [1, 1, 0, 0]]
+
+
+def test_binary_jpeg_with_compression_noise_is_thresholded(tmp_path):
+    yy, xx = np.mgrid[:48, :48]
+    fg = (((yy - 23) ** 2 + (xx - 21) ** 2) < 150).astype(np.uint8)
+    Image.fromarray(fg * 255).save(tmp_path / "m.jpg", quality=60)
     raw = np.asarray(Image.open(tmp_path / "m.jpg"))
-    assert len(np.unique(raw)) > 2  # compression noise around 0 and 255
-    labels, _ = build_mask_format("binary", ["fg"]).read(tmp_path / "m.jpg")
-    assert np.array_equal(labels[:, :, 0].astype(bool), m > 0)
+    assert len(np.unique(raw)) > 2 and not np.array_equal(raw, fg * 255)  # noise around 0 and 255
+    labels, valid = build_mask_format("binary", ["fg"]).read(tmp_path / "m.jpg")
+    labels2, valid2 = build_mask_format("binary", ["background", "fg"]).read(tmp_path / "m.jpg")
+    _both_heads_binary(labels, valid, labels2, valid2, fg=fg)
 
 
-def test_binary_with_dark_foreground(tmp_path):
-    m = np.array([[0, 255, 255]], np.uint8)  # ISBI: 0 = membrane
-    labels, _ = build_mask_format("binary", ["membrane"], foreground_value=0).read(_png(tmp_path / "m.png", m))
-    assert labels[:, :, 0].tolist() == [[1, 0, 0]]
+def test_binary_with_foreground_value_0_like_isbi(tmp_path):
+    path = _png(tmp_path / "m.png", (1 - FG) * 255)  # 0 = foreground (membrane), 255 = cell interior
+    labels, valid = build_mask_format("binary", ["membrane"], foreground_value=0).read(path)
+    labels2, valid2 = build_mask_format("binary", ["background", "membrane"], foreground_value=0).read(path)
+    _both_heads_binary(labels, valid, labels2, valid2)
 
 
-def test_index_mask_with_ignore_and_out_of_range(tmp_path):
-    m = np.array([[0, 1, 2], [11, 2, 0]], np.uint8)
+def test_real_isbi_mask_with_foreground_value_0():
+    raw = np.asarray(Image.open(ISBI / "masks" / "0.png"))
+    labels, valid = build_mask_format("binary", ["membrane"], foreground_value=0).read(ISBI / "masks" / "0.png")
+    assert labels.shape == (512, 512, 1) and valid.all()
+    assert np.array_equal(labels[:, :, 0], (raw == 0).astype(np.uint8))
+    assert 0 < labels.mean() < 0.5  # the membrane is the minority class
+
+
+def test_binary_mask_in_colour_is_refused_naming_the_file(tmp_path):
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[0, 0] = (255, 0, 0)
+    with pytest.raises(DataError) as err:
+        build_mask_format("binary", ["fg"]).read(_png(tmp_path / "colour.png", rgb))
+    assert "colour.png" in str(err.value) and "data.mask: color" in str(err.value)
+
+
+# -- index ------------------------------------------------------------------------------------------
+
+
+def test_index_png_with_ignore_value_both_heads(tmp_path):
+    m = np.array([[0, 1, 2],
+                  [11, 2, 0]], np.uint8)
     fmt = build_mask_format("index", ["a", "b", "c"], ignore_index=11)
     labels, valid = fmt.read(_png(tmp_path / "m.png", m))
     assert valid.tolist() == [[True, True, True], [False, True, True]]
-    assert SoftmaxHead(["a", "b", "c"]).targets(labels, valid).tolist() == [[0, 1, 2], [IGNORE, 2, 0]]
+    assert labels.transpose(2, 0, 1).tolist() == [[[1, 0, 0], [0, 0, 1]],
+                                                  [[0, 1, 0], [0, 0, 0]],
+                                                  [[0, 0, 1], [0, 1, 0]]]
+    soft = SoftmaxHead(["a", "b", "c"]).targets(labels, valid)
+    assert soft.tolist() == [[0, 1, 2], [I, 2, 0]]
     sig = SigmoidHead(["a", "b", "c"]).targets(labels, valid)
-    assert sig[:, 1, 0].tolist() == [IGNORE] * 3 and sig[:, 0, 2].tolist() == [0, 0, 1]
-    bad = _png(tmp_path / "bad.png", np.array([[0, 7]], np.uint8))
+    assert sig.shape == (3, 2, 3)
+    assert sig.tolist() == [[[1, 0, 0], [I, 0, 1]],
+                            [[0, 1, 0], [I, 0, 0]],
+                            [[0, 0, 1], [I, 1, 0]]]
+    assert SoftmaxHead(["a", "b", "c"]).label_problem(labels, valid) is None
+
+
+def test_index_value_out_of_range_names_the_file_and_the_value(tmp_path):
+    fmt = build_mask_format("index", ["a", "b", "c"], ignore_index=11)
+    bad = _png(tmp_path / "bad_mask.png", np.array([[0, 7], [11, 12]], np.uint8))
     with pytest.raises(DataError) as err:
         fmt.read(bad)
-    assert "bad.png" in str(err.value) and "[7]" in str(err.value)
+    text = str(err.value)
+    assert str(bad) in text and "[7, 12]" in text and "ignore index (11)" in text
 
 
-def test_palette_index_mask_reads_indices(tmp_path):
+def test_palette_index_png_gives_indices_not_colours(tmp_path):
     im = Image.fromarray(np.array([[0, 1], [2, 1]], np.uint8), "L").convert("P")
     im.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
     im.save(tmp_path / "m.png")
-    labels, _ = build_mask_format("index", ["a", "b", "c"]).read(tmp_path / "m.png")
-    assert labels.argmax(2).tolist() == [[0, 1], [2, 1]]
+    assert Image.open(tmp_path / "m.png").mode == "P"
+    labels, valid = build_mask_format("index", ["a", "b", "c"]).read(tmp_path / "m.png")
+    assert valid.all()
+    assert SoftmaxHead(["a", "b", "c"]).targets(labels, valid).tolist() == [[0, 1], [2, 1]]
+    sig = SigmoidHead(["a", "b", "c"]).targets(labels, valid)
+    assert sig[:, 1, 0].tolist() == [0, 0, 1] and sig[:, 0, 1].tolist() == [0, 1, 0]
 
 
-def test_color_mask(tmp_path):
-    rgb = np.array([[[255, 0, 0], [0, 0, 255]]], np.uint8)
-    fmt = build_mask_format("color", ["red", "blue"], colors=[(255, 0, 0), (0, 0, 255)])
-    labels, _ = fmt.read(_png(tmp_path / "m.png", rgb))
-    assert labels.argmax(2).tolist() == [[0, 1]]
-    with pytest.raises(DataError, match="colours not in data.colors"):
-        fmt.read(_png(tmp_path / "g.png", np.array([[[0, 255, 0]]], np.uint8)))
+def test_rgb_mask_for_index_format_is_refused(tmp_path):
+    with pytest.raises(DataError, match="data.mask: color"):
+        build_mask_format("index", ["a", "b"]).read(_png(tmp_path / "m.png", np.zeros((2, 2, 3), np.uint8)))
 
 
-def test_sixteen_bit_tiff_mask(tmp_path):
-    m = np.array([[0, 65535], [65535, 0]], np.uint16)
+# -- colour ----------------------------------------------------------------------------------------
+
+
+COLOURS = [(0, 0, 0), (128, 64, 128), (64, 0, 128)]  # background, road, car
+
+
+def test_color_mask_both_heads(tmp_path):
+    idx = np.array([[0, 1, 1], [2, 2, 0]])
+    rgb = np.array(COLOURS, np.uint8)[idx]
+    fmt = build_mask_format("color", ["background", "road", "car"], colors=COLOURS)
+    labels, valid = fmt.read(_png(tmp_path / "m.png", rgb))
+    assert valid.all()
+    assert SoftmaxHead(["background", "road", "car"]).targets(labels, valid).tolist() == idx.tolist()
+    sig = SigmoidHead(["background", "road", "car"]).targets(labels, valid)
+    assert sig.tolist() == [(idx == c).astype(float).tolist() for c in range(3)]
+
+
+def test_color_mask_with_unknown_colour_names_the_file_and_colour(tmp_path):
+    rgb = np.array([[[0, 0, 0], [0, 255, 0]]], np.uint8)
+    fmt = build_mask_format("color", ["background", "road", "car"], colors=COLOURS)
+    with pytest.raises(DataError) as err:
+        fmt.read(_png(tmp_path / "odd.png", rgb))
+    assert "odd.png" in str(err.value) and "[0, 255, 0] x1" in str(err.value)
+
+
+# -- 16-bit TIFF -----------------------------------------------------------------------------------
+
+
+def test_sixteen_bit_tiff_binary_mask(tmp_path):
+    tifffile.imwrite(tmp_path / "m.tif", FG.astype(np.uint16) * 65535)
+    labels, valid = build_mask_format("binary", ["fg"]).read(tmp_path / "m.tif")
+    labels2, valid2 = build_mask_format("binary", ["background", "fg"]).read(tmp_path / "m.tif")
+    _both_heads_binary(labels, valid, labels2, valid2)
+
+
+def test_sixteen_bit_tiff_index_mask_with_ignore(tmp_path):
+    m = np.array([[0, 1, 300], [2, 300, 1]], np.uint16)
     tifffile.imwrite(tmp_path / "m.tif", m)
-    labels, _ = build_mask_format("binary", ["fg"]).read(tmp_path / "m.tif")
-    assert labels[:, :, 0].tolist() == [[0, 1], [1, 0]]
+    labels, valid = build_mask_format("index", ["a", "b", "c"], ignore_index=300).read(tmp_path / "m.tif")
+    assert SoftmaxHead(["a", "b", "c"]).targets(labels, valid).tolist() == [[0, 1, I], [2, I, 1]]
 
 
-def test_multilabel_folders_with_overlap(tmp_path):
-    for name, arr in (("a", [[255, 255, 0]]), ("b", [[0, 255, 255]])):
-        (tmp_path / "masks" / name).mkdir(parents=True)
-        _png(tmp_path / "masks" / name / "x.png", np.array(arr, np.uint8))
+def test_sixteen_bit_tiff_with_its_foreground_value(tmp_path):
+    """A 12-bit camera mask {0, 4095} with data.foreground_value: 4095 marks exactly the 4095 pixels."""
+    tifffile.imwrite(tmp_path / "m.tif", FG.astype(np.uint16) * 4095)
+    labels, valid = build_mask_format("binary", ["fg"], foreground_value=4095).read(tmp_path / "m.tif")
+    labels2, valid2 = build_mask_format("binary", ["background", "fg"], foreground_value=4095).read(
+        tmp_path / "m.tif")
+    _both_heads_binary(labels, valid, labels2, valid2)
+
+
+# -- multilabel (per-class folders) ----------------------------------------------------------------
+
+
+def _multilabel_tree(tmp_path: Path, layers: dict[str, np.ndarray], names: dict[str, str] | None = None) -> Path:
     (tmp_path / "images").mkdir()
-    _png(tmp_path / "images" / "x.png", np.zeros((1, 3, 3), np.uint8))
-    samples = pair(tmp_path / "images", tmp_path / "masks", ["a", "b"], multilabel=True).samples
-    labels, valid = build_mask_format("multilabel", ["a", "b"]).read(samples[0].mask)
-    assert labels.transpose(2, 0, 1).tolist() == [[[1, 1, 0]], [[0, 1, 1]]]
+    h, w = next(iter(layers.values())).shape
+    _png(tmp_path / "images" / "x.png", np.zeros((h, w, 3), np.uint8))
+    for cls, arr in layers.items():
+        (tmp_path / "masks" / cls).mkdir(parents=True)
+        _png(tmp_path / "masks" / cls / f"{(names or {}).get(cls, 'x')}.png", arr)
+    return tmp_path
+
+
+def test_multilabel_folders_with_overlap_and_stem_prefix_pairing(tmp_path):
+    a = np.array([[255, 255, 0, 0]], np.uint8)
+    b = np.array([[0, 255, 255, 0]], np.uint8)
+    root = _multilabel_tree(tmp_path, {"a": a, "b": b}, names={"a": "x_segmentation", "b": "x_attribute_b"})
+    pairing = pair(root / "images", root / "masks", ["a", "b"], multilabel=True)
+    assert len(pairing.samples) == 1 and pairing.unlabeled == [] and pairing.orphan_masks == []
+    sample = pairing.samples[0]
+    assert sample.mask == {"a": root / "masks/a/x_segmentation.png", "b": root / "masks/b/x_attribute_b.png"}
+    labels, valid = build_mask_format("multilabel", ["a", "b"]).read(sample.mask)
+    assert labels.transpose(2, 0, 1).tolist() == [[[1, 1, 0, 0]], [[0, 1, 1, 0]]] and valid.all()
+    assert SigmoidHead(["a", "b"]).targets(labels, valid).tolist() == [[[1, 1, 0, 0]], [[0, 1, 1, 0]]]
     assert SigmoidHead(["a", "b"]).label_problem(labels, valid) is None
-    assert "sigmoid" in SoftmaxHead(["a", "b"]).label_problem(labels, valid)
+    problem = SoftmaxHead(["a", "b"]).label_problem(labels, valid)
+    assert problem.startswith("1 pixels carry more than one label") and "model.head: sigmoid" in problem
+
+
+def test_multilabel_class_without_folder_is_the_rest_so_softmax_fits(tmp_path):
+    root = _multilabel_tree(tmp_path, {"road": np.array([[255, 255, 0, 0]], np.uint8),
+                                       "car": np.array([[0, 0, 255, 0]], np.uint8)})
+    classes = ["background", "road", "car"]
+    sample = pair(root / "images", root / "masks", classes, multilabel=True).samples[0]
+    assert set(sample.mask) == {"road", "car"}
+    labels, valid = build_mask_format("multilabel", classes).read(sample.mask)
+    assert SoftmaxHead(classes).label_problem(labels, valid) is None
+    assert SoftmaxHead(classes).targets(labels, valid).tolist() == [[1, 1, 2, 0]]
+    assert SigmoidHead(classes).targets(labels, valid).tolist() == [[[0, 0, 0, 1]], [[1, 1, 0, 0]], [[0, 0, 1, 0]]]
+
+
+def test_multilabel_gap_pixels_are_a_softmax_problem(tmp_path):
+    root = _multilabel_tree(tmp_path, {"a": np.array([[255, 0, 0]], np.uint8),
+                                       "b": np.array([[0, 0, 255]], np.uint8)})
+    sample = pair(root / "images", root / "masks", ["a", "b"], multilabel=True).samples[0]
+    labels, valid = build_mask_format("multilabel", ["a", "b"]).read(sample.mask)
+    problem = SoftmaxHead(["a", "b"]).label_problem(labels, valid)
+    assert problem.startswith("1 pixels have no class") and "background" in problem
+
+
+def test_multilabel_masks_with_an_ignore_value(tmp_path):
+    """{0, 1} class masks with 255 = ignore: the ignore value must not set the threshold (as for binary)."""
+    root = _multilabel_tree(tmp_path, {"a": np.array([[0, 1, 255, 1]], np.uint8),
+                                       "b": np.array([[1, 0, 255, 1]], np.uint8)})
+    sample = pair(root / "images", root / "masks", ["a", "b"], multilabel=True).samples[0]
+    labels, valid = build_mask_format("multilabel", ["a", "b"], ignore_index=255).read(sample.mask)
+    assert valid.tolist() == [[True, True, False, True]]
+    assert labels.transpose(2, 0, 1).tolist() == [[[0, 1, 0, 1]], [[1, 0, 0, 1]]]
+    assert SigmoidHead(["a", "b"]).targets(labels, valid).tolist() == [[[0, 1, I, 1]], [[1, 0, I, 1]]]
+
+
+def test_multilabel_class_masks_of_different_sizes_are_refused(tmp_path):
+    root = _multilabel_tree(tmp_path, {"a": np.zeros((4, 4), np.uint8)})
+    (root / "masks" / "b").mkdir()
+    _png(root / "masks" / "b" / "x.png", np.zeros((4, 5), np.uint8))
+    sample = pair(root / "images", root / "masks", ["a", "b"], multilabel=True).samples[0]
+    with pytest.raises(DataError) as err:
+        build_mask_format("multilabel", ["a", "b"]).read(sample.mask)
+    assert str(root / "masks" / "b" / "x.png") in str(err.value)
+
+
+def test_unknown_mask_format_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.mask: 'rle'"):
+        build_mask_format("rle", ["fg"])
+
+
+# -- overlap on the real ISIC masks ------------------------------------------------------------------
+
+
+ISIC_CLASSES = ["lesion", "pigment_network"]
+
+
+def test_isic_masks_pair_by_stem_prefix():
+    pairing = pair(ISIC / "images", ISIC / "masks", ISIC_CLASSES, multilabel=True)
+    assert len(pairing.samples) == 6 and pairing.unlabeled == [] and pairing.orphan_masks == []
+    for s in pairing.samples:
+        assert s.mask["lesion"].name == f"{s.stem}_Segmentation.png"
+        assert s.mask["pigment_network"].name == f"{s.stem}_attribute_pigment_network.png"
 
 
 def test_isic_masks_overlap_and_only_sigmoid_accepts_them():
-    samples = pair(ISIC / "images", ISIC / "masks", ["lesion", "pigment_network"], multilabel=True).samples
-    assert len(samples) == 6
-    fmt = build_mask_format("multilabel", ["lesion", "pigment_network"])
+    samples = pair(ISIC / "images", ISIC / "masks", ISIC_CLASSES, multilabel=True).samples
+    fmt = build_mask_format("multilabel", ISIC_CLASSES)
     overlapping = 0
     for s in samples:
         labels, valid = fmt.read(s.mask)
-        both = int((labels.sum(2) > 1).sum())
+        raw = [np.asarray(Image.open(s.mask[c])) > 127 for c in ISIC_CLASSES]
+        assert labels.transpose(2, 0, 1).astype(bool).tolist() == [r.tolist() for r in raw]
+        both = int((raw[0] & raw[1]).sum())
         overlapping += both
-        assert SigmoidHead(["lesion", "pigment_network"]).label_problem(labels, valid) is None
+        assert SigmoidHead(ISIC_CLASSES).label_problem(labels, valid) is None
+        problem = SoftmaxHead(ISIC_CLASSES).label_problem(labels, valid)
         if both:
-            problem = SoftmaxHead(["lesion", "pigment_network"]).label_problem(labels, valid)
-            assert f"{both} pixels carry more than one label" in problem and "sigmoid" in problem
+            assert problem.startswith(f"{both} pixels carry more than one label") and "sigmoid" in problem
     assert overlapping > 0
 
 
-@pytest.mark.parametrize("mode,shape", [("RGBA", (5, 4, 4)), ("L", (5, 4)), ("RGB", (5, 4, 3))])
-def test_read_image_to_three_channels(tmp_path, mode, shape):
-    arr = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
-    _png(tmp_path / "x.png", arr, mode)
-    out = read_image(tmp_path / "x.png", 3)
+def test_train_isic_with_softmax_exits_2_naming_sigmoid(cli, tmp_path):
+    """The ISIC config's loss (bce+dice) belongs to sigmoid: refused first, naming the loss and sigmoid."""
+    out = tmp_path / "run"
+    r = cli("train", CONFIGS / "isic2018-multilabel-mini.yaml", "--out", out, "--set", "model.head=softmax",
+            "--set", f"data.root={ISIC}", *TINY)
+    assert_refused(r, out, "train.loss", "bce+dice", "sigmoid")
+
+
+def test_train_isic_with_softmax_and_its_loss_exits_2_on_the_overlap(cli, tmp_path):
+    out = tmp_path / "run"
+    r = cli("train", CONFIGS / "isic2018-multilabel-mini.yaml", "--out", out, "--set", "model.head=softmax",
+            "--set", "train.loss=ce+dice", "--set", f"data.root={ISIC}", *TINY)
+    assert_refused(r, out, "more than one label", "model.head: sigmoid", "ISIC_0000000.jpg")
+
+
+# -- reading images ---------------------------------------------------------------------------------
+
+
+def test_read_rgba_png_drops_alpha(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 256, (5, 4, 4), dtype=np.uint8)
+    out = read_image(_png(tmp_path / "x.png", arr, "RGBA"), 3)
     assert out.shape == (5, 4, 3) and out.dtype == np.uint8
-    assert np.array_equal(out[:, :, 0], arr if arr.ndim == 2 else arr[:, :, 0])
+    assert np.array_equal(out, arr[:, :, :3])
 
 
-def test_read_image_formats(tmp_path):
-    tifffile.imwrite(tmp_path / "x.tif", np.full((3, 4), 40000, np.uint16))
-    t = read_image(tmp_path / "x.tif", 3)
-    assert t.dtype == np.uint16 and t.shape == (3, 4, 3) and t.max() == 40000
+def test_read_grey_png_repeats_to_three_channels(tmp_path):
+    arr = np.random.default_rng(1).integers(0, 256, (5, 4), dtype=np.uint8)
+    out = read_image(_png(tmp_path / "x.png", arr, "L"), 3)
+    assert out.shape == (5, 4, 3) and out.dtype == np.uint8
+    assert all(np.array_equal(out[:, :, c], arr) for c in range(3))
+    assert read_image(tmp_path / "x.png", 1)[:, :, 0].tolist() == arr.tolist()
+
+
+def test_read_rgb_as_one_channel_uses_luma(tmp_path):
+    rgb = np.zeros((1, 3, 3), np.uint8)
+    rgb[0, 0], rgb[0, 1], rgb[0, 2] = (255, 0, 0), (0, 255, 0), (100, 100, 100)
+    out = read_image(_png(tmp_path / "x.png", rgb), 1)
+    assert out.shape == (1, 3, 1) and out[0, :, 0].tolist() == [76, 150, 100]  # 0.299*255, 0.587*255
+
+
+def test_read_sixteen_bit_tiff_keeps_uint16(tmp_path):
+    arr = np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000 + 7
+    tifffile.imwrite(tmp_path / "x.tif", arr)
+    out = read_image(tmp_path / "x.tif", 3)
+    assert out.dtype == np.uint16 and out.shape == (3, 4, 3)
+    assert np.array_equal(out[:, :, 2], arr)
+    rgb = np.stack([arr, arr // 2, arr // 3], axis=2)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb)
+    assert np.array_equal(read_image(tmp_path / "rgb.tif", 3), rgb)
+
+
+def test_read_sixteen_bit_png_keeps_uint16(tmp_path):
+    arr = np.array([[0, 40000], [65535, 7]], np.uint16)
+    Image.fromarray(arr).save(tmp_path / "x.png")
+    out = read_image(tmp_path / "x.png", 3)
+    assert out.dtype == np.uint16 and out[:, :, 0].tolist() == arr.tolist()
+
+
+def test_read_palette_png_goes_through_its_palette(tmp_path):
+    inverted = Image.fromarray(np.array([[0, 1, 2]], np.uint8), "P")
+    inverted.putpalette([255, 255, 255, 0, 0, 0, 10, 20, 30] + [0] * 759)  # index 0 = white
+    inverted.save(tmp_path / "p.png")
+    out = read_image(tmp_path / "p.png", 3)
+    assert out[0].tolist() == [[255, 255, 255], [0, 0, 0], [10, 20, 30]]
+
+
+@pytest.mark.parametrize("ext", ["gif", "bmp"])
+def test_read_gif_and_bmp(tmp_path, ext):
     rgb = np.zeros((3, 4, 3), np.uint8)
     rgb[..., 1] = 200
-    for ext in ("bmp", "gif"):
-        Image.fromarray(rgb).save(tmp_path / f"x.{ext}")
-        assert read_image(tmp_path / f"x.{ext}", 3)[0, 0].tolist() == [0, 200, 0]
-    inverted = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
-    inverted.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
-    inverted.save(tmp_path / "p.png")
-    assert read_image(tmp_path / "p.png", 1)[0, :, 0].tolist() == [255, 0]
-    (tmp_path / "bad.png").write_bytes(b"not a png" * 10)
-    with pytest.raises(DataError, match="bad.png"):
+    rgb[0, 0] = (250, 10, 10)
+    Image.fromarray(rgb).save(tmp_path / f"x.{ext}")
+    out = read_image(tmp_path / f"x.{ext}", 3)
+    assert out.shape == (3, 4, 3) and out.dtype == np.uint8
+    assert out[0, 0].tolist() == [250, 10, 10] and out[2, 3].tolist() == [0, 200, 0]
+
+
+def test_read_corrupt_image_names_the_file(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really" * 10)
+    with pytest.raises(DataError) as err:
         read_image(tmp_path / "bad.png")
+    assert str(tmp_path / "bad.png") in str(err.value) and "cannot read" in str(err.value)
+    with pytest.raises(DataError, match="not found"):
+        read_image(tmp_path / "missing.png")

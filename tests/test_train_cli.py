@@ -1,174 +1,291 @@
-"""`segkit train` and `segkit inspect` end to end: good runs, resume, and every bad input -> exit 2."""
+"""`segkit train` end to end on a tiny real subset: run folders, checkpoints, resume, determinism,
+and bad data -> exit 2 naming the file with nothing written."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 
+from conftest import CONFIGS, IMAGENET, ROOT, assert_refused, copy_nuclei, run_cli, train_args
 from segkit.config import load_config
+from segkit.data.dataset import PairReader, SegmentationDataset, scan
+from segkit.data.layout import find_pairs
+from segkit.data.masks import build_mask_format
+from segkit.data.splits import pair_reader, train_val_samples
+from segkit.data.transforms import eval_transform
+from segkit.metrics import summarize
 from segkit.model import build_model, load_checkpoint
-from tests.util import CONFIGS, DATASETS, NUCLEI, TINY, copy_subset, no_traceback, run_cli
+from segkit.train import validate
 
 SIGMOID = CONFIGS / "nuclei-sigmoid.yaml"
 SOFTMAX = CONFIGS / "nuclei-softmax.yaml"
+CONFIG = {"sigmoid": SIGMOID, "softmax": SOFTMAX}
+CLASSES = {"sigmoid": ["nucleus"], "softmax": ["background", "nucleus"]}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return copy_subset(NUCLEI, tmp_path_factory.mktemp("tiny"), 8)
-
-
-def _train(capsys, config, data, out, *extra):
-    return run_cli(capsys, "train", config, "--out", out, "--epochs", "2", "--set", f"data.root={data}", *TINY, *extra)
-
-
-def _rows(path):
-    with open(path) as f:
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("config", [SIGMOID, SOFTMAX], ids=["sigmoid", "softmax"])
-def test_train_writes_a_run_whose_checkpoint_reproduces_the_logits(capsys, tmp_path, tiny, config):
-    out = tmp_path / "run"
-    r = _train(capsys, config, tiny, out)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_nuclei) -> dict[str, Path]:
+    """One 2-epoch run per head: sigmoid in this process, softmax as a real `python -m cli` process."""
+    base = tmp_path_factory.mktemp("runs")
+    r = run_cli(*train_args(SIGMOID, tiny_nuclei, base / "sigmoid"))
     assert r.code == 0, r.err
-    assert "best validation mean Dice" in r.out and str(out / "best") in r.out
+    assert f"checkpoint: {base / 'sigmoid' / 'best'}" in r.out and "completed after 2 epochs" in r.out
+    cmd = [sys.executable, "-m", "cli", *map(str, train_args(SOFTMAX, tiny_nuclei, base / "softmax"))]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr
+    assert "completed after 2 epochs" in done.stdout and "Traceback" not in done.stderr
+    assert "softmax head, classes ['background', 'nucleus']; 6 train / 2 val images" in done.stderr
+    return {"sigmoid": base / "sigmoid", "softmax": base / "softmax"}
+
+
+# -- the run folder ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head", ["sigmoid", "softmax"])
+def test_run_folder_has_every_file(runs, head, tiny_nuclei):
+    run = runs[head]
     for name in ("config.yaml", "metrics.csv", "curves.png", "best/model.safetensors", "best/model.json",
-                 "last/model.safetensors", "last/train_state.pt"):
-        assert (out / name).is_file(), name
-    assert [row["epoch"] for row in _rows(out / "metrics.csv")] == ["1", "2"]
-    model, head, meta = load_checkpoint(out / "last")
-    assert meta["head"] == load_config(config).model.head and meta["classes"] == head.classes
-    assert meta["arch"] == "Unet" and meta["encoder"] == "resnet18" and len(meta["mean"]) == 3
-    assert not any(p.suffix in (".pt", ".pth", ".pkl") for p in (out / "best").iterdir())
-    twin = build_model("Unet", "resnet18", head.channels)
-    twin.load_state_dict(load_file(str(out / "last" / "model.safetensors")))
-    x = torch.randn(1, 3, 64, 96)
+                 "last/model.safetensors", "last/model.json", "last/train_state.pt"):
+        assert (run / name).is_file(), name
+    assert not list(run.rglob(".*")), "temporary files left behind"
+    assert not any(p.suffix in (".pt", ".pth", ".pkl", ".bin") for p in (run / "best").iterdir())
+    with Image.open(run / "curves.png") as im:
+        assert im.format == "PNG" and im.width > 100
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["head"] == head and saved["data"]["classes"] == CLASSES[head]
+    assert saved["data"]["root"] == str(tiny_nuclei) and saved["model"]["encoder"] == "resnet18"
+    assert saved["train"]["epochs"] == 2 and saved["train"]["crop"] == 64 and saved["train"]["steps_per_epoch"] == 2
+
+
+@pytest.mark.parametrize("head", ["sigmoid", "softmax"])
+def test_metrics_csv_has_one_row_per_epoch(runs, head):
+    rows = _rows(runs[head] / "metrics.csv")
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    per_class = [f"{kind}_{c}" for kind in ("dice", "iou") for c in CLASSES[head]]
+    assert list(rows[0]) == ["epoch", "train_loss", "val_loss", "val_mean_dice", "val_mean_iou", *per_class,
+                             "lr", "seconds", "images_per_s"]
+    for row in rows:
+        assert math.isfinite(float(row["train_loss"])) and float(row["train_loss"]) > 0
+        assert 0 <= float(row["val_mean_dice"]) <= 1
+    classes = CLASSES[head]
+    mean = sum(float(rows[-1][f"dice_{c}"]) for c in classes) / len(classes)
+    assert float(rows[-1]["val_mean_dice"]) == pytest.approx(mean, rel=1e-12)
+
+
+@pytest.mark.parametrize("head", ["sigmoid", "softmax"])
+def test_checkpoint_metadata(runs, head):
+    for folder in ("best", "last"):
+        meta = json.loads((runs[head] / folder / "model.json").read_text())
+        assert meta["head"] == head and meta["classes"] == CLASSES[head]
+        assert meta["arch"] == "Unet" and meta["encoder"] == "resnet18" and meta["in_channels"] == 3
+        assert meta["mean"] == list(IMAGENET[0]) and meta["std"] == list(IMAGENET[1])
+        assert meta["data"]["mask"] == "binary" and meta["data"]["seed"] == 0
+        assert (meta["thresholds"] == [0.5]) if head == "sigmoid" else (meta["thresholds"] is None)
+    last = json.loads((runs[head] / "last" / "model.json").read_text())
+    assert last["epoch"] == 2
+    rows = _rows(runs[head] / "metrics.csv")
+    best_row = max(rows, key=lambda row: float(row["val_mean_dice"]))
+    best = json.loads((runs[head] / "best" / "model.json").read_text())
+    assert best["epoch"] == int(best_row["epoch"])
+    assert best["val"]["mean_dice"] == float(best_row["val_mean_dice"])
+
+
+@pytest.mark.parametrize("head", ["sigmoid", "softmax"])
+def test_load_checkpoint_gives_the_saved_weights_exactly(runs, head):
+    model, loaded_head, meta = load_checkpoint(runs[head] / "last")
+    assert loaded_head.name == head and loaded_head.classes == CLASSES[head] and not model.training
+    twin = build_model("Unet", "resnet18", len(CLASSES[head]))
+    twin.load_state_dict(load_file(str(runs[head] / "last" / "model.safetensors")))
+    twin.eval()
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        assert torch.equal(model(x), twin.eval()(x))
-        assert model(x).shape[1] == (1 if head.name == "sigmoid" else 2)
+        y = model(x)
+        assert y.shape == (2, len(CLASSES[head]), 64, 96)
+        assert torch.equal(y, twin(x))
+    # the weights really are trained ones: a fresh model with the same seed differs
+    torch.manual_seed(0)
+    fresh = build_model("Unet", "resnet18", len(CLASSES[head])).eval()
+    with torch.inference_mode():
+        assert not torch.equal(fresh(x), y)
 
 
-def test_resume_continues_at_the_next_epoch(capsys, tmp_path, tiny):
-    out = tmp_path / "run"
-    assert _train(capsys, SIGMOID, tiny, out).code == 0
-    before = _rows(out / "metrics.csv")
-    again = _train(capsys, SIGMOID, tiny, out)
-    assert again.code == 2 and "--resume" in again.err and no_traceback(again.err)
-    r = run_cli(capsys, "train", SIGMOID, "--out", out, "--epochs", "3", "--resume", "--set", f"data.root={tiny}",
-                *TINY)
+@pytest.mark.parametrize("head", ["sigmoid", "softmax"])
+def test_last_checkpoint_reproduces_the_logged_validation_scores(runs, head):
+    """Scoring the validation images with last/ gives the metrics.csv row of the last epoch:
+    the checkpoint is the in-training model, not something near it."""
+    run = runs[head]
+    cfg = load_config(run / "config.yaml")
+    model, loaded_head, _ = load_checkpoint(run / "last")
+    reader = pair_reader(cfg.data)
+    _, val_samples = train_val_samples(cfg.data, cfg.train.seed)
+    assert len(val_samples) == 2
+    records = scan(val_samples, reader, loaded_head, cache=True)
+    loader = DataLoader(SegmentationDataset(records, reader, loaded_head, eval_transform(*cfg.norm())), batch_size=1)
+    loss, counts = validate(model, loaded_head, loaded_head.loss(cfg.train.loss), loader, torch.device("cpu"), None)
+    scores = summarize(counts, loaded_head.classes)
+    last = _rows(run / "metrics.csv")[-1]
+    assert scores["mean"]["dice"] == float(last["val_mean_dice"])
+    assert scores["mean"]["iou"] == float(last["val_mean_iou"])
+    assert loss == pytest.approx(float(last["val_loss"]), rel=1e-6)
+
+
+# -- resume -------------------------------------------------------------------------------------------
+
+
+def test_resume_continues_to_epoch_3_keeping_the_first_rows(runs, tmp_path, tiny_nuclei):
+    run = tmp_path / "run"
+    shutil.copytree(runs["sigmoid"], run)
+    before = _rows(run / "metrics.csv")
+    r = run_cli(*train_args(SIGMOID, tiny_nuclei, run, "--resume", epochs=3))
     assert r.code == 0, r.err
-    rows = _rows(out / "metrics.csv")
-    assert [row["epoch"] for row in rows] == ["1", "2", "3"] and rows[:2] == before
-    assert json.loads((out / "last" / "model.json").read_text())["epoch"] == 3
+    assert "completed after 3 epochs" in r.out
+    rows = _rows(run / "metrics.csv")
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
+    assert rows[:2] == before
+    meta = json.loads((run / "last" / "model.json").read_text())
+    assert meta["epoch"] == 3
+    assert torch.load(run / "last" / "train_state.pt", weights_only=True)["epoch"] == 3
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 3
 
 
-def test_same_seed_same_run_on_cpu(capsys, tmp_path, tiny):
-    for name in ("a", "b"):
-        assert _train(capsys, SOFTMAX, tiny, tmp_path / name).code == 0
-    losses = [[row["train_loss"] for row in _rows(tmp_path / n / "metrics.csv")] for n in ("a", "b")]
-    assert losses[0] == losses[1]
+def test_training_into_a_non_empty_folder_without_resume_exits_2(runs, tmp_path, tiny_nuclei):
+    run = tmp_path / "run"
+    shutil.copytree(runs["sigmoid"], run)
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    r = run_cli(*train_args(SIGMOID, tiny_nuclei, run))
+    assert r.code == 2 and r.err.startswith("error:") and "Traceback" not in r.err
+    assert str(run) in r.err and "--resume" in r.err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
 
 
-def _refused(capsys, tmp_path, *args, words=()):
-    out = tmp_path / "never"
-    r = run_cli(capsys, "train", *TINY, *args, "--out", out)
-    assert r.code == 2, (r.out, r.err)
-    assert r.err.startswith("error:") and no_traceback(r.err)
-    for word in words:
-        assert word in r.err, (word, r.err)
-    assert not out.exists()
-    return r
+def test_resume_refusals_exit_2(runs, tmp_path, tiny_nuclei):
+    run = tmp_path / "run"
+    shutil.copytree(runs["sigmoid"], run)
+    metrics = (run / "metrics.csv").read_bytes()
+    r = run_cli(*train_args(SIGMOID, tiny_nuclei, run, "--resume", epochs=2))
+    assert r.code == 2 and "already trained for 2 epochs" in r.err
+    r = run_cli(*train_args(SIGMOID, tiny_nuclei, run, "--resume", "--set", "model.encoder=resnet34", epochs=3))
+    assert r.code == 2 and "model.encoder" in r.err and "Traceback" not in r.err
+    assert (run / "metrics.csv").read_bytes() == metrics
+    empty = tmp_path / "empty"
+    assert_refused(run_cli(*train_args(SIGMOID, tiny_nuclei, empty, "--resume")), empty, "nothing to resume")
 
 
-def test_softmax_with_one_class_exits_2_naming_sigmoid_and_background(capsys, tmp_path, tiny):
-    _refused(capsys, tmp_path, SOFTMAX, "--set", f"data.root={tiny}", "--set", "data.classes=[nucleus]",
-             words=("sigmoid", "background"))
+# -- determinism ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override,words", [
-    ("train.epoch=3", ("train.epoch", "unknown key")),
-    ("train.epochs=abc", ("train.epochs", "'abc'")),
-    ("train.crop=100", ("train.crop", "multiple of 32")),
-    ("train.loss=ce", ("train.loss", "sigmoid")),
-    ("model.head=argmax", ("model.head",)),
-    ("data.mask=binary2", ("data.mask",)),
-])
-def test_bad_config_exits_2_naming_the_key(capsys, tmp_path, tiny, override, words):
-    _refused(capsys, tmp_path, SIGMOID, "--set", f"data.root={tiny}", "--set", override, words=words)
+def test_same_seed_gives_the_same_run_on_cpu(runs, tmp_path, tiny_nuclei):
+    """An in-process run repeats the subprocess run of the fixture number for number."""
+    r = run_cli(*train_args(SOFTMAX, tiny_nuclei, tmp_path / "again"))
+    assert r.code == 0, r.err
+    first, second = _rows(runs["softmax"] / "metrics.csv"), _rows(tmp_path / "again" / "metrics.csv")
+    assert [row["train_loss"] for row in first] == [row["train_loss"] for row in second]
+    for key in ("val_loss", "val_mean_dice", "dice_nucleus", "lr"):
+        assert [row[key] for row in first] == [row[key] for row in second], key
+    a = load_file(str(runs["softmax"] / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "again" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_missing_config_file_and_bad_yaml(capsys, tmp_path):
-    _refused(capsys, tmp_path, tmp_path / "nope.yaml", words=("nope.yaml", "not found"))
-    (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
-    _refused(capsys, tmp_path, tmp_path / "bad.yaml", words=("bad.yaml", "YAML"))
+def test_same_run_whatever_the_number_of_data_workers(runs, tmp_path, tiny_nuclei):
+    """Augmentation is seeded per (seed, epoch, index): 2 worker processes give the 0-worker run."""
+    r = run_cli(*train_args(SIGMOID, tiny_nuclei, tmp_path / "workers", "--set", "train.workers=2"))
+    assert r.code == 0, r.err
+    assert yaml.safe_load((tmp_path / "workers" / "config.yaml").read_text())["train"]["workers"] == 2
+    first, second = _rows(runs["sigmoid"] / "metrics.csv"), _rows(tmp_path / "workers" / "metrics.csv")
+    for key in ("train_loss", "val_loss", "val_mean_dice"):
+        assert [row[key] for row in first] == [row[key] for row in second], key
 
 
-def test_missing_mask_corrupt_image_and_bad_values_exit_2_naming_the_file(capsys, tmp_path, tiny):
-    data = copy_subset(NUCLEI, tmp_path / "d", 6)
-    masks = sorted((data / "train" / "masks").iterdir())
-    images = sorted((data / "train" / "images").iterdir())
+# -- bad data: exit 2, the file named, nothing written ----------------------------------------------------
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    """A private copy of 6 real pairs, free to damage."""
+    return copy_nuclei(tmp_path / "data", 6)
+
+
+def _pairs(data: Path) -> tuple[list[Path], list[Path]]:
+    return sorted((data / "train" / "images").iterdir()), sorted((data / "train" / "masks").iterdir())
+
+
+def test_image_without_mask_exits_2_naming_the_image(cli, tmp_path, data):
+    images, masks = _pairs(data)
     masks[0].unlink()
-    r = _refused(capsys, tmp_path, SIGMOID, "--set", f"data.root={data}", words=(images[0].name, "no mask"))
-    shutil.copy(NUCLEI / "train" / "masks" / masks[0].name, masks[0])
-    images[1].write_bytes(b"\x89PNG garbage" * 20)
-    _refused(capsys, tmp_path, SIGMOID, "--set", f"data.root={data}", words=(images[1].name, "cannot read"))
-    shutil.copy(NUCLEI / "train" / "images" / images[1].name, images[1])
-    arr = np.asarray(Image.open(masks[2])) // 255  # 0/1 index mask ...
-    arr = arr.copy()
-    arr[0, 0] = 5  # ... with a value outside [background, nucleus]
-    Image.fromarray(arr.astype(np.uint8)).save(masks[2])
-    _refused(capsys, tmp_path, SOFTMAX, "--set", f"data.root={data}", "--set", "data.mask=index",
-             words=(masks[2].name, "[5]", "ignore"))
-    shutil.copy(NUCLEI / "train" / "masks" / masks[2].name, masks[2])
-    Image.open(masks[3]).resize((40, 90)).save(masks[3])
-    _refused(capsys, tmp_path, SIGMOID, "--set", f"data.root={data}", words=(masks[3].name, "aspect"))
-    assert r.code == 2
+    out = tmp_path / "run"
+    assert_refused(cli(*train_args(SIGMOID, data, out)), out, str(images[0]), "have no mask")
 
 
-def test_mask_at_another_resolution_with_same_aspect_is_resized_and_logged(capsys, tmp_path, caplog):
-    data = copy_subset(NUCLEI, tmp_path / "d", 6)
-    mask = sorted((data / "train" / "masks").iterdir())[0]
-    im = Image.open(mask)
-    im.resize((im.width // 2, im.height // 2), Image.NEAREST).save(mask)
-    r = _train(capsys, SIGMOID, data, tmp_path / "run")
+def test_corrupt_image_exits_2_naming_the_file(cli, tmp_path, data):
+    images, _ = _pairs(data)
+    images[1].write_bytes(b"\x89PNG\r\n\x1a\n garbage" * 20)
+    out = tmp_path / "run"
+    assert_refused(cli(*train_args(SIGMOID, data, out)), out, str(images[1]), "cannot read")
+
+
+def test_every_broken_file_is_reported_at_once(cli, tmp_path, data):
+    images, masks = _pairs(data)
+    images[1].write_bytes(b"not an image")
+    masks[4].write_bytes(b"not a mask either")
+    out = tmp_path / "run"
+    r = cli(*train_args(SIGMOID, data, out))
+    assert_refused(r, out, "2 of ", str(images[1]), str(masks[4]))
+
+
+def test_index_mask_value_out_of_range_exits_2_naming_the_mask(cli, tmp_path, data):
+    _, masks = _pairs(data)
+    for mask in masks:  # 0/255 -> 0/1 index masks for [background, nucleus] ...
+        Image.fromarray((np.asarray(Image.open(mask)) // 255).astype(np.uint8)).save(mask)
+    arr = np.asarray(Image.open(masks[2])).copy()
+    arr[0, 0] = 5  # ... one of them with a value outside the two classes
+    Image.fromarray(arr).save(masks[2])
+    out = tmp_path / "run"
+    r = cli(*train_args(SOFTMAX, data, out, "--set", "data.mask=index"))
+    assert_refused(r, out, str(masks[2]), "values [5]", "data.ignore_index")
+    assert r.err.count(".png") == 1  # only the broken mask is named
+
+
+def test_mask_with_another_aspect_ratio_exits_2_naming_the_mask(cli, tmp_path, data):
+    images, masks = _pairs(data)
+    Image.open(masks[3]).resize((128, 200), Image.NEAREST).save(masks[3])
+    out = tmp_path / "run"
+    assert_refused(cli(*train_args(SIGMOID, data, out)), out, str(masks[3]), "128x200", images[3].name,
+                   "aspect ratio")
+
+
+def test_mask_at_another_resolution_same_aspect_is_resized_logged_and_trains(cli, tmp_path, data, caplog):
+    images, masks = _pairs(data)
+    full = np.asarray(Image.open(masks[0]))
+    small = full[::2, ::2]
+    Image.fromarray(small).save(masks[0])
+    # read: the mask comes back at its image's size, each pixel repeated 2x2 (nearest neighbour)
+    sample = next(s for s in find_pairs(data, "train").samples if s.mask == masks[0])
+    image, labels, valid = PairReader(build_mask_format("binary", ["nucleus"]), 3).read(sample)
+    assert image.shape == (256, 256, 3) and labels.shape == (256, 256, 1) and valid.shape == (256, 256)
+    assert np.array_equal(labels[:, :, 0], np.kron(small > 127, np.ones((2, 2), bool)).astype(np.uint8))
+    caplog.clear()
+    out = tmp_path / "run"
+    r = cli(*train_args(SIGMOID, data, out, epochs=1))
     assert r.code == 0, r.err
-    assert "resized" in caplog.text
-
-
-def test_softmax_refuses_overlapping_isic_masks(capsys, tmp_path):
-    _refused(capsys, tmp_path, CONFIGS / "isic2018-multilabel-mini.yaml", "--set", "model.head=softmax",
-             "--set", "train.loss=ce+dice",
-             "--set", f"data.root={DATASETS / 'isic2018-multilabel-mini'}",
-             words=("more than one label", "sigmoid"))
-
-
-def test_inspect_recommends_the_head(capsys):
-    r = run_cli(capsys, "inspect", NUCLEI)
-    assert r.code == 0 and "head: sigmoid" in r.out and "no class" in r.out
-    r = run_cli(capsys, "inspect", DATASETS / "isic2018-multilabel-mini")
-    assert r.code == 0 and "multilabel" in r.out and "sigmoid head is required" in r.out
-
-
-def test_inspect_numbers_on_camvid_subset(tmp_path, capsys):
-    src = DATASETS / "camvid"
-    for kind in ("images", "masks"):
-        (tmp_path / kind).mkdir()
-        for path in sorted((src / kind / "val").iterdir())[:4]:
-            shutil.copy(path, tmp_path / kind / path.name)
-    (tmp_path / "images" / "extra.png").write_bytes((tmp_path / "images" / path.name).read_bytes())
-    r = run_cli(capsys, "inspect", tmp_path, "--config", CONFIGS / "camvid.yaml", "--json", tmp_path / "r.json")
-    assert r.code == 0, r.err
-    report = json.loads((tmp_path / "r.json").read_text())
-    assert report["head"] == "softmax" and report["overlap_share"] == 0 and report["unlabeled_share"] == 0
-    assert report["splits"]["all"]["without_mask"] == 1
-    truth = np.concatenate([np.asarray(Image.open(p)).ravel() for p in sorted((tmp_path / "masks").iterdir())])
-    valid = truth != 11
-    assert report["class_frequency"]["Road"] == pytest.approx((truth[valid] == 3).mean())
+    assert [row["epoch"] for row in _rows(out / "metrics.csv")] == ["1"]
+    resized = [rec.getMessage() for rec in caplog.records if "resized" in rec.getMessage()]
+    assert len(resized) == 1 and str(masks[0]) in resized[0] and "128x128" in resized[0]

@@ -18,14 +18,18 @@ from segkit.errors import ConfigError, DataError
 Labels = tuple[np.ndarray, np.ndarray]
 
 
-def bright(arr: np.ndarray) -> np.ndarray:
-    """Foreground of a binary mask by threshold: {0,1} masks at 0.5, 8-bit at 127, 16-bit at 32767.
+def _cut(top: int) -> int:
+    """Binary threshold for masks whose largest value is `top`: {0,1} at 0.5, 8-bit at 127, deeper at top/2."""
+    return 0 if top <= 1 else 127 if top <= 255 else top // 2
 
-    A threshold, not equality, so JPEG noise around 0 and 255 lands on the right side.
+
+def bright(arr: np.ndarray) -> np.ndarray:
+    """Foreground of a binary mask by threshold (see `_cut`).
+
+    A threshold, not equality, so JPEG noise around 0 and 255 lands on the right side, and
+    12- or 16-bit masks work whatever their largest value.
     """
-    top = int(arr.max(initial=0))
-    cut = 0 if top <= 1 else 127 if top <= 255 else 32767
-    return arr > cut
+    return arr > _cut(int(arr.max(initial=0)))
 
 
 def _grey(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -56,11 +60,14 @@ class MaskFormat(ABC):
         hit = arr == self.ignore_index
         return ~(hit.all(axis=2) if hit.ndim == 3 else hit)
 
-    def _foreground(self, arr: np.ndarray) -> np.ndarray:
-        fg = bright(arr)
-        if self.foreground_value is not None and not bright(np.array([self.foreground_value])).any():
-            fg = ~fg  # foreground is the dark value (e.g. ISBI membranes = 0)
-        return fg
+    def _foreground(self, arr: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Foreground among the valid pixels; the ignore value never sets the threshold."""
+        arr = np.where(valid, arr, 0)
+        if self.foreground_value is None:
+            return bright(arr) & valid
+        cut = _cut(max(int(arr.max(initial=0)), self.foreground_value))
+        # foreground_value says which side of the threshold is foreground (ISBI membranes = 0: the dark side)
+        return (arr > cut if self.foreground_value > cut else arr <= cut) & valid
 
     @abstractmethod
     def read(self, mask: Path | Mapping[str, Path]) -> Labels:
@@ -73,7 +80,7 @@ class BinaryMasks(MaskFormat):
     def read(self, mask: Path) -> Labels:
         arr = _grey(read_mask_raw(mask, as_palette_index=False), mask)
         valid = self._valid(arr)
-        fg = self._foreground(np.where(valid, arr, 0)) & valid  # the ignore value must not set the threshold
+        fg = self._foreground(arr, valid)
         layers = [fg] if len(self.classes) == 1 else [~fg & valid, fg]
         return np.stack(layers, axis=2).astype(np.uint8), valid
 
@@ -134,7 +141,7 @@ class MultilabelMasks(MaskFormat):
                                 f"({next(iter(layers.values())).shape}). Fix: save all class masks at one size.")
             v = self._valid(arr)
             valid = v if valid is None else valid & v
-            layers[name] = self._foreground(arr)
+            layers[name] = self._foreground(arr, v)
         assert valid is not None
         rest = [name for name in self.classes if name not in layers]
         if rest:

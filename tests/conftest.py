@@ -1,0 +1,109 @@
+"""Shared fixtures: run the CLI in-process, tiny real data subsets, tiny training settings.
+
+Real data only: the embedded nuclei subset (data/nuclei) and the shared datasets in
+../shared/datasets (relative to the repository root). Subsets are copied into tmp folders;
+the originals are never written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+NUCLEI = ROOT / "data" / "nuclei"
+CONFIGS = ROOT / "configs"
+
+# Training settings that keep a run to a few seconds on 2 CPU cores.
+TINY = ("--device", "cpu", "--no-progress",
+        "--set", "train.steps_per_epoch=2", "--set", "train.crop=64", "--set", "train.batch_size=2",
+        "--set", "train.workers=0", "--set", "model.encoder=resnet18")
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(*args) -> Result:
+    """`segkit ARGS` in this process: exit code, stdout and stderr (SystemExit caught)."""
+    from cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def small_nuclei_stems(n: int, split: str = "train") -> list[str]:
+    """The first `n` (sorted) 256x256 nuclei images of a split: small, so validation is quick."""
+    stems = []
+    for path in sorted((NUCLEI / split / "images").iterdir()):
+        with Image.open(path) as im:
+            if im.size == (256, 256):
+                stems.append(path.stem)
+        if len(stems) == n:
+            return stems
+    raise AssertionError(f"fewer than {n} 256x256 images in {NUCLEI / split}")
+
+
+def copy_nuclei(dst: Path, n: int = 8) -> Path:
+    """`n` real image/mask pairs of data/nuclei/train into dst/train/{images,masks}; returns dst."""
+    for kind in ("images", "masks"):
+        (dst / "train" / kind).mkdir(parents=True, exist_ok=True)
+    for stem in small_nuclei_stems(n):
+        for kind in ("images", "masks"):
+            shutil.copy(NUCLEI / "train" / kind / f"{stem}.png", dst / "train" / kind / f"{stem}.png")
+    return dst
+
+
+def train_args(config: Path, data: Path, out: Path, *extra, epochs: int | None = 2) -> list:
+    """`segkit train` arguments for a tiny CPU run of `config` on `data` into `out`.
+
+    `--epochs` (when given) is applied after every `--set`, so it wins over `--set train.epochs`.
+    """
+    more = ["--epochs", str(epochs)] if epochs is not None else []
+    return ["train", config, "--out", out, *more, "--set", f"data.root={data}", *TINY, *extra]
+
+
+@pytest.fixture
+def cli():
+    """The CLI runner: cli("train", ...) -> Result(code, out, err)."""
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_nuclei(tmp_path_factory) -> Path:
+    """8 real nuclei pairs in ROOT/train/{images,masks} (read-only for tests: copy before changing)."""
+    return copy_nuclei(tmp_path_factory.mktemp("tiny") / "data", 8)
+
+
+def assert_refused(result: Result, out: Path, *words: str) -> None:
+    """A usage error: exit 2, `error: ...` on stderr naming `words`, no traceback, nothing written."""
+    assert result.code == 2, (result.code, result.out, result.err)
+    assert result.err.startswith("error:"), result.err
+    assert "Traceback" not in result.err + result.out
+    for word in words:
+        assert word in result.err, (word, result.err)
+    assert not Path(out).exists(), f"{out} was written"
+
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+"""The default input normalisation (mean, std) of 3-channel configs, as written in model.json."""
