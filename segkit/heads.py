@@ -350,7 +350,7 @@ class SigmoidHead(Head):
 
     def decode(self, logits: torch.Tensor) -> torch.Tensor:
         thresholds = torch.tensor(self.thresholds, device=logits.device).view(1, -1, 1, 1)
-        return self.activate(logits.float()) >= thresholds
+        return self.activate(logits.float()) > thresholds  # strict: at a tie, as softmax's argmax, no label
 
     def multihot(self, masks: torch.Tensor) -> torch.Tensor:
         return masks.bool()

@@ -154,7 +154,10 @@ def guess_data(root: Path) -> DataGuess:
     values: set[int] = set()
     colours: set[tuple[int, int, int]] = set()
     for path in files[:: max(1, len(files) // 20)]:
-        arr = read_mask_raw(path, as_palette_index=True)
+        try:
+            arr = read_mask_raw(path, as_palette_index=True)
+        except DataError:
+            continue  # reported as unreadable by the full pass
         if arr.ndim == 3 and not (arr == arr[:, :, :1]).all():
             colours.update(map(tuple, np.unique(arr.reshape(-1, 3), axis=0).tolist()))
         else:
