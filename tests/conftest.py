@@ -11,8 +11,8 @@ import contextlib
 import io
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from PIL import Image
@@ -31,8 +31,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-@dataclass
-class Result:
+class Result(NamedTuple):
+    """What a CLI run gave; unpacks as (code, out, err)."""
+
     code: int
     out: str
     err: str
@@ -52,6 +53,10 @@ def run_cli(*args) -> Result:
     return Result(code, out.getvalue(), err.getvalue())
 
 
+def no_traceback(text: str) -> bool:
+    return "Traceback" not in text
+
+
 def small_nuclei_stems(n: int, split: str = "train") -> list[str]:
     """The first `n` (sorted) 256x256 nuclei images of a split: small, so validation is quick."""
     stems = []
@@ -64,13 +69,13 @@ def small_nuclei_stems(n: int, split: str = "train") -> list[str]:
     raise AssertionError(f"fewer than {n} 256x256 images in {NUCLEI / split}")
 
 
-def copy_nuclei(dst: Path, n: int = 8) -> Path:
-    """`n` real image/mask pairs of data/nuclei/train into dst/train/{images,masks}; returns dst."""
+def copy_nuclei(dst: Path, n: int = 8, split: str = "train") -> Path:
+    """`n` real image/mask pairs of data/nuclei/<split> into dst/<split>/{images,masks}; returns dst."""
     for kind in ("images", "masks"):
-        (dst / "train" / kind).mkdir(parents=True, exist_ok=True)
-    for stem in small_nuclei_stems(n):
+        (dst / split / kind).mkdir(parents=True, exist_ok=True)
+    for stem in small_nuclei_stems(n, split):
         for kind in ("images", "masks"):
-            shutil.copy(NUCLEI / "train" / kind / f"{stem}.png", dst / "train" / kind / f"{stem}.png")
+            shutil.copy(NUCLEI / split / kind / f"{stem}.png", dst / split / kind / f"{stem}.png")
     return dst
 
 

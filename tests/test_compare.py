@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -29,29 +30,16 @@ CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSy
 
 # -- helpers -------------------------------------------------------------------------------
 
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """`segkit ARGS` in this process: (exit code, stdout, stderr)."""
-    from cli.app import main
-
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 def cli_ok(capsys, *args) -> str:
-    code, out, err = cli(capsys, *args)
+    code, out, err = run_cli(*args)
     assert code == 0, f"segkit {' '.join(map(str, args))} exited {code}:\n{err}"
     return out
 
 
 def cli_fails(capsys, *args) -> str:
     """Runs a command that must be refused: exit 2, an `error:` message, no traceback."""
-    code, _, err = cli(capsys, *args)
+    code, _, err = run_cli(*args)
     assert code == 2, f"expected exit 2, got {code}:\n{err}"
     assert "error:" in err and "Traceback" not in err, err
     return err

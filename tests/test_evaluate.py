@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_cli
 from segkit.evaluate import format_scores
 from segkit.heads import IGNORE, build_head
 from segkit.metrics import class_scores, summarize
@@ -20,24 +21,6 @@ from segkit.model import build_model, checkpoint_meta, save_checkpoint
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 RUN = ["--device", "cpu", "--no-progress", "--workers", "0"]
 
-
-def cli(capsys, *args) -> tuple[int | str, str, str]:
-    """`segkit ARGS` in this process: (exit code, stdout, stderr)."""
-    from cli.app import main
-
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    except Exception as err:  # what escapes main() is what a user would see as a traceback
-        import traceback
-
-        traceback.print_exc()
-        code = f"uncaught {type(err).__name__}: {err}"
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def scores_equal(got: float, want: float) -> bool:
@@ -228,7 +211,7 @@ def test_evaluate_softmax_equals_hand_scores_of_predicted_files(capsys, tmp_path
     ckpt = save_ckpt(tmp_path / "ckpt", "softmax", SOFT_CLASSES,
                      {"mask": "index", "ignore_index": 255, "foreground_value": None, "colors": None,
                       "val_fraction": 0.2, "seed": 0})
-    code, out, err = cli(capsys, "evaluate", ckpt, data, "--json", tmp_path / "s.json", *RUN)
+    code, out, err = run_cli("evaluate", ckpt, data, "--json", tmp_path / "s.json", *RUN)
     assert code == 0, err
     assert "mean (macro)" in out and "micro" in out and "confusion matrix" in out
     s = json.loads((tmp_path / "s.json").read_text())
@@ -240,7 +223,7 @@ def test_evaluate_softmax_equals_hand_scores_of_predicted_files(capsys, tmp_path
     cm = s["confusion_matrix"]
     assert cm["rows"] == "truth" and cm["columns"] == "prediction" and cm["classes"] == SOFT_CLASSES
 
-    code, _, err = cli(capsys, "predict", ckpt, data / "test" / "images", tmp_path / "pred", *RUN)
+    code, _, err = run_cli("predict", ckpt, data / "test" / "images", tmp_path / "pred", *RUN)
     assert code == 0, err
     conf = np.zeros((3, 3), np.int64)
     for i, (h, w) in enumerate(SIZES):
@@ -254,7 +237,7 @@ def test_evaluate_softmax_equals_hand_scores_of_predicted_files(capsys, tmp_path
     check_report(s, hand_scores(conf, SOFT_CLASSES, SOFT_CLASSES))
     assert s["classes_in_mean"] == SOFT_CLASSES and s["background_in_mean"] is True
 
-    code, out, err = cli(capsys, "evaluate", ckpt, data, "--exclude-background", "--json", tmp_path / "nb.json", *RUN)
+    code, out, err = run_cli("evaluate", ckpt, data, "--exclude-background", "--json", tmp_path / "nb.json", *RUN)
     assert code == 0, err
     nb = json.loads((tmp_path / "nb.json").read_text())
     assert nb["classes_in_mean"] == ["a", "b"] and nb["background_in_mean"] is False
@@ -281,12 +264,12 @@ def test_evaluate_sigmoid_overlapping_masks_equals_hand_scores(capsys, tmp_path)
             Image.fromarray(m.astype(np.uint8) * 255).save(root / "test" / "masks" / c / f"im{i}.png")
     ckpt = save_ckpt(tmp_path / "ckpt", "sigmoid", classes, {"mask": "multilabel", "ignore_index": None,
                                                             "foreground_value": None, "colors": None})
-    code, out, err = cli(capsys, "evaluate", ckpt, root, "--json", tmp_path / "s.json", "--threshold", "a=0.45",
+    code, out, err = run_cli("evaluate", ckpt, root, "--json", tmp_path / "s.json", "--threshold", "a=0.45",
                          *RUN[:-2], "--workers", "2")
     assert code == 0, err
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["images"] == 3 and "confusion_matrix" not in s and s["thresholds"] == {"a": 0.45, "b": 0.5}
-    code, _, err = cli(capsys, "predict", ckpt, root / "test" / "images", tmp_path / "pred", "--threshold", "a=0.45",
+    code, _, err = run_cli("predict", ckpt, root / "test" / "images", tmp_path / "pred", "--threshold", "a=0.45",
                        *RUN)
     assert code == 0, err
     counts = {}
@@ -312,7 +295,7 @@ def test_evaluate_json_is_standard_json_when_a_class_has_no_score(capsys, tmp_pa
     standard JSON (RFC 8259 has no NaN), readable by jq, JavaScript, etc."""
     data = index_data(tmp_path / "data")  # values 0..2; class 'c' never appears
     ckpt = save_ckpt(tmp_path / "ckpt", "softmax", SOFT_CLASSES + ["c"], {"mask": "index"}, never=3)
-    code, out, err = cli(capsys, "evaluate", ckpt, data, "--json", tmp_path / "s.json", *RUN)
+    code, out, err = run_cli("evaluate", ckpt, data, "--json", tmp_path / "s.json", *RUN)
     assert code == 0, err
     row = next(line for line in out.splitlines() if line.startswith("c "))
     assert "n/a" in row
@@ -329,14 +312,14 @@ def test_evaluate_json_is_standard_json_when_a_class_has_no_score(capsys, tmp_pa
 def test_evaluate_user_errors_exit_2_with_a_message(capsys, tmp_path):
     data = index_data(tmp_path / "data")
     ckpt = save_ckpt(tmp_path / "ckpt", "sigmoid", ["a", "b", "c"], {"mask": "index"})
-    code, _, err = cli(capsys, "evaluate", ckpt, data, "--exclude-background", *RUN)
+    code, _, err = run_cli("evaluate", ckpt, data, "--exclude-background", *RUN)
     assert code == 2 and err.startswith("error: ") and "background" in err and "Traceback" not in err
-    code, _, err = cli(capsys, "evaluate", ckpt, data, "--split", "train", *RUN)
+    code, _, err = run_cli("evaluate", ckpt, data, "--split", "train", *RUN)
     assert code == 2 and "train" in err and "test" in err and "Traceback" not in err
     (data / "test" / "images" / "im1.png").write_bytes(b"not a png at all")
-    code, _, err = cli(capsys, "evaluate", ckpt, data, *RUN)
+    code, _, err = run_cli("evaluate", ckpt, data, *RUN)
     assert code == 2 and "im1.png" in err and "Traceback" not in err
     bad = save_ckpt(tmp_path / "ckpt2", "softmax", ["background", "a"], {"mask": "index"})
     (data / "test" / "images" / "im1.png").unlink()
-    code, _, err = cli(capsys, "evaluate", bad, data, *RUN)  # mask values 2 are outside 2 classes
+    code, _, err = run_cli("evaluate", bad, data, *RUN)  # mask values 2 are outside 2 classes
     assert code == 2 and "outside" in err and "Traceback" not in err

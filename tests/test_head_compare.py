@@ -14,7 +14,7 @@ from segkit.data.io import read_image
 from segkit.heads import build_head
 from segkit.infer import forward_padded
 from segkit.model import build_model, checkpoint_meta, load_checkpoint, save_checkpoint
-from tests.util import CONFIGS, DATASETS, NUCLEI, copy_subset, no_traceback, run_cli
+from conftest import CONFIGS, DATASETS, NUCLEI, copy_nuclei, no_traceback, run_cli
 
 QUICK = ["--epochs", "1", "--set", "train.steps_per_epoch=1", "--set", "train.crop=64", "--set",
          "train.batch_size=2", "--set", "train.workers=0", "--set", "model.encoder=resnet18", "--set",
@@ -24,7 +24,7 @@ QUICK = ["--epochs", "1", "--set", "train.steps_per_epoch=1", "--set", "train.cr
 @pytest.fixture(scope="module")
 def binary_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bin")
-    data = copy_subset(NUCLEI, tmp / "data", 6)
+    data = copy_nuclei(tmp / "data", 6)
     from cli.app import main
 
     try:
@@ -52,7 +52,7 @@ def test_binary_compare_report_and_its_numbers_equal_evaluate(capsys, binary_rep
                 "--device", "cpu", "--no-progress"]
         if head == "sigmoid":  # thresholds were tuned into the checkpoint after scoring at 0.5
             args += ["--threshold", "0.5"]
-        r = run_cli(capsys, *args)
+        r = run_cli(*args)
         assert r.code == 0, r.err
         direct = json.loads((tmp / f"{head}.json").read_text())
         assert direct["per_class"] == run["scores"]["per_class"]
@@ -98,7 +98,7 @@ def _camvid_subset(root, n=6):
 
 def test_exclusive_multiclass_compare_trains_both_heads_on_the_same_classes(capsys, tmp_path):
     data = _camvid_subset(tmp_path / "camvid")
-    r = run_cli(capsys, "compare", CONFIGS / "camvid.yaml", "--out", tmp_path / "cmp", "--set", f"data.root={data}",
+    r = run_cli("compare", CONFIGS / "camvid.yaml", "--out", tmp_path / "cmp", "--set", f"data.root={data}",
                 *QUICK)
     assert r.code == 0, r.err
     report = json.loads((tmp_path / "cmp" / "report.json").read_text())
@@ -123,14 +123,14 @@ def _isic_subset(root):
 
 def test_overlapping_compare_trains_sigmoid_and_states_what_softmax_cannot_represent(capsys, tmp_path):
     data = _isic_subset(tmp_path / "isic")
-    r = run_cli(capsys, "compare", CONFIGS / "isic2018-multilabel-mini.yaml", "--out", tmp_path / "cmp",
+    r = run_cli("compare", CONFIGS / "isic2018-multilabel-mini.yaml", "--out", tmp_path / "cmp",
                 "--set", f"data.root={data}", *QUICK)
     assert r.code == 0, r.err
     report = json.loads((tmp_path / "cmp" / "report.json").read_text())
     assert report["kind"] == "overlapping" and list(report["heads"]) == ["sigmoid"]
     assert "more than one label" in report["skipped"]["softmax"]
     assert "cannot represent" in (tmp_path / "cmp" / "report.md").read_text()
-    r = run_cli(capsys, "compare", CONFIGS / "isic2018-multilabel-mini.yaml", "--out", tmp_path / "cmp2",
+    r = run_cli("compare", CONFIGS / "isic2018-multilabel-mini.yaml", "--out", tmp_path / "cmp2",
                 "--set", f"data.root={data}", *QUICK, "--softmax-exclusive", "--heads", "softmax")
     assert r.code == 0, r.err
     report = json.loads((tmp_path / "cmp2" / "report.json").read_text())
@@ -140,12 +140,12 @@ def test_overlapping_compare_trains_sigmoid_and_states_what_softmax_cannot_repre
 
 def test_compare_bad_input_exits_2_and_writes_nothing(capsys, tmp_path):
     for extra in (["--heads", "foo"], ["--seeds", "a,b"]):
-        r = run_cli(capsys, "compare", CONFIGS / "nuclei-sigmoid.yaml", "--out", tmp_path / "x", *extra)
+        r = run_cli("compare", CONFIGS / "nuclei-sigmoid.yaml", "--out", tmp_path / "x", *extra)
         assert r.code == 2 and no_traceback(r.err), r.err
         assert not (tmp_path / "x").exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    r = run_cli(capsys, "compare", CONFIGS / "nuclei-sigmoid.yaml", "--out", tmp_path / "full")
+    r = run_cli("compare", CONFIGS / "nuclei-sigmoid.yaml", "--out", tmp_path / "full")
     assert r.code == 2 and "not empty" in r.err
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
 
@@ -158,7 +158,7 @@ def test_convert_head_gives_the_same_masks(capsys, tmp_path):
         model.segmentation_head[0].weight.mul_(50)
     save_checkpoint(tmp_path / "soft", model, checkpoint_meta(head, "Unet", "resnet18", 3, (0.5,) * 3,
                                                              (0.25,) * 3, data={"mask": "binary"}))
-    r = run_cli(capsys, "convert-head", tmp_path / "soft", tmp_path / "sig")
+    r = run_cli("convert-head", tmp_path / "soft", tmp_path / "sig")
     assert r.code == 0, r.err
     sig_model, sig_head, meta = load_checkpoint(tmp_path / "sig")
     assert sig_head.name == "sigmoid" and sig_head.classes == ["nucleus"] and sig_head.channels == 1
@@ -174,7 +174,7 @@ def test_convert_head_gives_the_same_masks(capsys, tmp_path):
         with torch.inference_mode():
             twin = forward_padded(sig_model, soft.to_input([image]))[0, 0]
         assert torch.allclose(twin, diff, atol=1e-3)
-    r = run_cli(capsys, "convert-head", tmp_path / "sig", tmp_path / "again")
+    r = run_cli("convert-head", tmp_path / "sig", tmp_path / "again")
     assert r.code == 2 and "2-class softmax" in r.err and not (tmp_path / "again").exists()
-    r = run_cli(capsys, "convert-head", tmp_path / "soft", tmp_path / "sig")
+    r = run_cli("convert-head", tmp_path / "soft", tmp_path / "sig")
     assert r.code == 2 and "not empty" in r.err

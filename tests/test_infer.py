@@ -28,6 +28,7 @@ from segkit.infer import (
     window_starts,
 )
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
+from conftest import run_cli
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 DATA = {"mask": "index", "ignore_index": None, "foreground_value": None, "colors": None,
@@ -37,24 +38,6 @@ HEADS = [("softmax", ["background", "a", "b"]), ("sigmoid", ["a", "b"])]
 
 # -- helpers -------------------------------------------------------------------------------
 
-
-def cli(capsys, *args) -> tuple[int | str, str, str]:
-    """`segkit ARGS` in this process: (exit code, stdout, stderr)."""
-    from cli.app import main
-
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    except Exception as err:  # what escapes main() is what a user would see as a traceback
-        import traceback
-
-        traceback.print_exc()
-        code = f"uncaught {type(err).__name__}: {err}"
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def make_seg(head_name, classes, model, **options) -> Segmenter:
@@ -395,7 +378,7 @@ PREDICT = ["--device", "cpu", "--no-progress", "--tile", "64", "--overlap", "16"
 def test_predict_softmax_folder_writes_palette_masks_and_probabilities(capsys, tmp_path, checkpoints):
     sizes = awkward_folder(tmp_path / "in")
     out = tmp_path / "out"
-    code, stdout, stderr = cli(capsys, "predict", checkpoints["softmax"], tmp_path / "in", out, *PREDICT,
+    code, stdout, stderr = run_cli("predict", checkpoints["softmax"], tmp_path / "in", out, *PREDICT,
                                "--save-probs", "--workers", "2")
     assert code == 1, stderr
     assert "corrupt.png" in stderr and "Traceback" not in stderr
@@ -423,7 +406,7 @@ def test_predict_softmax_folder_writes_palette_masks_and_probabilities(capsys, t
 def test_predict_sigmoid_folder_writes_one_binary_png_per_class(capsys, tmp_path, checkpoints):
     sizes = awkward_folder(tmp_path / "in")
     out = tmp_path / "out"
-    code, stdout, stderr = cli(capsys, "predict", checkpoints["sigmoid"], tmp_path / "in", out, *PREDICT,
+    code, stdout, stderr = run_cli("predict", checkpoints["sigmoid"], tmp_path / "in", out, *PREDICT,
                                "--workers", "0", "--save-probs")
     assert code == 1 and "corrupt.png" in stderr and "Traceback" not in stderr
     seg = Segmenter.load(checkpoints["sigmoid"], device="cpu", tile=64, overlap=16)
@@ -444,7 +427,7 @@ def test_predict_refuses_output_inside_input_and_writes_nothing(capsys, tmp_path
     awkward_folder(tmp_path / "in")
     before = sorted(p.as_posix() for p in (tmp_path / "in").rglob("*"))
     for out in (tmp_path / "in", tmp_path / "in" / "masks", tmp_path / "in" / "sub" / "x"):
-        code, _, stderr = cli(capsys, "predict", checkpoints["softmax"], tmp_path / "in", out, *PREDICT)
+        code, _, stderr = run_cli("predict", checkpoints["softmax"], tmp_path / "in", out, *PREDICT)
         assert code == 2 and stderr.startswith("error: ") and "inside the input" in stderr
         assert "Traceback" not in stderr
     assert sorted(p.as_posix() for p in (tmp_path / "in").rglob("*")) == before
@@ -457,20 +440,20 @@ def test_predict_refuses_to_overwrite_unless_asked(capsys, tmp_path, checkpoints
     out = tmp_path / "out"
     for head_name in ("softmax", "sigmoid"):
         target = out / head_name
-        code, stdout, stderr = cli(capsys, "predict", checkpoints[head_name], tmp_path / "in", target, *PREDICT)
+        code, stdout, stderr = run_cli("predict", checkpoints[head_name], tmp_path / "in", target, *PREDICT)
         assert code == 0, stderr
         assert "2 images" in stdout and "0 failed" in stdout
         first = {p: p.read_bytes() for p in target.rglob("*.png")}
         assert len(first) == (2 if head_name == "softmax" else 4)
-        code, _, stderr = cli(capsys, "predict", checkpoints[head_name], tmp_path / "in", target, *PREDICT)
+        code, _, stderr = run_cli("predict", checkpoints[head_name], tmp_path / "in", target, *PREDICT)
         assert code == 2 and "--overwrite" in stderr and "Traceback" not in stderr
         # asking for probabilities now adds new files only, but the masks exist: still refused
-        code, _, stderr = cli(capsys, "predict", checkpoints[head_name], tmp_path / "in", target, *PREDICT,
+        code, _, stderr = run_cli("predict", checkpoints[head_name], tmp_path / "in", target, *PREDICT,
                               "--save-probs")
         assert code == 2 and "--overwrite" in stderr
         assert {p: p.read_bytes() for p in target.rglob("*.png")} == first
         assert not list(target.rglob("*.npy"))
-        code, stdout, stderr = cli(capsys, "predict", checkpoints[head_name], tmp_path / "in", target, *PREDICT,
+        code, stdout, stderr = run_cli("predict", checkpoints[head_name], tmp_path / "in", target, *PREDICT,
                                    "--overwrite", "--save-probs")
         assert code == 0, stderr
         assert {p: p.read_bytes() for p in target.rglob("*.png")} == first  # same model, same masks
@@ -481,7 +464,7 @@ def test_predict_large_image_through_windows_gets_a_mask_of_its_size(capsys, tmp
     (tmp_path / "in").mkdir()
     image = rgb(300, 200, seed=11)
     Image.fromarray(image).save(tmp_path / "in" / "big.png")
-    code, _, stderr = cli(capsys, "predict", checkpoints["softmax"], tmp_path / "in", tmp_path / "out",
+    code, _, stderr = run_cli("predict", checkpoints["softmax"], tmp_path / "in", tmp_path / "out",
                           "--device", "cpu", "--no-progress", "--tile", "64", "--overlap", "16", "--workers", "0",
                           "--batch-size", "4")
     assert code == 0, stderr
@@ -518,12 +501,12 @@ def test_predict_cli_reports_bad_options_without_traceback(capsys, tmp_path, che
     Image.fromarray(rgb(8, 8)).save(tmp_path / "in" / "x.png")
     for extra, words in ((["--tile", "100"], "32"), (["--overlap", "64", "--tile", "64"], "overlap"),
                          (["--threshold", "0.3"], "argmax")):
-        code, _, stderr = cli(capsys, "predict", checkpoints["softmax"], tmp_path / "in", tmp_path / "out",
+        code, _, stderr = run_cli("predict", checkpoints["softmax"], tmp_path / "in", tmp_path / "out",
                               "--device", "cpu", "--no-progress", *extra)
         assert code == 2 and stderr.startswith("error: ") and words in stderr, (extra, stderr)
         assert "Traceback" not in stderr
     assert not (tmp_path / "out").exists()
-    code, _, stderr = cli(capsys, "predict", tmp_path / "in", tmp_path / "in", tmp_path / "out")
+    code, _, stderr = run_cli("predict", tmp_path / "in", tmp_path / "in", tmp_path / "out")
     assert code == 2 and "not a segkit checkpoint" in stderr
 
 
@@ -532,7 +515,7 @@ def test_predict_usage_errors_exit_2_without_traceback(capsys, tmp_path, checkpo
     Image.fromarray(rgb(8, 8)).save(tmp_path / "in" / "x.png")
     for args in ([tmp_path / "in"], [tmp_path / "in", tmp_path / "out", "--tile", "big"],
                  [tmp_path / "in", tmp_path / "out", "--no-such-option"]):
-        code, _, stderr = cli(capsys, "predict", checkpoints["softmax"], *args)
+        code, _, stderr = run_cli("predict", checkpoints["softmax"], *args)
         assert code == 2, (args, code)
         assert "Traceback" not in stderr
     assert not (tmp_path / "out").exists()

@@ -107,8 +107,7 @@ def camvid(tmp_path_factory) -> Path:
 
 
 def _camvid_guess(root: Path) -> DataGuess:
-    d = load_config(CONFIGS / "camvid.yaml", [f"data.root={root}"]).data
-    return DataGuess(d.mask, d.classes, d.ignore_index, d.foreground_value, d.colors)
+    return DataGuess.from_config(load_config(CONFIGS / "camvid.yaml", [f"data.root={root}"]).data)
 
 
 def test_inspect_camvid_numbers_and_softmax(camvid):

@@ -9,7 +9,7 @@ from PIL import Image
 from segkit.heads import build_head
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
 from segkit.viz import ERROR_COLORS, overlay
-from tests.util import run_cli
+from conftest import run_cli
 
 
 def _ckpt(folder, head_name, classes, data):
@@ -46,7 +46,7 @@ def test_visualize_softmax_masks_with_legend_and_truth_panels(capsys, tmp_path):
     truth = np.zeros((30, 40), np.uint8)
     truth[5:25, 5:15] = 1
     Image.fromarray(truth).save(tmp_path / "truth" / "x.png")
-    r = run_cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out",
+    r = run_cli("visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out",
                 "--checkpoint", tmp_path / "ckpt", "--alpha", "0.5")
     assert r.code == 0, r.err
     out = np.asarray(Image.open(tmp_path / "out" / "x.png").convert("RGB"))
@@ -54,7 +54,7 @@ def test_visualize_softmax_masks_with_legend_and_truth_panels(capsys, tmp_path):
     color = np.array(head.colors[1])
     assert out[15, 10].tolist() == np.round(0.5 * 80 + 0.5 * color).astype(int).tolist()
     assert out[15, 30].tolist() == [80, 80, 80]
-    r = run_cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "panels",
+    r = run_cli("visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "panels",
                 "--checkpoint", tmp_path / "ckpt", "--truth", tmp_path / "truth")
     assert r.code == 0, r.err
     panels = np.asarray(Image.open(tmp_path / "panels" / "x.png").convert("RGB"))
@@ -63,11 +63,11 @@ def test_visualize_softmax_masks_with_legend_and_truth_panels(capsys, tmp_path):
     errors = panels[title:title + 30, 120:160]
     assert errors[15, 17].tolist() == list(ERROR_COLORS["false positive"])  # predicted cell, truth background
     assert errors[15, 10].tolist() == [32, 32, 32]  # right: the dimmed image
-    again = run_cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "panels",
+    again = run_cli("visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "panels",
                     "--checkpoint", tmp_path / "ckpt")
     assert again.code == 2 and "--overwrite" in again.err
 
 
 def test_visualize_needs_one_source_of_class_names(capsys, tmp_path):
-    r = run_cli(capsys, "visualize", tmp_path, tmp_path, tmp_path / "o")
+    r = run_cli("visualize", tmp_path, tmp_path, tmp_path / "o")
     assert r.code == 2 and "--checkpoint or --config" in r.err

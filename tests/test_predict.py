@@ -12,7 +12,7 @@ from torch import nn
 from segkit.heads import build_head
 from segkit.infer import Segmenter, forward_padded, pad_to_stride, window_starts
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
-from tests.util import no_traceback, run_cli
+from conftest import no_traceback, run_cli
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -118,7 +118,7 @@ def _awkward_folder(root):
 def test_predict_folder_softmax_writes_every_good_mask_and_reports_the_bad_one(capsys, tmp_path, checkpoint):
     sizes = _awkward_folder(tmp_path / "in")
     out = tmp_path / "out"
-    r = run_cli(capsys, "predict", checkpoint("softmax", ["background", "a", "b"]), tmp_path / "in", out,
+    r = run_cli("predict", checkpoint("softmax", ["background", "a", "b"]), tmp_path / "in", out,
                 "--tile", "64", "--overlap", "16", "--save-probs", "--workers", "0", "--device", "cpu",
                 "--no-progress")
     assert r.code == 1 and "corrupt.png" in r.err and no_traceback(r.err)
@@ -131,7 +131,7 @@ def test_predict_folder_softmax_writes_every_good_mask_and_reports_the_bad_one(c
         assert probs.dtype == np.float16 and probs.shape == (3, h, w)
         assert np.allclose(probs.astype(np.float32).sum(0), 1, atol=3e-3)
     assert not (out / "corrupt.png").exists()
-    again = run_cli(capsys, "predict", checkpoint("softmax", ["background", "a", "b"]), tmp_path / "in", out,
+    again = run_cli("predict", checkpoint("softmax", ["background", "a", "b"]), tmp_path / "in", out,
                     "--workers", "0", "--device", "cpu", "--no-progress")
     assert again.code == 2 and "--overwrite" in again.err
 
@@ -139,14 +139,14 @@ def test_predict_folder_softmax_writes_every_good_mask_and_reports_the_bad_one(c
 def test_predict_folder_sigmoid_writes_one_binary_png_per_class(capsys, tmp_path, checkpoint):
     sizes = _awkward_folder(tmp_path / "in")
     out = tmp_path / "out"
-    r = run_cli(capsys, "predict", checkpoint("sigmoid", ["a", "b"]), tmp_path / "in", out, "--workers", "2",
+    r = run_cli("predict", checkpoint("sigmoid", ["a", "b"]), tmp_path / "in", out, "--workers", "2",
                 "--device", "cpu", "--no-progress", "--threshold", "a=0.3,b=0.7")
     assert r.code == 1
     for rel, (h, w) in sizes.items():
         for cls in ("a", "b"):
             m = np.asarray(Image.open((out / cls / rel).with_suffix(".png")))
             assert m.shape == (h, w) and set(np.unique(m)) <= {0, 255}
-    ok = run_cli(capsys, "predict", checkpoint("sigmoid", ["a", "b"]), tmp_path / "in", out, "--overwrite",
+    ok = run_cli("predict", checkpoint("sigmoid", ["a", "b"]), tmp_path / "in", out, "--overwrite",
                  "--workers", "0", "--device", "cpu", "--no-progress")
     assert ok.code == 1 and "5 images" in ok.out
 
@@ -155,11 +155,11 @@ def test_predict_refuses_output_inside_input_and_writes_nothing(capsys, tmp_path
     _awkward_folder(tmp_path / "in")
     before = sorted(p for p in (tmp_path / "in").rglob("*"))
     for out in (tmp_path / "in", tmp_path / "in" / "masks"):
-        r = run_cli(capsys, "predict", checkpoint("sigmoid", ["a"]), tmp_path / "in", out, "--device", "cpu")
+        r = run_cli("predict", checkpoint("sigmoid", ["a"]), tmp_path / "in", out, "--device", "cpu")
         assert r.code == 2 and "inside the input" in r.err
     assert sorted(p for p in (tmp_path / "in").rglob("*")) == before
-    bad = run_cli(capsys, "predict", checkpoint("softmax", ["a", "b"]), tmp_path / "in", tmp_path / "o",
+    bad = run_cli("predict", checkpoint("softmax", ["a", "b"]), tmp_path / "in", tmp_path / "o",
                   "--threshold", "0.3", "--device", "cpu")
     assert bad.code == 2 and "argmax" in bad.err
-    notckpt = run_cli(capsys, "predict", tmp_path / "in", tmp_path / "in", tmp_path / "o2")
+    notckpt = run_cli("predict", tmp_path / "in", tmp_path / "in", tmp_path / "o2")
     assert notckpt.code == 2 and "not a segkit checkpoint" in notckpt.err

@@ -11,7 +11,7 @@ from PIL import Image
 
 from segkit.heads import build_head
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
-from tests.util import NUCLEI, copy_subset, run_cli
+from conftest import copy_nuclei, run_cli
 
 
 def _ckpt(folder, head_name, classes, data):
@@ -38,13 +38,13 @@ def test_evaluate_softmax_matches_hand_counts_from_predicted_files(capsys, tmp_p
     data = _index_data(tmp_path / "data")
     ckpt = _ckpt(tmp_path / "ckpt", "softmax", ["background", "a", "b"],
                  {"mask": "index", "ignore_index": 9, "foreground_value": None, "colors": None})
-    r = run_cli(capsys, "evaluate", ckpt, data, "--json", tmp_path / "s.json", "--workers", "0", "--device", "cpu",
+    r = run_cli("evaluate", ckpt, data, "--json", tmp_path / "s.json", "--workers", "0", "--device", "cpu",
                 "--no-progress")
     assert r.code == 0, r.err
     assert "confusion matrix" in r.out and "mean (macro)" in r.out and "empty-class rule" in r.out
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["images"] == 3 and s["background_in_mean"] is True
-    assert run_cli(capsys, "predict", ckpt, data / "test" / "images", tmp_path / "pred", "--workers", "0",
+    assert run_cli("predict", ckpt, data / "test" / "images", tmp_path / "pred", "--workers", "0",
                    "--device", "cpu", "--no-progress").code == 0
     conf = np.zeros((3, 3), np.int64)
     for i in range(3):
@@ -62,7 +62,7 @@ def test_evaluate_softmax_matches_hand_counts_from_predicted_files(capsys, tmp_p
     assert s["mean"]["dice"] == pytest.approx(np.mean([s["per_class"][n]["dice"] for n in ["background", "a", "b"]]))
     micro_tp = np.trace(conf)
     assert s["micro"]["iou"] == pytest.approx(micro_tp / (micro_tp + 2 * (conf.sum() - micro_tp)))
-    r = run_cli(capsys, "evaluate", ckpt, data, "--exclude-background", "--json", tmp_path / "nb.json",
+    r = run_cli("evaluate", ckpt, data, "--exclude-background", "--json", tmp_path / "nb.json",
                 "--workers", "0", "--device", "cpu", "--no-progress")
     nb = json.loads((tmp_path / "nb.json").read_text())
     assert nb["classes_in_mean"] == ["a", "b"] and nb["background_in_mean"] is False
@@ -70,14 +70,14 @@ def test_evaluate_softmax_matches_hand_counts_from_predicted_files(capsys, tmp_p
 
 
 def test_evaluate_sigmoid_on_binary_masks(capsys, tmp_path):
-    data = copy_subset(NUCLEI, tmp_path / "data", 3, "test", "test")
+    data = copy_nuclei(tmp_path / "data", 3, "test")
     ckpt = _ckpt(tmp_path / "ckpt", "sigmoid", ["nucleus"], {"mask": "binary"})
-    r = run_cli(capsys, "evaluate", ckpt, data, "--json", tmp_path / "s.json", "--threshold", "0.4",
+    r = run_cli("evaluate", ckpt, data, "--json", tmp_path / "s.json", "--threshold", "0.4",
                 "--workers", "0", "--device", "cpu", "--no-progress")
     assert r.code == 0, r.err
     s = json.loads((tmp_path / "s.json").read_text())
     assert "confusion_matrix" not in s and s["thresholds"] == {"nucleus": 0.4}
-    run_cli(capsys, "predict", ckpt, data / "test" / "images", tmp_path / "pred", "--threshold", "0.4",
+    run_cli("predict", ckpt, data / "test" / "images", tmp_path / "pred", "--threshold", "0.4",
             "--workers", "0", "--device", "cpu", "--no-progress")
     tp = fp = fn = 0
     for path in sorted((data / "test" / "masks").iterdir()):
@@ -91,7 +91,7 @@ def test_evaluate_sigmoid_on_binary_masks(capsys, tmp_path):
 def test_evaluate_missing_split_and_exclude_without_background(capsys, tmp_path):
     data = _index_data(tmp_path / "data")
     ckpt = _ckpt(tmp_path / "ckpt", "sigmoid", ["a", "b", "c"], {"mask": "index", "ignore_index": 9})
-    r = run_cli(capsys, "evaluate", ckpt, data, "--split", "val", "--device", "cpu")
+    r = run_cli("evaluate", ckpt, data, "--split", "val", "--device", "cpu")
     assert r.code == 2 and "no train split" in r.err and "test" in r.err
-    r = run_cli(capsys, "evaluate", ckpt, data, "--exclude-background", "--device", "cpu", "--workers", "0")
+    r = run_cli("evaluate", ckpt, data, "--exclude-background", "--device", "cpu", "--workers", "0")
     assert r.code == 2 and "background" in r.err

@@ -15,6 +15,7 @@ from segkit.errors import SegkitError
 from segkit.heads import build_head
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
 from segkit.viz import ERROR_COLORS, error_map, overlay, panels_picture, sources_for, to_display
+from conftest import run_cli
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 GREY = 100
@@ -23,24 +24,6 @@ A_COLOR, B_COLOR = (240, 20, 60), (20, 200, 100)  # even values: every tint belo
 DATA = {"mask": "index", "ignore_index": None, "foreground_value": None, "colors": None,
         "val_fraction": 0.2, "seed": 0}
 
-
-def cli(capsys, *args) -> tuple[int | str, str, str]:
-    """`segkit ARGS` in this process: (exit code, stdout, stderr)."""
-    from cli.app import main
-
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    except Exception as err:  # what escapes main() is what a user would see as a traceback
-        import traceback
-
-        traceback.print_exc()
-        code = f"uncaught {type(err).__name__}: {err}"
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def ckpt(folder: Path, head_name: str, classes: list[str], colors=None, mask: str = "index"):
@@ -184,7 +167,7 @@ def test_visualize_softmax_prediction(capsys, tmp_path):
     pred[28:44, 36:60] = 2
     (tmp_path / "masks").mkdir()
     write_png(tmp_path / "masks" / "x.png", pred, head.palette())  # as `segkit predict` writes it
-    code, out, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out",
+    code, out, err = run_cli("visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out",
                          "--checkpoint", tmp_path / "ckpt", "--alpha", "0.5")
     assert code == 0, err
     assert "1 pictures" in out
@@ -197,7 +180,7 @@ def test_visualize_softmax_prediction(capsys, tmp_path):
     assert body[35, 48].tolist() == [60, 150, 100]
     assert body[8, 20].tolist() == list(A_COLOR) and body[43, 48].tolist() == list(B_COLOR)  # outlines
     # another alpha, into another folder
-    code, _, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out2",
+    code, _, err = run_cli("visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out2",
                        "--checkpoint", tmp_path / "ckpt", "--alpha", "0.25")
     assert code == 0, err
     assert read_rgb(tmp_path / "out2" / "x.png")[15, 20].tolist() == [135, 80, 90]  # 75 + colour / 4
@@ -211,7 +194,7 @@ def test_visualize_sigmoid_overlapping_prediction(capsys, tmp_path):
     masks[1, 20:44, 24:56] = True
     for c, name in enumerate(["a", "b"]):  # OUTPUT/<class>/<stem>.png, 0/255, as `segkit predict` writes them
         write_png(tmp_path / "masks" / name / "x.png", masks[c].astype(np.uint8) * 255)
-    code, _, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out",
+    code, _, err = run_cli("visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out",
                        "--checkpoint", tmp_path / "ckpt")
     assert code == 0, err
     body = read_rgb(tmp_path / "out" / "x.png")[:H]
@@ -235,7 +218,7 @@ def test_visualize_with_truth_draws_four_panels_and_errors(capsys, tmp_path):
     pred[28:44, 40:60] = 2  # columns 36..39 missed, columns 56..59 false positives
     write_png(tmp_path / "truth" / "x.png", truth)
     write_png(tmp_path / "masks" / "x.png", pred, head.palette())
-    code, _, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "panels",
+    code, _, err = run_cli("visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "panels",
                        "--checkpoint", tmp_path / "ckpt", "--truth", tmp_path / "truth")
     assert code == 0, err
     pic = read_rgb(tmp_path / "panels" / "x.png")
@@ -266,10 +249,10 @@ def test_visualize_predict_output_end_to_end(capsys, tmp_path):
     image = np.full((H, W, 3), GREY, np.uint8)
     image[10:30, 10:40] = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)  # something for the model to see
     Image.fromarray(image).save(tmp_path / "images" / "x.png")
-    code, _, err = cli(capsys, "predict", tmp_path / "ckpt", tmp_path / "images", tmp_path / "pred",
+    code, _, err = run_cli("predict", tmp_path / "ckpt", tmp_path / "images", tmp_path / "pred",
                        "--device", "cpu", "--no-progress", "--workers", "0")
     assert code == 0, err
-    code, _, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "pred", tmp_path / "out",
+    code, _, err = run_cli("visualize", tmp_path / "images", tmp_path / "pred", tmp_path / "out",
                        "--checkpoint", tmp_path / "ckpt", "--alpha", "0.5")
     assert code == 0, err
     pred = np.asarray(Image.open(tmp_path / "pred" / "x.png"))
@@ -295,17 +278,17 @@ def test_visualize_refuses_to_overwrite_or_write_inside_an_input(capsys, tmp_pat
     write_png(tmp_path / "masks" / "x.png", pred, head.palette())
     args = ["--checkpoint", tmp_path / "ckpt"]
     for out in (tmp_path / "images" / "o", tmp_path / "masks", tmp_path / "masks" / "o"):
-        code, _, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", out, *args)
+        code, _, err = run_cli("visualize", tmp_path / "images", tmp_path / "masks", out, *args)
         assert code == 2 and err.startswith("error: ") and "inside an input" in err and "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["x.png"]
     assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["x.png"]
-    assert cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out", *args)[0] == 0
+    assert run_cli("visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out", *args)[0] == 0
     before = (tmp_path / "out" / "x.png").read_bytes()
-    code, _, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out", *args,
+    code, _, err = run_cli("visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out", *args,
                        "--alpha", "0.9")
     assert code == 2 and "--overwrite" in err
     assert (tmp_path / "out" / "x.png").read_bytes() == before
-    code, _, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out", *args,
+    code, _, err = run_cli("visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out", *args,
                        "--alpha", "0.9", "--overwrite")
     assert code == 0, err
     assert (tmp_path / "out" / "x.png").read_bytes() != before
@@ -317,10 +300,10 @@ def test_visualize_usage_errors_exit_2_with_a_message(capsys, tmp_path):
     ckpt(tmp_path / "ckpt", "softmax", ["background", "a", "b"], SOFT_COLORS)
     flat_image(tmp_path / "images")
     for args in (["--checkpoint", tmp_path / "ckpt", "--alpha", "1.5"], ["--checkpoint", tmp_path / "ckpt", "--bogus"]):
-        code, out, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "images", tmp_path / "o", *args)
+        code, out, err = run_cli("visualize", tmp_path / "images", tmp_path / "images", tmp_path / "o", *args)
         assert code == 2, (args, code)
         assert ("alpha" in err or "1.5" in err or "bogus" in err) and "Traceback" not in err
-    code, _, err = cli(capsys, "visualize", tmp_path / "images")
+    code, _, err = run_cli("visualize", tmp_path / "images")
     assert code == 2 and "Traceback" not in err
     assert not (tmp_path / "o").exists()
 
@@ -331,7 +314,7 @@ def test_visualize_reports_images_without_masks_but_not_other_files(capsys, tmp_
     flat_image(tmp_path / "images", "y")
     (tmp_path / "images" / "notes.txt").write_text("not an image")
     write_png(tmp_path / "masks" / "x.png", np.zeros((H, W), np.uint8), head.palette())
-    code, out, err = cli(capsys, "visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out",
+    code, out, err = run_cli("visualize", tmp_path / "images", tmp_path / "masks", tmp_path / "out",
                          "--checkpoint", tmp_path / "ckpt")
     assert code == 0, err
     assert "1 pictures" in out and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.png"]
@@ -344,7 +327,7 @@ def test_visualize_needs_exactly_one_source_of_classes(capsys, tmp_path):
         sources_for(tmp_path, None, None, None)
     with pytest.raises(SegkitError, match="exactly one"):
         sources_for(tmp_path, tmp_path / "ckpt", tmp_path / "c.yaml", None)
-    code, _, err = cli(capsys, "visualize", tmp_path, tmp_path, tmp_path / "o")
+    code, _, err = run_cli("visualize", tmp_path, tmp_path, tmp_path / "o")
     assert code == 2 and "--checkpoint or --config" in err and "Traceback" not in err
     head, masks, truth = sources_for(tmp_path / "m", tmp_path / "ckpt", None, tmp_path / "t")
     assert head.classes == ["background", "a"] and masks.fmt.classes == ["background", "a"]
