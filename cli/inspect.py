@@ -23,8 +23,7 @@ def inspect(
 
     data = None
     if config is not None:
-        d = load_config(config, [f"data.root={root}"]).data
-        data = DataGuess(d.mask, d.classes, d.ignore_index, d.foreground_value, d.colors)
+        data = DataGuess.from_config(load_config(config, [f"data.root={root}"]).data)
     report = run(root, data)
     typer.echo(report.text())
     if json_out is not None:

@@ -25,6 +25,7 @@ from segkit.errors import ConfigError, SegkitError
 from segkit.evaluate import evaluate
 from segkit.heads import Head
 from segkit.infer import Prediction, Segmenter, forward_padded
+from segkit.metrics import class_scores
 from segkit.model import META, build_model, read_meta
 from segkit.train import read_history, train
 from segkit.viz import plt, save_figure
@@ -156,7 +157,7 @@ class Analysis:
                 k = int(round(t * BINS))
                 tp, fp = self.pos[c, k:].sum(), self.neg[c, k:].sum()
                 fn = self.pos[c, :k].sum()
-                dice.append(float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else math.nan)
+                dice.append(class_scores(int(tp), int(fp), int(fn))["dice"])
             out[name] = dice
         return out
 
@@ -427,11 +428,9 @@ def compare(cfg: Config, out: Path, heads: Sequence[str] = ("softmax", "sigmoid"
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise SegkitError(f"{out}: folder exists and is not empty. Fix: --out a new folder.")
-    data = DataGuess(cfg.data.mask, cfg.data.classes, cfg.data.ignore_index, cfg.data.foreground_value,
-                     cfg.data.colors)
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {','.join(map(str, seeds))}: a seed repeats. Fix: give each seed once, e.g. 0,1,2.")
-    plan = plan_heads(cfg, inspect(cfg.data.root, data), heads, softmax_exclusive)
+    plan = plan_heads(cfg, inspect(cfg.data.root, DataGuess.from_config(cfg.data)), heads, softmax_exclusive)
     configs = [(h, s, head_config(cfg, h, classes, s, epochs, plan.exclusive_part and h == "softmax"))
                for h, classes in plan.classes.items() for s in seeds]
     if not configs:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segkit.config import DataConfig
 from segkit.data.dataset import label_stats
 from segkit.data.io import image_size, is_image, read_mask_raw
 from segkit.data.layout import Sample, pair, split_dirs
@@ -30,6 +31,11 @@ class DataGuess:
     foreground_value: int | None = None
     colors: list[tuple[int, int, int]] | None = None
     guessed: bool = False
+
+    @classmethod
+    def from_config(cls, d: DataConfig) -> DataGuess:
+        """The encoding a config's data section states (nothing guessed)."""
+        return cls(d.mask, list(d.classes), d.ignore_index, d.foreground_value, d.colors)
 
     def format(self) -> MaskFormat:
         return build_mask_format(self.mask, self.classes, self.ignore_index, self.foreground_value, self.colors)
@@ -165,12 +171,9 @@ def guess_data(root: Path) -> DataGuess:
     if colours:
         ordered = sorted(colours)
         return DataGuess("color", [f"color_{r}_{g}_{b}" for r, g, b in ordered], colors=ordered, guessed=True)
-    if values <= {0, 255} or values <= {0, 1}:
+    if values <= {0, 255} or values <= {0, 1} or max(values) > 255:  # deeper than 8 bits: binary
         return DataGuess("binary", ["fg"], guessed=True)
-    top = int(max(values))
-    if top > 255:
-        return DataGuess("binary", ["fg"], guessed=True)
-    return DataGuess("index", [f"class_{i}" for i in range(top + 1)], guessed=True)
+    return DataGuess("index", [f"class_{i}" for i in range(int(max(values)) + 1)], guessed=True)
 
 
 def _inspect_one(sample: Sample, fmt: MaskFormat, background: int | None) -> dict:
