@@ -14,6 +14,7 @@ import torch
 
 from segkit.data.io import read_image, write_png
 from segkit.heads import build_head
+from segkit.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalization
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +43,8 @@ def checkpoint(folder: Path, classes: list[str], head: str = "softmax", encoder:
     torch.manual_seed(0)
     h = build_head(head, classes)
     model = build_model("Unet", encoder, h.channels)
-    save_checkpoint(folder, model, checkpoint_meta(h, "Unet", encoder, 3, (0.485, 0.456, 0.406),
-                                                  (0.229, 0.224, 0.225), data={"mask": "index"}))
+    save_checkpoint(folder, model, checkpoint_meta(h, "Unet", encoder, 3, Normalization.unit(IMAGENET_MEAN, IMAGENET_STD),
+                                                   data={"mask": "index"}))
     return folder
 
 

@@ -45,21 +45,25 @@ def predict(
     tile: Tile = 1024,
     overlap: Overlap = 128,
     tta: Tta = False,
-    save_probs: Annotated[bool, typer.Option("--save-probs", help="Also write float16 probabilities (.npy).")] = False,
+    save_probs: Annotated[bool, typer.Option("--save-probs", help="Also write probabilities: float16 .npy, or a "
+                                             "float32 GeoTIFF <stem>_probs.tif for georeferenced inputs.")] = False,
+    vectorize: Annotated[bool, typer.Option("--vectorize", help="Georeferenced inputs: also write polygons per "
+                                            "class as GeoJSON (<stem>.geojson) in the image's CRS.")] = False,
     threshold: Threshold = None,
     device: Device = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     nproc: Annotated[int, typer.Option(help="Processes to launch with torchrun (DDP / file shards).")] = 1,
 ) -> None:
-    """Masks for every image in a folder: index PNGs (softmax) or one binary PNG per class (sigmoid)."""
+    """Masks for every image in a folder: index masks (softmax) or one binary mask per class (sigmoid);
+    PNG for plain images, GeoTIFF on the input's grid for georeferenced rasters."""
     from segkit import distributed
     from segkit.device import resolve_device
 
     distributed.setup(resolve_device(device))
     seg = load_segmenter(checkpoint, device, batch_size, tile, overlap, tta, threshold)
     summary = seg.predict_folder(input_dir, output_dir, probs=save_probs, overwrite=overwrite, workers=workers,
-                                 progress=progress and distributed.rank() == 0)
+                                 progress=progress and distributed.rank() == 0, vectorize=vectorize)
     for path, reason in summary.failed:
         typer.echo(f"failed: {reason}", err=True)
     if distributed.rank() == 0:

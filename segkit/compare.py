@@ -18,9 +18,10 @@ import torch.nn.functional as F
 
 from segkit.config import Config, parse_config
 from segkit.data.inspect import DataGuess, Report, inspect
-from segkit.data.io import to_unit_float, write_bytes, write_json
+from segkit.data.dataset import fit_normalization, scan
+from segkit.data.source import ImageSource
+from segkit.data.io import write_bytes, write_json
 from segkit.data.splits import eval_samples, pair_reader
-from segkit.data.transforms import eval_transform
 from segkit.errors import ConfigError, SegkitError
 from segkit.evaluate import evaluate
 from segkit.heads import Head
@@ -209,9 +210,11 @@ def degenerate_run(cfg: Config, steps: int = 5) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.arch, cfg.model.encoder, 1, cfg.data.channels)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    mean, std = cfg.norm()
     samples = eval_samples(cfg.data, "val", cfg.train.seed)
     reader = pair_reader(cfg.data)
+    records = scan(samples, reader)
+    norm = fit_normalization(cfg.data.normalize, records, reader, cfg.data.channels, cfg.data.mean, cfg.data.std,
+                             cfg.train.seed)
     losses, grad_norm = [], 0.0
     x = torch.randn(2, cfg.data.channels, 64, 64)
     for _ in range(steps):
@@ -226,11 +229,13 @@ def degenerate_run(cfg: Config, steps: int = 5) -> dict:
     fg_idx = [i for i, c in enumerate(cfg.data.classes) if c.lower() != "background"]
     fg_pixels = valid_pixels = predicted_fg = 0
     probs_seen: set[float] = set()
-    normalise = eval_transform(mean, std)
     with torch.inference_mode():
         for sample in samples:
-            image, labels, valid = reader.read(sample)
-            x = torch.from_numpy(normalise(image=to_unit_float(image))["image"]).permute(2, 0, 1)[None]
+            px = reader.read(sample)
+            labels, valid = px.labels, px.valid
+            src = ImageSource.from_array(px.image, cfg.data.channels, px.nodata)
+            stats = torch.from_numpy(src.stats())[None] if norm.per_image else None
+            x = norm.apply(torch.from_numpy(px.image.transpose(2, 0, 1).copy())[None], stats)
             logits = forward_padded(model, x)
             probs_seen.update(torch.unique(logits.softmax(1)).tolist())
             predicted_fg += int((logits.argmax(1) != 0).sum())

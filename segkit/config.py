@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from segkit.errors import ConfigError
 from segkit.heads import Head, build_head
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class _Strict(BaseModel):
@@ -33,17 +31,30 @@ class DataConfig(_Strict):
     root: Path
     classes: list[str] = Field(min_length=1)
     mask: Literal["binary", "index", "color", "multilabel"] = "binary"
-    foreground_value: int | None = Field(None, ge=0, le=65535)
+    foreground_value: int | Literal["nonzero"] | None = Field(
+        None, description="binary masks: the foreground value (0 for ISBI membranes), or 'nonzero' (instance IDs)")
+    binary_threshold: float | None = Field(
+        None, description="binary masks: value >= threshold is foreground (anti-aliased or resampled masks)")
     ignore_index: int | None = Field(None, ge=0, le=65535)
     colors: list[tuple[int, int, int]] | None = None
     val_fraction: float = Field(0.2, gt=0, lt=1)
-    channels: Literal[1, 3] = 3
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    cache: bool = True
+    channels: int | None = Field(None, ge=1, description="network input channels; default len(bands), else 3")
+    bands: list[int] | None = Field(None, min_length=1, description="1-based bands to read, e.g. [1, 2, 3, 8]")
+    normalize: Literal["auto", "imagenet", "dataset", "per_image", "none", "explicit"] = "auto"
+    mean: tuple[float, ...] | None = Field(None, description="explicit per-channel mean, in pixel units")
+    std: tuple[float, ...] | None = Field(None, description="explicit per-channel std, in pixel units")
+    nodata: float | None = Field(None, description="image value marking no-data (else the file's own nodata)")
+    cache: bool | Literal["auto"] = "auto"
+    cache_mb: int | None = Field(None, ge=0, description="memory for cached images; default a quarter of RAM")
     overlap: Literal["error", "ignore"] = Field(
         "error", description="pixels with several labels: refused by softmax, or 'ignore' them (excluded from "
                              "loss and scores) to train softmax on the exclusive part")
+
+    @model_validator(mode="after")
+    def _default_channels(self) -> DataConfig:
+        if self.channels is None:
+            object.__setattr__(self, "channels", len(self.bands) if self.bands else 3)
+        return self
 
 
 class ModelConfig(_Strict):
@@ -87,13 +98,6 @@ class Config(_Strict):
         """The head this config asks for; raises ConfigError for impossible combinations."""
         return build_head(self.model.head, self.data.classes, self.data.colors, self.model.thresholds)
 
-    def norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Input normalisation (mean, std) per channel."""
-        channels = self.data.channels
-        mean = self.data.mean or (IMAGENET_MEAN if channels == 3 else (0.5,))
-        std = self.data.std or (IMAGENET_STD if channels == 3 else (0.25,))
-        return tuple(mean), tuple(std)
-
     def check(self) -> None:
         """Cross-key rules that single fields cannot express."""
         head = self.head()
@@ -106,29 +110,41 @@ class Config(_Strict):
             )
         if d.mask == "color" and not d.colors:
             raise ConfigError("data.colors: colour masks need one [R, G, B] per class. Fix: set data.colors.")
-        if d.foreground_value is not None and d.mask not in ("binary", "multilabel"):
-            raise ConfigError(
-                f"data.foreground_value: only binary and multilabel masks have one; data.mask is '{d.mask}'. "
-                "Fix: remove data.foreground_value."
-            )
-        mean, std = self.norm()
-        if len(mean) != d.channels or len(std) != d.channels:
-            raise ConfigError(
-                f"data.mean/data.std: need {d.channels} values (data.channels), got {len(mean)} and {len(std)}. "
-                "Fix: one value per input channel."
-            )
+        for key in ("foreground_value", "binary_threshold"):
+            if getattr(d, key) is not None and d.mask not in ("binary", "multilabel"):
+                raise ConfigError(f"data.{key}: only binary and multilabel masks have one; data.mask is "
+                                  f"'{d.mask}'. Fix: remove data.{key}.")
+        if d.bands is not None:
+            if any(b < 1 for b in d.bands):
+                raise ConfigError(f"data.bands: {d.bands}: bands are numbered from 1 (as in GDAL/QGIS). "
+                                  "Fix: e.g. [1, 2, 3].")
+            if d.channels != len(d.bands):
+                raise ConfigError(f"data.channels: {d.channels}, but data.bands selects {len(d.bands)} bands "
+                                  f"{d.bands}. Fix: data.channels: {len(d.bands)} (or leave it out).")
+        for key in ("mean", "std"):
+            value = getattr(d, key)
+            if value is not None and len(value) != d.channels:
+                raise ConfigError(f"data.{key}: {len(value)} values for {d.channels} input channels "
+                                  "(data.channels). Fix: one value per channel, in pixel units.")
+
+
+_UNION_TAG = re.compile(r"^(int|float|bool|str|none|literal\[.*\]|list\[.*\]|tuple\[.*\])$")
 
 
 def _format(err: ValidationError, source: str) -> str:
+    """One line per key; the alternatives of a union (int | 'nonzero') are joined on that key's line."""
     lines = [f"{source}: invalid config"]
+    values: dict[str, tuple[object, list[str]]] = {}
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in e["loc"] if not _UNION_TAG.match(str(p))) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key. Fix: remove it or check its spelling (see configs/*.yaml).")
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing. Fix: add it.")
         else:
-            lines.append(f"  {key} = {e.get('input')!r}: {e['msg']}. Fix: correct the value.")
+            values.setdefault(key, (e.get("input"), []))[1].append(e["msg"])
+    for key, (value, msgs) in values.items():
+        lines.append(f"  {key} = {value!r}: {', or '.join(msgs)}. Fix: correct the value.")
     return "\n".join(lines)
 
 

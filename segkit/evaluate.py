@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from segkit.data.dataset import PairReader
 from segkit.data.layout import Sample
+from segkit.data.source import ImageSource
 from segkit.data.splits import checkpoint_data, eval_samples, pair_reader
 from segkit.config import load_config
 from segkit.errors import DataError, SegkitError
@@ -31,12 +32,12 @@ class _Pairs(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[Any, np.ndarray | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[Any, np.ndarray | None, float | None, str | None]:
         try:
-            image, labels, valid = self.reader.read(self.samples[i])
+            px = self.reader.read(self.samples[i])
         except SegkitError as err:
-            return None, None, str(err)
-        return self.head.targets(labels, valid), image, None
+            return None, None, None, str(err)
+        return self.head.targets(px.labels, px.valid), px.image, px.nodata, None
 
 
 def samples_for(seg: Segmenter, root: Path, split: str, config: Path | None = None
@@ -76,11 +77,11 @@ def evaluate(seg: Segmenter, samples: Sequence[Sample], reader: PairReader, excl
     loader = DataLoader(_Pairs(samples, reader, seg), batch_size=None, num_workers=workers, collate_fn=keep_arrays)
 
     def readable():
-        for target, image, error in loader:
+        for target, image, nodata, error in loader:
             if error is not None:
                 failed.append(error)
                 continue
-            yield target, image
+            yield target, ImageSource.from_array(image, seg.in_channels, nodata)
 
     began = time.perf_counter()
     n = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,6 +20,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from segkit.errors import ConfigError, SegkitError
+
+
+@dataclass
+class MaskLayer:
+    """One output file's content: path (relative, .png suffix; writers set their own), the array,
+    a palette for index masks, whether it is binary (bool), and the (value, class) pairs it holds."""
+
+    path: Path
+    array: np.ndarray
+    palette: list[int] | None
+    binary: bool
+    classes: list[tuple[int, str]]
 
 IGNORE = -1
 """Target value of an ignored pixel, for both heads."""
@@ -170,9 +183,15 @@ class Head(ABC):
     def file_names(self, rel: Path) -> list[Path]:
         """Mask files one image at `rel` (relative to the input folder) becomes, relative to the output."""
 
+    mask_dtype: ClassVar[type]
+
     @abstractmethod
-    def mask_files(self, mask: np.ndarray, rel: Path) -> list[tuple[Path, np.ndarray, list[int] | None]]:
-        """The files one decoded mask becomes: (relative path, array, PNG palette or None)."""
+    def mask_shape(self, h: int, w: int) -> tuple[int, ...]:
+        """Shape of a decoded mask of an h x w image."""
+
+    @abstractmethod
+    def mask_layers(self, mask: np.ndarray, rel: Path) -> list[MaskLayer]:
+        """The files one decoded mask (or a band of its rows) becomes; a writer picks the format."""
 
     @abstractmethod
     def confusion(self, masks: torch.Tensor, target: torch.Tensor) -> np.ndarray | None:
@@ -291,10 +310,15 @@ class SoftmaxHead(Head):
     def file_names(self, rel: Path) -> list[Path]:
         return [rel.with_suffix(".png")]
 
-    def mask_files(self, mask: np.ndarray, rel: Path) -> list[tuple[Path, np.ndarray, list[int] | None]]:
-        if self.channels <= 256:
-            return [(rel.with_suffix(".png"), mask.astype(np.uint8), self.palette())]
-        return [(rel.with_suffix(".png"), mask.astype(np.uint16), None)]
+    mask_dtype = np.uint8
+
+    def mask_shape(self, h: int, w: int) -> tuple[int, ...]:
+        return (h, w)
+
+    def mask_layers(self, mask: np.ndarray, rel: Path) -> list[MaskLayer]:
+        small = self.channels <= 256
+        return [MaskLayer(rel.with_suffix(".png"), mask.astype(np.uint8 if small else np.uint16),
+                          self.palette() if small else None, False, list(enumerate(self.classes)))]
 
     def confusion(self, masks: torch.Tensor, target: torch.Tensor) -> np.ndarray | None:
         valid = target != IGNORE
@@ -372,8 +396,14 @@ class SigmoidHead(Head):
     def file_names(self, rel: Path) -> list[Path]:
         return [Path(name) / rel.with_suffix(".png") for name in self.classes]
 
-    def mask_files(self, mask: np.ndarray, rel: Path) -> list[tuple[Path, np.ndarray, list[int] | None]]:
-        return [(path, mask[c].astype(np.uint8) * 255, None) for c, path in enumerate(self.file_names(rel))]
+    mask_dtype = bool
+
+    def mask_shape(self, h: int, w: int) -> tuple[int, ...]:
+        return (self.channels, h, w)
+
+    def mask_layers(self, mask: np.ndarray, rel: Path) -> list[MaskLayer]:
+        return [MaskLayer(path, mask[c].astype(bool), None, True, [(1, self.classes[c])])
+                for c, path in enumerate(self.file_names(rel))]
 
     def confusion(self, masks: torch.Tensor, target: torch.Tensor) -> np.ndarray | None:
         return None

@@ -24,7 +24,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from segkit import distributed as dist
-from segkit.data.io import is_image, read_image, write_bytes, write_png
+from segkit.data.io import check_channels, image_bands, is_image
+from segkit.data.normalize import Normalization
+from segkit.data.readers import RASTER_EXTS, Geometry, Window, open_raster
+from segkit.data.source import ImageSource
+from segkit.data.writers import MaskWriter, output_files, writer_for
 from segkit.device import amp_dtype, resolve_device
 from segkit.errors import SegkitError
 from segkit.heads import Head, head_from_metadata
@@ -92,18 +96,26 @@ class Prediction:
 
     mask: softmax -> (H, W) class indices; sigmoid -> (C, H, W) bool.
     probs: (C, H, W) float16 probabilities when asked for.
+    valid: (H, W) bool, False where the input was no-data (None when it has none).
     """
 
     mask: np.ndarray
     probs: np.ndarray | None = None
+    valid: np.ndarray | None = None
+
+
+Image = np.ndarray | ImageSource
+HUGE_PIXELS = 1 << 26
+"""Images above this many pixels are streamed from disk by window in predict_folder, never decoded whole."""
 
 
 class Segmenter:
-    """A trained model and its head, ready to predict arrays or folders.
+    """A trained model and its head, ready to predict arrays, files or folders.
 
     >>> seg = Segmenter.load("runs/nuclei/best")
-    >>> result = seg.predict(image)          # image: (H, W, C) uint8/uint16/float array
+    >>> result = seg.predict(image)          # image: (H, W, C) array of the model's bands, any type
     >>> result.mask                          # softmax: (H, W) indices; sigmoid: (C, H, W) bool
+    >>> seg.predict_file("scene.tif", "out/")  # GeoTIFF in -> GeoTIFF masks on its grid
     """
 
     def __init__(self, model: nn.Module, head: Head, meta: dict, device: str | torch.device = "cpu",
@@ -122,8 +134,9 @@ class Segmenter:
             raise ValueError(f"overlap: {overlap} must be at least 0 and smaller than the tile ({tile})")
         self.tile, self.overlap, self.tta, self.batch_size = tile, overlap, tta, batch_size
         self.in_channels = int(meta["in_channels"])
-        self._mean = torch.tensor(meta["mean"], device=self.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(meta["std"], device=self.device).view(1, -1, 1, 1)
+        self.norm = Normalization.from_meta(meta)
+        data = meta.get("data") or {}
+        self.bands, self.nodata = data.get("bands"), data.get("nodata")
         self._weights: dict[tuple[int, int], torch.Tensor] = {}
 
     @classmethod
@@ -137,19 +150,35 @@ class Segmenter:
     def classes(self) -> list[str]:
         return self.head.classes
 
-    # -- tensors -----------------------------------------------------------------------
+    # -- inputs ------------------------------------------------------------------------
 
-    def to_input(self, images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
-        """Normalised (N, C, H, W) float tensor on the device from one (H, W[, C]) array or a list of them."""
-        batch = np.stack(images) if not isinstance(images, np.ndarray) else images[None]
-        if batch.ndim == 3:  # grey (H, W) images
-            batch = batch[..., None]
-        scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(batch.dtype, 1.0)
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div_(scale)
-        if x.shape[1] != self.in_channels:
-            x = x.mean(1, keepdim=True) if self.in_channels == 1 else x[:, :1].expand(-1, self.in_channels, -1, -1)
-        return (x - self._mean) / self._std
+    def open(self, path: str | Path) -> ImageSource:
+        """An image file as this model reads it: its training bands, channel count checked, no-data known."""
+        return ImageSource.open(path, self.in_channels, self.bands, self.nodata)
+
+    def source(self, image: Image) -> ImageSource:
+        return image if isinstance(image, ImageSource) else ImageSource.from_array(image, self.in_channels, self.nodata)
+
+    def to_input(self, images: Image | Sequence[Image], window: Window | None = None) -> torch.Tensor:
+        """Normalised (N, C, H, W) float tensor on the device: one image or a list of same-size images
+        (arrays (H, W[, C]) or sources), or a window of them. Per-image statistics, where the
+        normalisation uses them, come from the whole image, not the window."""
+        sources = [self.source(images)] if isinstance(images, (np.ndarray, ImageSource)) else [
+            self.source(i) for i in images]
+        pixels = [s.read(window) for s in sources]
+        batch = np.stack(pixels)
+        if batch.dtype in (np.uint16, np.uint32):
+            batch = batch.astype(np.int64 if batch.dtype == np.uint32 else np.int32)  # torch lacks unsigned ops
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        masks = [s.nodata_mask(p) for s, p in zip(sources, pixels)]
+        nodata = None
+        if any(m is not None for m in masks):
+            nodata = torch.from_numpy(np.stack([m if m is not None else np.zeros(p.shape[:2], bool)
+                                                for m, p in zip(masks, pixels)]))[:, None].to(self.device)
+        stats = None
+        if self.norm.per_image:
+            stats = torch.from_numpy(np.stack([s.stats() for s in sources])).to(self.device)
+        return self.norm.apply(x, stats, nodata)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,59 +186,93 @@ class Segmenter:
         run = forward_tta if self.tta else forward_padded
         return run(self.model, x, self.dtype)
 
+    def fits(self, image: Image) -> bool:
+        """Whether an image goes through the network whole (else in windows)."""
+        h, w = (image.height, image.width) if isinstance(image, ImageSource) else image.shape[:2]
+        return max(h, w) <= self.tile
+
     @torch.inference_mode()
-    def logits(self, image: np.ndarray) -> torch.Tensor:
+    def rows(self, image: Image) -> Iterator[tuple[int, torch.Tensor]]:
+        """Blended logits (C, rows, W) of finished rows, top to bottom, windowed when larger than the tile."""
+        src = self.source(image)
+        if self.fits(src):
+            yield 0, self.forward(self.to_input(src))[0]
+        else:
+            yield from self._bands(src)
+
+    @torch.inference_mode()
+    def logits(self, image: Image) -> torch.Tensor:
         """(C, H, W) float32 logits of one image, windowed when it is larger than the tile."""
-        if image.ndim == 2:
-            image = image[:, :, None]
-        h, w = image.shape[:2]
-        out = torch.empty(self.head.channels, h, w)
-        for top, rows in self._bands(image):
+        src = self.source(image)
+        out = torch.empty(self.head.channels, src.height, src.width)
+        for top, rows in self.rows(src):
             out[:, top:top + rows.shape[1]] = rows.cpu()
         return out
 
     # -- decoding ----------------------------------------------------------------------
 
-    def _decode(self, logits: torch.Tensor, probs: bool) -> Prediction:
+    def _decode(self, logits: torch.Tensor, probs: bool, valid: np.ndarray | None = None) -> Prediction:
         mask = self.head.decode(logits[None])[0].cpu().numpy()
         mask = mask.astype(np.uint8) if mask.dtype != bool and self.head.channels <= 256 else mask
         p = self.head.activate(logits[None])[0].half().cpu().numpy() if probs else None
-        return Prediction(mask, p)
+        return Prediction(mask, p, valid)
+
+    def _valid_rows(self, src: ImageSource, top: int, n: int) -> np.ndarray | None:
+        if src.nodata is None:
+            return None
+        hit = src.nodata_mask(src.read(Window(top, 0, n, src.width)))
+        return None if hit is None or not hit.any() else ~hit
 
     @torch.inference_mode()
-    def predict_batch(self, images: Sequence[np.ndarray], probs: bool = False) -> list[Prediction]:
+    def predict_batch(self, images: Sequence[Image], probs: bool = False) -> list[Prediction]:
         """Predictions for images of one size not larger than the tile, in one forward pass."""
-        logits = self.forward(self.to_input(images))
-        return [self._decode(one, probs) for one in logits]
+        sources = [self.source(i) for i in images]
+        logits = self.forward(self.to_input(sources))
+        return [self._decode(one, probs, self._valid_rows(s, 0, s.height)) for one, s in zip(logits, sources)]
 
     @torch.inference_mode()
-    def predict(self, image: np.ndarray, probs: bool = False) -> Prediction:
-        """One (H, W, C) or (H, W) image -> masks (and probabilities) at its own size."""
-        if image.ndim == 2:
-            image = image[:, :, None]
-        h, w = image.shape[:2]
-        if h <= self.tile and w <= self.tile:
-            return self.predict_batch([image], probs)[0]
-        mask: np.ndarray | None = None
-        prob_out = np.empty((self.head.channels, h, w), np.float16) if probs else None
-        for top, rows in self._bands(image):
-            part = self._decode(rows, probs)
-            if mask is None:
-                mask = np.empty(part.mask.shape[:-2] + (h, w), part.mask.dtype)
-            mask[..., top:top + rows.shape[1], :] = part.mask
-            if prob_out is not None:
-                prob_out[:, top:top + rows.shape[1]] = part.probs
-        return Prediction(mask, prob_out)
+    def predict(self, image: Image, probs: bool = False) -> Prediction:
+        """One (H, W, C) or (H, W) image, or an opened file -> masks (and probabilities) at its own size."""
+        src = self.source(image)
+        if self.fits(src):
+            return self.predict_batch([src], probs)[0]
+        writer = _Collect(self.head, src, probs)
+        self.predict_into(src, writer)
+        return writer.prediction()
+
+    @torch.inference_mode()
+    def predict_into(self, image: Image, writer: MaskWriter | _Collect) -> None:
+        """Decode rows as they are finished and hand them to `writer`: memory is bounded by the band of
+        windows, not by the image (a GeoTIFF writer writes them straight to disk)."""
+        src = self.source(image)
+        for top, rows in self.rows(src):
+            part = self._decode(rows, writer.probs, self._valid_rows(src, top, rows.shape[1]))
+            writer.write_rows(top, part.mask, part.valid, part.probs)
+
+    def predict_file(self, path: str | Path, output_dir: str | Path, probs: bool = False,
+                     vectorize: bool = False, rel: Path | None = None) -> list[Path]:
+        """Masks of one image file written under `output_dir`, mirroring its format (GeoTIFF for
+        georeferenced rasters, PNG otherwise); returns the files written."""
+        path, output_dir = Path(path), Path(output_dir)
+        rel = rel or Path(path.name)
+        with self.open(path) as src:
+            self._stream_to_files(src, rel, output_dir, probs, vectorize)
+        return [output_dir / f for f in output_files(self.head, rel, src.geometry, probs, vectorize)]
+
+    def _stream_to_files(self, src: ImageSource, rel: Path, output_dir: Path, probs: bool, vectorize: bool) -> None:
+        writer = writer_for(self.head, rel, output_dir, src.geometry, probs, vectorize)
+        try:
+            self.predict_into(src, writer)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
 
     def set_thresholds(self, thresholds: float | Sequence[float]) -> None:
         """Replace the decoding thresholds (sigmoid heads; softmax heads refuse)."""
         self.head = head_from_metadata({**self.head.metadata(), "thresholds": thresholds})
 
-    def fits(self, image: np.ndarray) -> bool:
-        """Whether an image goes through the network whole (else in windows)."""
-        return max(image.shape[:2]) <= self.tile
-
-    def predict_stream(self, items: Iterable[tuple[Any, np.ndarray]], probs: bool = False
+    def predict_stream(self, items: Iterable[tuple[Any, Image]], probs: bool = False
                        ) -> Iterator[tuple[Any, Prediction]]:
         """(key, image) in -> (key, prediction) out, in order; consecutive images of one size share
         a forward pass, images larger than the tile go through windows."""
@@ -221,31 +284,45 @@ class Segmenter:
                 yield key, pred
 
     def predict_folder(self, input_dir: str | Path, output_dir: str | Path, probs: bool = False,
-                       overwrite: bool = False, workers: int = 2, progress: bool = False) -> FolderSummary:
-        """Masks for every image under `input_dir`, mirrored under `output_dir` (see DESIGN.md).
+                       overwrite: bool = False, workers: int = 2, progress: bool = False,
+                       vectorize: bool = False) -> FolderSummary:
+        """Masks for every image under `input_dir`, mirrored under `output_dir`: PNG for plain images,
+        GeoTIFF on the same grid for georeferenced rasters (+ GeoJSON polygons with `vectorize`).
 
-        Unreadable files are reported and skipped; every other image is written. Under
-        torchrun each rank takes a disjoint share of the files.
+        Unreadable files are reported and skipped; every other image is written. Images larger
+        than HUGE_PIXELS are streamed by window from disk. Under torchrun each rank takes a
+        disjoint share of the files.
         """
         input_dir, output_dir = Path(input_dir), Path(output_dir)
-        files = plan_outputs(self.head, input_dir, output_dir, probs, overwrite)
+        files = plan_outputs(self.head, input_dir, output_dir, probs, overwrite, vectorize, self.in_channels,
+                             self.bands)
         dist.barrier()  # every rank has checked for existing outputs before any rank writes
         mine = files[dist.rank()::dist.world_size()]
         began = time.perf_counter()
         summary = FolderSummary(images=0, seconds=0.0)
-        reader = DataLoader(_ImageFiles([f for f, _ in mine], self.in_channels), batch_size=None,
-                            num_workers=workers, collate_fn=keep_arrays,
+        reader = DataLoader(_ImageFiles([f for f, _ in mine], self.in_channels, self.bands, self.nodata),
+                            batch_size=None, num_workers=workers, collate_fn=keep_arrays,
                             prefetch_factor=8 if workers else None)
-        items = _readable(reader, summary)
+        items = _readable(reader, summary, self)
         bar = tqdm(total=len(mine), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
         with ThreadPoolExecutor(max(1, workers)) as writers:
             pending: list[Future] = []
-            for path, pred in self.predict_stream(items, probs):
-                rel = path.relative_to(input_dir)
-                pending.append(writers.submit(_write_prediction, self.head, pred, rel, output_dir))
-                summary.images += 1
-                bar.update(1)
-                if len(pending) > 4 * max(1, workers):
+            for batch in batches_by_shape(items, self.batch_size, self.fits):
+                if len(batch) == 1 and not self.fits(batch[0][1]):  # larger than the tile: rows straight out
+                    path, src = batch[0]
+                    with src:
+                        self._stream_to_files(src, path.relative_to(input_dir), output_dir, probs, vectorize)
+                    done = [path]
+                else:
+                    preds = self.predict_batch([src for _, src in batch], probs)
+                    for (path, src), pred in zip(batch, preds):
+                        pending.append(writers.submit(_write_prediction, self.head, pred,
+                                                      path.relative_to(input_dir), output_dir, src.geometry,
+                                                      probs, vectorize))
+                    done = [path for path, _ in batch]
+                summary.images += len(done)
+                bar.update(len(done))
+                while len(pending) > 4 * max(1, workers):
                     pending.pop(0).result()
             for job in pending:
                 job.result()
@@ -262,14 +339,14 @@ class Segmenter:
             self._weights[(h, w)] = gaussian_weight(h, w).to(self.device)
         return self._weights[(h, w)]
 
-    def _bands(self, image: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
+    def _bands(self, src: ImageSource) -> Iterator[tuple[int, torch.Tensor]]:
         """Blended logits of finished rows, top to bottom: (first row, (C, rows, W) tensor).
 
-        One band of windows at a time is accumulated (logits x Gaussian weight) into a fixed
-        buffer of tile + step rows; rows no later window touches are divided by their weight
-        sum, handed out, and the unfinished rest moves to the top of the buffer.
+        One band of windows at a time is read from the source and accumulated (logits x Gaussian
+        weight) into a fixed buffer of tile + step rows; rows no later window touches are divided
+        by their weight sum, handed out, and the unfinished rest moves to the top of the buffer.
         """
-        h, w = image.shape[:2]
+        h, w = src.shape
         th, tw = min(h, self.tile), min(w, self.tile)
         step = self.tile - self.overlap
         ys, xs = window_starts(h, th, step), window_starts(w, tw, step)
@@ -279,13 +356,16 @@ class Segmenter:
         norm = torch.zeros(rows, w, device=self.device)
         top = 0
         for k, y in enumerate(ys):
-            band = image[y:y + th]
+            band = ImageSource.from_array(src.read(Window(y, 0, th, w)), self.in_channels, src.nodata)
+            if self.norm.per_image:
+                band._stats = src.stats()  # whole-image statistics, as in training
             for i in range(0, len(xs), self.batch_size):
                 chunk = xs[i:i + self.batch_size]
-                logits = self.forward(self.to_input([band[:, x:x + tw] for x in chunk]))
-                for x, out in zip(chunk, logits):
-                    acc[:, y - top:y - top + th, x:x + tw].addcmul_(out, weight)
-                    norm[y - top:y - top + th, x:x + tw] += weight
+                x = torch.cat([self.to_input(band, Window(0, x, th, tw)) for x in chunk])
+                logits = self.forward(x)
+                for x0, out in zip(chunk, logits):
+                    acc[:, y - top:y - top + th, x0:x0 + tw].addcmul_(out, weight)
+                    norm[y - top:y - top + th, x0:x0 + tw] += weight
             end = ys[k + 1] if k + 1 < len(ys) else h
             done = end - top
             yield top, acc[:, :done] / norm[:done]
@@ -296,6 +376,31 @@ class Segmenter:
             acc[:, max(keep, 0):].zero_()
             norm[max(keep, 0):].zero_()
             top = end
+
+
+class _Collect:
+    """Collects rows into one in-memory Prediction (Segmenter.predict of a large image)."""
+
+    def __init__(self, head: Head, src: ImageSource, probs: bool) -> None:
+        self.mask = np.empty(head.mask_shape(src.height, src.width), head.mask_dtype if head.channels <= 256
+                             or head.mask_dtype is bool else np.int64)
+        self.probs = probs
+        self.prob = np.empty((head.channels, src.height, src.width), np.float16) if probs else None
+        self.valid: np.ndarray | None = None
+        self.shape = src.shape
+
+    def write_rows(self, top: int, mask: np.ndarray, valid: np.ndarray | None, probs: np.ndarray | None) -> None:
+        n = mask.shape[-2]
+        self.mask[..., top:top + n, :] = mask
+        if self.prob is not None:
+            self.prob[:, top:top + n] = probs
+        if valid is not None:
+            if self.valid is None:
+                self.valid = np.ones(self.shape, bool)
+            self.valid[top:top + n] = valid
+
+    def prediction(self) -> Prediction:
+        return Prediction(self.mask, self.prob, self.valid)
 
 
 def batches_by_shape(items: Iterator[tuple[Any, np.ndarray]], size: int,
@@ -333,9 +438,25 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and is_image(p))
 
 
-def plan_outputs(head: Head, input_dir: Path, output_dir: Path, probs: bool, overwrite: bool
+def _header(path: Path, channels: int, bands: Sequence[int] | None) -> tuple[Geometry | None, str | None]:
+    """(geometry, band problem) from a file's header; an unreadable file gives (None, None) and is
+    reported when it is read."""
+    try:
+        with open_raster(path) as r:
+            try:
+                check_channels(len(image_bands(r, bands)), channels, path)
+            except SegkitError as err:
+                return r.geometry, str(err)
+            return r.geometry, None
+    except SegkitError:
+        return None, None
+
+
+def plan_outputs(head: Head, input_dir: Path, output_dir: Path, probs: bool, overwrite: bool,
+                 vectorize: bool = False, channels: int | None = None, bands: Sequence[int] | None = None
                  ) -> list[tuple[Path, list[Path]]]:
-    """Input files and the outputs each will write; refuses anything that could lose data."""
+    """Input files and the outputs each will write; refuses anything that could lose data, and
+    images whose bands do not fit the model (from their headers, before anything is written)."""
     if not input_dir.is_dir():
         raise SegkitError(f"{input_dir}: input folder not found.")
     inp, outp = input_dir.resolve(), output_dir.resolve()
@@ -344,16 +465,26 @@ def plan_outputs(head: Head, input_dir: Path, output_dir: Path, probs: bool, ove
                           "masks would mix with (and be read as) images. Fix: choose an output folder outside it.")
     files = list_images(input_dir)
     if not files:
-        raise SegkitError(f"{input_dir}: no images (png, jpg, tif, bmp, gif) found.")
-    plan, seen = [], {}
+        raise SegkitError(f"{input_dir}: no images ({', '.join(e.lstrip('.') for e in RASTER_EXTS)}) found.")
+    plan, seen, misfits = [], {}, []
     for path in files:
         rel = path.relative_to(input_dir)
-        outs = head.file_names(rel) + ([rel.with_suffix(".npy")] if probs else [])
+        geometry, misfit = _header(path, channels, bands)
+        if misfit:
+            misfits.append(misfit)
+        if vectorize and (geometry is None or not geometry.georeferenced):
+            raise SegkitError(f"{path}: --vectorize writes polygons in the image's CRS, and this image has none. "
+                              "Fix: predict georeferenced rasters (GeoTIFF) only, or leave out --vectorize.")
+        outs = output_files(head, rel, geometry, probs, vectorize)
         if outs[0] in seen:
             raise SegkitError(f"{path} and {seen[outs[0]]} would write the same mask {outs[0]}. "
                               "Fix: rename one of them (stems must be unique per folder).")
         seen[outs[0]] = path
         plan.append((path, outs))
+    if misfits:
+        more = f"\n  ... and {len(misfits) - 5} more" if len(misfits) > 5 else ""
+        raise SegkitError(f"{len(misfits)} of {len(files)} images do not fit the model's input:\n  "
+                          + "\n  ".join(misfits[:5]) + more)
     if not overwrite:
         existing = [output_dir / o for _, outs in plan for o in outs if (output_dir / o).exists()]
         if existing:
@@ -363,19 +494,24 @@ def plan_outputs(head: Head, input_dir: Path, output_dir: Path, probs: bool, ove
 
 
 class _ImageFiles(Dataset):
-    """Decodes images in DataLoader workers; a failure comes back as its message, not an exception."""
+    """Decodes images in DataLoader workers; a failure comes back as its message, not an exception.
+    Huge images come back undecoded (None): the main process streams them by window."""
 
-    def __init__(self, files: Sequence[Path], channels: int) -> None:
-        self.files, self.channels = list(files), channels
+    def __init__(self, files: Sequence[Path], channels: int, bands: Sequence[int] | None,
+                 nodata: float | None) -> None:
+        self.files, self.channels, self.bands, self.nodata = list(files), channels, bands, nodata
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[Path, np.ndarray | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[Path, np.ndarray | None, Geometry | None, float | None, str | None]:
         try:
-            return self.files[i], read_image(self.files[i], self.channels), None
+            with ImageSource.open(self.files[i], self.channels, self.bands, self.nodata) as src:
+                if src.height * src.width > HUGE_PIXELS:
+                    return self.files[i], None, src.geometry, src.nodata, None
+                return self.files[i], src.read(), src.geometry, src.nodata, None
         except SegkitError as err:
-            return self.files[i], None, str(err)
+            return self.files[i], None, None, None, str(err)
 
 
 def keep_arrays(item: Any) -> Any:
@@ -383,21 +519,24 @@ def keep_arrays(item: Any) -> Any:
     return item
 
 
-def _readable(reader: Iterable, summary: FolderSummary) -> Iterator[tuple[Path, np.ndarray]]:
-    for path, image, error in reader:
+def _readable(reader: Iterable, summary: FolderSummary, seg: Segmenter) -> Iterator[tuple[Path, ImageSource]]:
+    for path, image, geometry, nodata, error in reader:
         if error is not None:
             log.error("skipped %s", error)
             summary.failed.append((path, error))
             continue
-        yield path, image
+        if image is None:
+            yield path, seg.open(path)
+        else:
+            yield path, ImageSource.from_array(image, seg.in_channels, nodata, str(path), geometry)
 
 
-def _write_prediction(head: Head, pred: Prediction, rel: Path, output_dir: Path) -> None:
-    for path, arr, palette in head.mask_files(pred.mask, rel):
-        write_png(output_dir / path, arr, palette)
-    if pred.probs is not None:
-        import io
-
-        buf = io.BytesIO()
-        np.save(buf, pred.probs)
-        write_bytes(output_dir / rel.with_suffix(".npy"), buf.getvalue())
+def _write_prediction(head: Head, pred: Prediction, rel: Path, output_dir: Path, geometry: Geometry,
+                      probs: bool, vectorize: bool) -> None:
+    writer = writer_for(head, rel, output_dir, geometry, probs, vectorize)
+    try:
+        writer.write_rows(0, pred.mask, pred.valid, pred.probs)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise

@@ -17,6 +17,7 @@ from torch import nn
 
 import segkit
 from segkit.data.io import write_bytes
+from segkit.data.normalize import Normalization
 from segkit.errors import ConfigError, SegkitError
 from segkit.heads import Head, head_from_metadata
 
@@ -74,11 +75,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def checkpoint_meta(head: Head, arch: str, encoder: str, in_channels: int,
-                    mean: tuple[float, ...], std: tuple[float, ...], **extra: Any) -> dict[str, Any]:
+def checkpoint_meta(head: Head, arch: str, encoder: str, in_channels: int, norm: Normalization,
+                    **extra: Any) -> dict[str, Any]:
     """model.json: everything prediction needs; `extra` carries e.g. the training masks' encoding."""
     return {"segkit_version": segkit.__version__, "arch": arch, "encoder": encoder, "in_channels": in_channels,
-            **head.metadata(), "mean": list(mean), "std": list(std), **extra}
+            **head.metadata(), "normalization": norm.to_meta(), **extra}
 
 
 def save_checkpoint(folder: Path, model: nn.Module, meta: dict[str, Any]) -> None:

@@ -23,16 +23,17 @@ from tqdm import tqdm
 
 from segkit import distributed as dist
 from segkit.config import Config, dump_config
-from segkit.data.dataset import SegmentationDataset, scan
+from segkit.data.dataset import SegmentationDataset, cache_budget, fit_normalization, scan
+from segkit.data.source import ImageSource
 from segkit.data.io import write_bytes
 from segkit.data.splits import pair_reader, train_val_samples
 from segkit.data.transforms import eval_transform, train_transform
 from segkit.device import amp_dtype, resolve_device
 from segkit.errors import ConfigError, SegkitError, TrainingError
 from segkit.heads import Head
-from segkit.infer import forward_padded
+from segkit.infer import Segmenter
 from segkit.metrics import EMPTY_RULE, summarize
-from segkit.model import build_model, checkpoint_meta, save_checkpoint
+from segkit.model import build_model, checkpoint_meta, save_checkpoint, unwrap
 from segkit.viz import plot_curves
 
 log = logging.getLogger("segkit")
@@ -113,21 +114,27 @@ def lr_lambda(total_steps: int, warmup: int):
 
 
 @torch.inference_mode()
-def validate(model: nn.Module, head: Head, loss_fn: nn.Module, loader: DataLoader, device: torch.device,
-             dtype: torch.dtype | None) -> tuple[float, np.ndarray]:
-    """Mean loss and (C, 4) pixel counts over this rank's validation images, each at full size."""
-    model.eval()
-    counts = torch.zeros(head.channels, 4, dtype=torch.int64)
-    loss_sum, n = 0.0, 0
-    for image, target in loader:
-        image, target = image.to(device), target.to(device)
-        logits = forward_padded(model, image, dtype).float()
-        loss_sum += float(loss_fn(logits, target)) * len(image)
-        n += len(image)
-        counts += head.stats(head.decode(logits), target)
-    loss_sum, n = dist.all_reduce_sum([loss_sum, n], device)
-    counts = dist.all_reduce_tensor(counts, device)
-    return loss_sum / max(1, n), counts.numpy()
+def validate(seg: Segmenter, loss_fn: nn.Module, dataset: SegmentationDataset) -> tuple[float, np.ndarray]:
+    """Pixel-weighted mean loss and (C, 4) pixel counts over this rank's validation images, each at
+    full size through the Segmenter's own path (windows for images larger than its tile), so
+    validation scores what prediction will produce."""
+    head, device = seg.head, seg.device
+    seg.model.eval()
+    counts = torch.zeros(head.channels, 4, dtype=torch.int64, device=device)
+    loss_sum, pixels = 0.0, 0
+    for r in dataset.records:
+        px = dataset.pixels(r, None)
+        target = head.targets(px.labels, px.valid)
+        src = ImageSource.from_array(px.image, seg.in_channels, px.nodata, str(r.sample.image))
+        for top, rows in seg.rows(src):
+            n = rows.shape[1] * rows.shape[2]
+            part = target[..., top:top + rows.shape[1], :].to(device)[None]
+            loss_sum += float(loss_fn(rows[None].float(), part)) * n
+            pixels += n
+            counts += head.stats(head.decode(rows[None]), part).to(device)
+    loss_sum, pixels = dist.all_reduce_sum([loss_sum, pixels], device)
+    counts = dist.all_reduce_tensor(counts.cpu(), device)
+    return loss_sum / max(1, pixels), counts.numpy()
 
 
 def _write_csv(path: Path, history: list[dict]) -> None:
@@ -180,18 +187,22 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
     _check_run_dir(out, cfg, resume)
     reader = pair_reader(cfg.data)
     train_samples, val_samples = train_val_samples(cfg.data, t.seed)
-    train_records = scan(train_samples, reader, head, cache=cfg.data.cache)
-    val_records = scan(val_samples, reader, head, cache=cfg.data.cache)
-    mean, std = cfg.norm()
-    train_ds = SegmentationDataset(train_records, reader, head, train_transform(t.crop, t.augment, mean, std), t.seed)
-    val_ds = SegmentationDataset(val_records[rank::world], reader, head, eval_transform(mean, std))
+    d = cfg.data
+    per_image = d.normalize == "per_image"
+    budget = cache_budget(d.cache_mb)
+    train_records = scan(train_samples, reader, head, cache=d.cache, budget=budget, per_image=per_image)
+    val_records = scan(val_samples, reader, head, cache=d.cache, budget=budget, per_image=per_image)
+    norm = fit_normalization(d.normalize, train_records, reader, d.channels, d.mean, d.std, t.seed)
+    aug = t.augment
+    train_ds = SegmentationDataset(train_records, reader, head, train_transform(t.crop, aug), norm, crop=t.crop,
+                                   scale_low=aug.scale[0] if aug.scale else 1.0, color=aug.color, seed=t.seed)
+    val_ds = SegmentationDataset(val_records[rank::world], reader, head, eval_transform(), norm)
 
     per_rank_batch = max(1, t.batch_size // world)
     steps = t.steps_per_epoch or max(1, len(train_ds) // (per_rank_batch * world))
     sampler = EpochSampler(len(train_ds), steps * per_rank_batch, t.seed, rank, world)
     train_loader = DataLoader(_EpochKeyed(train_ds), batch_size=per_rank_batch, sampler=sampler, drop_last=True,
                               **_loader_kwargs(t.workers, device))
-    val_loader = DataLoader(val_ds, batch_size=1, **_loader_kwargs(min(t.workers, 1), device))
 
     torch.manual_seed(t.seed)
     model = build_model(cfg.model.arch, cfg.model.encoder, head.channels, cfg.data.channels,
@@ -203,11 +214,13 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.epochs * steps, min(steps, 100)))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    d = cfg.data
-    meta = checkpoint_meta(head, cfg.model.arch, cfg.model.encoder, d.channels, mean, std,
+    meta = checkpoint_meta(head, cfg.model.arch, cfg.model.encoder, d.channels, norm,
                            data={"mask": d.mask, "ignore_index": d.ignore_index,
-                                 "foreground_value": d.foreground_value, "colors": d.colors,
-                                 "val_fraction": d.val_fraction, "seed": t.seed, "overlap": d.overlap})
+                                 "foreground_value": d.foreground_value, "binary_threshold": d.binary_threshold,
+                                 "colors": d.colors, "bands": d.bands, "nodata": d.nodata,
+                                 "val_fraction": d.val_fraction, "seed": t.seed, "overlap": d.overlap,
+                                 "image_dtypes": sorted({str(r.dtype) for r in train_records})})
+    seg = Segmenter(unwrap(model), head, meta, device, amp=t.amp)
 
     start_epoch, best, best_epoch, bad_epochs = 0, -1.0, 0, 0
     history: list[dict] = []
@@ -234,6 +247,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
         log.info("%s head, classes %s; %d train / %d val images; device %s%s; %d steps/epoch of %d",
                  head.name, head.classes, len(train_ds), len(val_records), device,
                  f" ({dtype})" if dtype else "", steps, per_rank_batch * world)
+        log.info("input normalisation %s", norm.describe())
         log.info("validation: dataset-level per-class IoU/Dice; %s", EMPTY_RULE)
     model = dist.wrap(model, device)
 
@@ -271,7 +285,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
         images_seen += images
         train_seconds += seconds
 
-        val_loss, counts = validate(model, head, loss_fn, val_loader, device, dtype)
+        val_loss, counts = validate(seg, loss_fn, val_ds)
         scores = summarize(counts, head.classes)
         train_loss = dist.all_reduce_sum([loss_sum / (step + 1)], device)[0] / world
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,

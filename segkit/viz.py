@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from segkit.data.io import atomic_path, is_image, read_image, to_unit_float, write_png  # noqa: E402
+from segkit.data.io import atomic_path, is_image, read_image, write_png  # noqa: E402
 from segkit.data.layout import Sample, pair  # noqa: E402
 from segkit.config import load_config  # noqa: E402
 from segkit.data.masks import MaskFormat, build_mask_format  # noqa: E402
@@ -51,12 +51,17 @@ ERROR_COLORS = {"false positive": (255, 40, 40), "missed (false negative)": (40,
 
 
 def to_display(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 for viewing, from grey/RGB images of 8 or 16 bits."""
+    """(H, W, 3) uint8 for viewing (never for the network): grey is repeated, images with more
+    bands show their first three, and anything but 8-bit is stretched per band between its
+    0.5 and 99.5 percentiles, as GIS viewers do for 11/16-bit and float rasters."""
     arr = image if image.ndim == 3 else image[:, :, None]
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
+    arr = np.repeat(arr, 3, axis=2) if arr.shape[2] < 3 else arr[:, :, :3]
     if arr.dtype != np.uint8:
-        arr = (to_unit_float(arr) * 255).round().astype(np.uint8)
+        flat = arr.reshape(-1, 3).astype(np.float64)
+        finite = flat[np.isfinite(flat).all(1)]
+        low, high = np.percentile(finite, (0.5, 99.5), axis=0) if len(finite) else (np.zeros(3), np.ones(3))
+        scaled = (arr.astype(np.float64) - low) / np.where(high > low, high - low, 1.0)
+        arr = (np.nan_to_num(np.clip(scaled, 0, 1)) * 255).round().astype(np.uint8)
     return arr
 
 
@@ -191,7 +196,7 @@ def visualize_folder(images_dir: Path, masks: MaskSource, out_dir: Path, classes
     skipped = [p for p in sorted(images_dir.iterdir()) if p.is_file() and is_image(p) and p.stem not in stems]
     for stem in stems:
         sample = predicted[stem]
-        image = read_image(sample.image, 3)
+        image = to_display(read_image(sample.image, None))
         labels, valid = masks.fmt.read(sample.mask)
         pred, _ = _resize_to(labels.transpose(2, 0, 1).astype(bool), valid, image.shape[:2])
         if truth is None:

@@ -377,13 +377,14 @@ def test_compare_with_nothing_to_train_exits_2(capsys, isic, tmp_path, extra):
 def _checkpoint(folder: Path, head_name: str, classes: list[str], data: dict | None = None, seed: int = 0) -> Path:
     """A checkpoint with random (seeded) weights, as `segkit train` would write it."""
     from segkit.heads import build_head
+    from segkit.data.normalize import Normalization
     from segkit.model import build_model, checkpoint_meta, save_checkpoint
 
     torch.manual_seed(seed)
     head = build_head(head_name, classes)
     model = build_model("Unet", "resnet18", head.channels)
     model.eval()
-    meta = checkpoint_meta(head, "Unet", "resnet18", 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+    meta = checkpoint_meta(head, "Unet", "resnet18", 3, Normalization.unit((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
                            data=data or {"mask": "binary", "ignore_index": None, "foreground_value": None,
                                          "colors": None, "val_fraction": 0.2, "seed": 0, "overlap": "error"})
     save_checkpoint(folder, model, meta)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import CONFIGS, TINY, assert_refused, train_args
-from segkit.config import IMAGENET_MEAN, dump_config, load_config, parse_config, set_dotted
+from segkit.config import dump_config, load_config, parse_config, set_dotted
 from segkit.errors import ConfigError
 
 SIGMOID = CONFIGS / "nuclei-sigmoid.yaml"
@@ -27,7 +27,7 @@ def test_ready_configs_load_as_written():
     camvid = load_config(CONFIGS / "camvid.yaml")
     assert camvid.data.ignore_index == 11 and len(camvid.data.classes) == 11 and camvid.head().name == "softmax"
     isbi = load_config(CONFIGS / "isbi2012-membrane.yaml")
-    assert isbi.data.foreground_value == 0 and isbi.data.channels == 1 and isbi.norm() == ((0.5,), (0.25,))
+    assert isbi.data.foreground_value == 0 and isbi.data.channels == 1 and isbi.data.normalize == "auto"
     assert load_config(CONFIGS / "isic2018-multilabel-mini.yaml").data.mask == "multilabel"
 
 
@@ -49,9 +49,10 @@ def test_dotted_overrides_take_effect(tmp_path):
 
 
 def test_later_override_wins_and_values_are_yaml():
-    cfg = load_config(SOFTMAX, ["train.epochs=3", "train.epochs=5", "train.amp=false", "data.mean=[0.5, 0.5, 0.5]"])
-    assert cfg.train.epochs == 5 and cfg.train.amp is False and cfg.norm()[0] == (0.5, 0.5, 0.5)
-    assert load_config(SOFTMAX).norm()[0] == IMAGENET_MEAN
+    cfg = load_config(SOFTMAX, ["train.epochs=3", "train.epochs=5", "train.amp=false", "data.mean=[1, 2, 3]",
+                                "data.std=[4, 5, 6]"])
+    assert cfg.train.epochs == 5 and cfg.train.amp is False and cfg.data.mean == (1, 2, 3) and cfg.data.std == (4, 5, 6)
+    assert load_config(SOFTMAX).data.mean is None
 
 
 def test_set_dotted_builds_sections_and_rejects_malformed_assignments():
@@ -86,13 +87,23 @@ def test_dumped_config_loads_back_equal(tmp_path):
     ("model.thresholds=1.5", ["model.thresholds", "between 0 and 1"]),
     ("data.mask=color", ["data.colors"]),
     ("data.classes=[a, b, c]", ["data.classes", "binary masks give one foreground class"]),
-    ("data.mean=[0.5]", ["data.mean/data.std", "need 3 values"]),
+    ("data.mean=[0.5]", ["data.mean", "1 values for 3 input channels"]),
+    ("data.bands=[0, 1, 2]", ["data.bands", "numbered from 1"]),
+    ("data.foreground_value=many", ["data.foreground_value = 'many'"]),
+    ("data.normalize=minmax", ["data.normalize = 'minmax'"]),
 ])
 def test_load_config_errors_name_the_key(override, words):
     with pytest.raises(ConfigError) as err:
         load_config(SIGMOID, [override])
     for word in words:
         assert word in str(err.value), (word, str(err.value))
+
+
+def test_bands_set_the_channel_count_and_must_agree_with_it():
+    assert load_config(SIGMOID, ["data.bands=[4, 1]"]).data.channels == 2
+    with pytest.raises(ConfigError) as err:
+        load_config(SIGMOID, ["data.bands=[1, 2]", "data.channels=3"])
+    assert "selects 2 bands" in str(err.value) and "data.channels: 2" in str(err.value)
 
 
 def test_missing_required_keys_are_named(tmp_path):

@@ -89,11 +89,12 @@ def test_train_with_two_gloo_processes_writes_the_single_process_checkpoint_form
 @pytest.mark.slow
 def test_predict_sharded_over_two_processes_equals_one_process(tmp_path):
     from segkit.heads import build_head
+    from segkit.data.normalize import Normalization
     from segkit.model import build_model, checkpoint_meta, save_checkpoint
 
     head = build_head("softmax", ["background", "nucleus"])
     save_checkpoint(tmp_path / "ckpt", build_model("Unet", "resnet18", 2),
-                    checkpoint_meta(head, "Unet", "resnet18", 3, (0.5,) * 3, (0.25,) * 3))
+                    checkpoint_meta(head, "Unet", "resnet18", 3, Normalization.unit((0.5,) * 3, (0.25,) * 3)))
     images = NUCLEI / "test" / "images"
     args = [str(tmp_path / "ckpt"), str(images)]
     one = _run(["predict", *args, str(tmp_path / "one"), "--device", "cpu", "--workers", "0", "--no-progress"])

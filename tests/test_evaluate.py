@@ -16,6 +16,7 @@ from conftest import run_cli
 from segkit.evaluate import format_scores
 from segkit.heads import IGNORE, build_head
 from segkit.metrics import class_scores, summarize
+from segkit.data.normalize import Normalization
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -158,7 +159,7 @@ def save_ckpt(folder: Path, head_name: str, classes: list[str], data: dict, neve
     if never is not None:  # a class this model never predicts
         with torch.no_grad():
             model.segmentation_head[0].bias[never] = -1e4
-    save_checkpoint(folder, model, checkpoint_meta(head, "Unet", "resnet18", 3, MEAN, STD, data=data))
+    save_checkpoint(folder, model, checkpoint_meta(head, "Unet", "resnet18", 3, Normalization.unit(MEAN, STD), data=data))
     return folder
 
 

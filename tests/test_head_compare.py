@@ -13,6 +13,7 @@ from segkit import Segmenter
 from segkit.data.io import read_image
 from segkit.heads import build_head
 from segkit.infer import forward_padded
+from segkit.data.normalize import Normalization
 from segkit.model import build_model, checkpoint_meta, load_checkpoint, save_checkpoint
 from conftest import CONFIGS, DATASETS, NUCLEI, copy_nuclei, no_traceback, run_cli
 
@@ -80,7 +81,8 @@ def test_degenerate_row_is_constant(binary_report):
     reader = pair_reader(cfg.data)
     fg = total = 0
     for s in eval_samples(cfg.data, "val", 0):
-        _, labels, valid = reader.read(s)
+        px = reader.read(s)
+        labels, valid = px.labels, px.valid
         fg, total = fg + int(labels[valid].sum()), total + int(valid.sum())
     assert d["pixel_accuracy"] == pytest.approx(1 - fg / total, abs=1e-12)
 
@@ -156,8 +158,9 @@ def test_convert_head_gives_the_same_masks(capsys, tmp_path):
     model = build_model("Unet", "resnet18", 2)
     with torch.no_grad():  # a random head would put every pixel near a tie; make the logits decisive
         model.segmentation_head[0].weight.mul_(50)
-    save_checkpoint(tmp_path / "soft", model, checkpoint_meta(head, "Unet", "resnet18", 3, (0.5,) * 3,
-                                                             (0.25,) * 3, data={"mask": "binary"}))
+    save_checkpoint(tmp_path / "soft", model, checkpoint_meta(head, "Unet", "resnet18", 3,
+                                                             Normalization.unit((0.5,) * 3, (0.25,) * 3),
+                                                             data={"mask": "binary"}))
     r = run_cli("convert-head", tmp_path / "soft", tmp_path / "sig")
     assert r.code == 0, r.err
     sig_model, sig_head, meta = load_checkpoint(tmp_path / "sig")

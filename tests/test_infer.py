@@ -27,6 +27,7 @@ from segkit.infer import (
     plan_outputs,
     window_starts,
 )
+from segkit.data.normalize import Normalization
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
 from conftest import run_cli
 
@@ -42,7 +43,7 @@ HEADS = [("softmax", ["background", "a", "b"]), ("sigmoid", ["a", "b"])]
 
 def make_seg(head_name, classes, model, **options) -> Segmenter:
     head = build_head(head_name, classes)
-    meta = checkpoint_meta(head, "Unet", "resnet18", 3, MEAN, STD, data=DATA)
+    meta = checkpoint_meta(head, "Unet", "resnet18", 3, Normalization.unit(MEAN, STD), data=DATA)
     return Segmenter(model, head, meta, device="cpu", **options)
 
 
@@ -290,12 +291,18 @@ def test_tta_averages_the_four_flips_in_logit_space_and_activates_once():
 # -- arrays in, masks out -----------------------------------------------------------------------------
 
 
-def test_predict_normalises_8_bit_16_bit_float_and_grey_images_alike():
+def test_a_pixel_value_is_the_same_input_whatever_the_array_type():
+    """Normalisation works in pixel units: no division by a type's range, which would make an 11-bit
+    uint16 image nearly constant and give one pixel value two meanings."""
     seg = make_seg("sigmoid", ["a", "b"], pointwise(2), tile=64, overlap=16)
     image = rgb(40, 50, seed=4)
     ref = seg.logits(image)
-    assert torch.allclose(seg.logits(image.astype(np.uint16) * 257), ref, atol=1e-5)
-    assert torch.allclose(seg.logits(image.astype(np.float32) / 255), ref, atol=1e-5)
+    assert torch.equal(seg.logits(image.astype(np.uint16)), ref)
+    assert torch.equal(seg.logits(image.astype(np.float32)), ref)
+    assert not torch.allclose(seg.logits(image.astype(np.uint16) * 257), ref, atol=1e-2)
+    mean, std = np.array(seg.norm.mean), np.array(seg.norm.std)
+    x = seg.to_input(image)[0].numpy()
+    assert np.allclose(x, ((image - mean) / std).transpose(2, 0, 1), atol=1e-5)
     grey = image[:, :, 0]
     a = seg.predict(grey, probs=True)
     b = seg.predict(np.repeat(grey[:, :, None], 3, axis=2), probs=True)
@@ -354,7 +361,7 @@ def checkpoints(tmp_path_factory):
         data = {**DATA, "mask": "index" if head_name == "softmax" else "multilabel"}
         folders[head_name] = root / head_name
         save_checkpoint(folders[head_name], build_model("Unet", "resnet18", head.channels),
-                        checkpoint_meta(head, "Unet", "resnet18", 3, MEAN, STD, data=data))
+                        checkpoint_meta(head, "Unet", "resnet18", 3, Normalization.unit(MEAN, STD), data=data))
     return folders
 
 

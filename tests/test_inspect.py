@@ -161,7 +161,7 @@ def test_inspect_flags_missing_orphan_empty_mismatched_and_unreadable_masks(tmp_
     masks[0].unlink()                                                          # image without a mask
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(masks[0].with_name("orphan.png"))  # mask without image
     Image.fromarray(np.zeros((256, 256), np.uint8)).save(masks[1])             # empty mask
-    Image.open(masks[2]).resize((128, 128)).save(masks[2])                     # another size
+    Image.open(masks[2]).resize((128, 128), Image.NEAREST).save(masks[2])      # another size
     masks[3].write_bytes(b"garbage")                                           # unreadable
     before = _listing(data)
     report = inspect(data, DataGuess("binary", ["nucleus"]))

@@ -342,11 +342,14 @@ def test_read_grey_png_repeats_to_three_channels(tmp_path):
     assert read_image(tmp_path / "x.png", 1)[:, :, 0].tolist() == arr.tolist()
 
 
-def test_read_rgb_as_one_channel_uses_luma(tmp_path):
+def test_rgb_for_a_one_channel_model_is_an_error_not_a_silent_grey(tmp_path):
     rgb = np.zeros((1, 3, 3), np.uint8)
     rgb[0, 0], rgb[0, 1], rgb[0, 2] = (255, 0, 0), (0, 255, 0), (100, 100, 100)
-    out = read_image(_png(tmp_path / "x.png", rgb), 1)
-    assert out.shape == (1, 3, 1) and out[0, :, 0].tolist() == [76, 150, 100]  # 0.299*255, 0.587*255
+    path = _png(tmp_path / "x.png", rgb)
+    with pytest.raises(DataError) as err:
+        read_image(path, 1)
+    assert str(path) in str(err.value) and "3 band(s)" in str(err.value) and "data.bands" in str(err.value)
+    assert read_image(path, 1, bands=[2])[0, :, 0].tolist() == [0, 255, 100]  # the fix: pick a band
 
 
 def test_read_sixteen_bit_tiff_keeps_uint16(tmp_path):

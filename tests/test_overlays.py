@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from segkit.heads import build_head
+from segkit.data.normalize import Normalization
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
 from segkit.viz import ERROR_COLORS, overlay
 from conftest import run_cli
@@ -16,7 +17,7 @@ def _ckpt(folder, head_name, classes, data):
     head = build_head(head_name, classes)
     torch.manual_seed(0)
     save_checkpoint(folder, build_model("Unet", "resnet18", head.channels),
-                    checkpoint_meta(head, "Unet", "resnet18", 3, (0.5,) * 3, (0.25,) * 3, data=data))
+                    checkpoint_meta(head, "Unet", "resnet18", 3, Normalization.unit((0.5,) * 3, (0.25,) * 3), data=data))
     return head
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from segkit.heads import build_head
 from segkit.infer import Segmenter, forward_padded, pad_to_stride, window_starts
+from segkit.data.normalize import Normalization
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
 from conftest import no_traceback, run_cli
 
@@ -19,7 +20,7 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 def _seg(head_name, classes, model, **options):
     head = build_head(head_name, classes)
-    return Segmenter(model, head, checkpoint_meta(head, "Unet", "resnet18", 3, MEAN, STD), "cpu", **options)
+    return Segmenter(model, head, checkpoint_meta(head, "Unet", "resnet18", 3, Normalization.unit(MEAN, STD)), "cpu", **options)
 
 
 def _pointwise(channels: int) -> nn.Module:
@@ -98,7 +99,7 @@ def checkpoint(tmp_path):
         head = build_head(head_name, classes)
         folder = tmp_path / f"ckpt-{head_name}"
         save_checkpoint(folder, build_model("Unet", "resnet18", head.channels),
-                        checkpoint_meta(head, "Unet", "resnet18", 3, MEAN, STD))
+                        checkpoint_meta(head, "Unet", "resnet18", 3, Normalization.unit(MEAN, STD)))
         return folder
     return make
 

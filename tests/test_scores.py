@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from segkit.heads import build_head
+from segkit.data.normalize import Normalization
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
 from conftest import copy_nuclei, run_cli
 
@@ -18,7 +19,7 @@ def _ckpt(folder, head_name, classes, data):
     torch.manual_seed(1)
     head = build_head(head_name, classes)
     save_checkpoint(folder, build_model("Unet", "resnet18", head.channels),
-                    checkpoint_meta(head, "Unet", "resnet18", 3, (0.5,) * 3, (0.25,) * 3, data=data))
+                    checkpoint_meta(head, "Unet", "resnet18", 3, Normalization.unit((0.5,) * 3, (0.25,) * 3), data=data))
     return folder
 
 

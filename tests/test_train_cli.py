@@ -26,6 +26,8 @@ from segkit.data.layout import find_pairs
 from segkit.data.masks import build_mask_format
 from segkit.data.splits import pair_reader, train_val_samples
 from segkit.data.transforms import eval_transform
+from segkit.evaluate import evaluate
+from segkit.infer import Segmenter
 from segkit.metrics import summarize
 from segkit.model import build_model, load_checkpoint
 from segkit.train import validate
@@ -96,7 +98,9 @@ def test_checkpoint_metadata(runs, head):
         meta = json.loads((runs[head] / folder / "model.json").read_text())
         assert meta["head"] == head and meta["classes"] == CLASSES[head]
         assert meta["arch"] == "Unet" and meta["encoder"] == "resnet18" and meta["in_channels"] == 3
-        assert meta["mean"] == list(IMAGENET[0]) and meta["std"] == list(IMAGENET[1])
+        norm = meta["normalization"]  # 8-bit RGB: ImageNet statistics, in pixel units
+        assert norm["mode"] == "imagenet" and norm["mean"] == pytest.approx([255 * m for m in IMAGENET[0]])
+        assert norm["std"] == pytest.approx([255 * s for s in IMAGENET[1]])
         assert meta["data"]["mask"] == "binary" and meta["data"]["seed"] == 0
         assert (meta["thresholds"] == [0.5]) if head == "sigmoid" else (meta["thresholds"] is None)
     last = json.loads((runs[head] / "last" / "model.json").read_text())
@@ -133,17 +137,17 @@ def test_last_checkpoint_reproduces_the_logged_validation_scores(runs, head):
     the checkpoint is the in-training model, not something near it."""
     run = runs[head]
     cfg = load_config(run / "config.yaml")
-    model, loaded_head, _ = load_checkpoint(run / "last")
+    seg = Segmenter.load(run / "last", device="cpu")
     reader = pair_reader(cfg.data)
     _, val_samples = train_val_samples(cfg.data, cfg.train.seed)
     assert len(val_samples) == 2
-    records = scan(val_samples, reader, loaded_head, cache=True)
-    loader = DataLoader(SegmentationDataset(records, reader, loaded_head, eval_transform(*cfg.norm())), batch_size=1)
-    loss, counts = validate(model, loaded_head, loaded_head.loss(cfg.train.loss), loader, torch.device("cpu"), None)
-    scores = summarize(counts, loaded_head.classes)
+    scores = evaluate(seg, val_samples, reader, workers=0)  # the public scoring path, from the files
     last = _rows(run / "metrics.csv")[-1]
     assert scores["mean"]["dice"] == float(last["val_mean_dice"])
     assert scores["mean"]["iou"] == float(last["val_mean_iou"])
+    records = scan(val_samples, reader, seg.head, cache=True)
+    loss, _ = validate(seg, seg.head.loss(cfg.train.loss), SegmentationDataset(records, reader, seg.head,
+                                                                               eval_transform(), seg.norm))
     assert loss == pytest.approx(float(last["val_loss"]), rel=1e-6)
 
 
@@ -279,7 +283,8 @@ def test_mask_at_another_resolution_same_aspect_is_resized_logged_and_trains(cli
     Image.fromarray(small).save(masks[0])
     # read: the mask comes back at its image's size, each pixel repeated 2x2 (nearest neighbour)
     sample = next(s for s in find_pairs(data, "train").samples if s.mask == masks[0])
-    image, labels, valid = PairReader(build_mask_format("binary", ["nucleus"]), 3).read(sample)
+    px = PairReader(build_mask_format("binary", ["nucleus"]), 3).read(sample)
+    image, labels, valid = px.image, px.labels, px.valid
     assert image.shape == (256, 256, 3) and labels.shape == (256, 256, 1) and valid.shape == (256, 256)
     assert np.array_equal(labels[:, :, 0], np.kron(small > 127, np.ones((2, 2), bool)).astype(np.uint8))
     caplog.clear()

@@ -13,6 +13,7 @@ from PIL import Image
 from segkit.data.io import write_png
 from segkit.errors import SegkitError
 from segkit.heads import build_head
+from segkit.data.normalize import Normalization
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
 from segkit.viz import ERROR_COLORS, error_map, overlay, panels_picture, sources_for, to_display
 from conftest import run_cli
@@ -30,7 +31,7 @@ def ckpt(folder: Path, head_name: str, classes: list[str], colors=None, mask: st
     head = build_head(head_name, classes, colors=colors)
     torch.manual_seed(0)
     save_checkpoint(folder, build_model("Unet", "resnet18", head.channels),
-                    checkpoint_meta(head, "Unet", "resnet18", 3, MEAN, STD, data={**DATA, "mask": mask}))
+                    checkpoint_meta(head, "Unet", "resnet18", 3, Normalization.unit(MEAN, STD), data={**DATA, "mask": mask}))
     return head
 
 
@@ -105,12 +106,18 @@ def test_overlay_tints_outlines_and_blends_overlapping_classes():
                           image[~(edges(masks[1]) | edges(masks[2]))])
 
 
-def test_overlay_of_a_16_bit_grey_image_shows_it_as_8_bit():
-    image = np.full((10, 12), 257 * GREY, np.uint16)
-    masks = np.zeros((1, 10, 12), bool)
-    out = overlay(image, masks, [A_COLOR])
-    assert out.shape == (10, 12, 3) and (out == GREY).all()
-    assert np.array_equal(to_display(image), np.full((10, 12, 3), GREY, np.uint8))
+def test_a_16_bit_image_is_shown_stretched_between_its_percentiles():
+    """Display only: 11-bit content in uint16 is stretched per band (0.5/99.5 percentiles), not divided
+    by 65535 (which would show it black)."""
+    image = np.arange(2000, dtype=np.uint16).reshape(40, 50) + 48
+    shown = to_display(image)
+    low, high = np.percentile(image, (0.5, 99.5))
+    want = (np.clip((image - low) / (high - low), 0, 1) * 255).round().astype(np.uint8)
+    assert shown.shape == (40, 50, 3) and np.array_equal(shown[:, :, 0], want) and (shown[:, :, 2] == want).all()
+    assert shown.min() == 0 and shown.max() == 255
+    out = overlay(image, np.zeros((1, 40, 50), bool), [A_COLOR])
+    assert np.array_equal(out, shown)
+    assert np.array_equal(to_display(np.full((4, 4), GREY, np.uint8)), np.full((4, 4, 3), GREY, np.uint8))
 
 
 def test_error_map_colours_false_positives_misses_and_wrong_classes():

@@ -1,8 +1,14 @@
-"""Reading image/mask pairs with checks, and the torch Dataset that feeds training."""
+"""Reading image/mask pairs with checks, and the torch Dataset that feeds training.
+
+Every training sample is cropped first: a seeded window is chosen from the image's size, and
+only that window is decoded (from disk for streamed images, sliced for cached ones), then
+augmented and normalised. A huge raster is never decoded whole per sample.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,9 +19,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segkit.data.io import read_image, to_unit_float
 from segkit.data.layout import Sample
 from segkit.data.masks import MaskFormat
+from segkit.data.normalize import Normalization, pixel_sample
+from segkit.data.readers import Window, open_raster
+from segkit.data.source import ImageSource
 from segkit.errors import DataError
 from segkit.heads import Head
 
@@ -36,46 +44,88 @@ class LabelStats:
 
 
 @dataclass
+class Pixels:
+    """A window of a sample: raw image (h, w, C), multi-hot labels (h, w, K), valid (h, w), and
+    `real` (h, w): pixels that are not image no-data (no-data is also invalid)."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    valid: np.ndarray
+    real: np.ndarray
+    nodata: float | None = None
+
+
+@dataclass
 class Record:
-    """A checked sample; arrays are kept when the dataset is cached in memory."""
+    """A checked sample: its size and image type, and its pixels when the dataset caches it."""
 
     sample: Sample
     stats: LabelStats
-    image: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    valid: np.ndarray | None = None
+    height: int
+    width: int
+    dtype: np.dtype
+    image_bytes: int
+    norm_stats: np.ndarray | None = None  # (2, C) per-image statistics, for per_image normalisation
+    cached: Pixels | None = None
+
+
+def _first_mask(sample: Sample):
+    return sample.mask if not isinstance(sample.mask, dict) else next(iter(sample.mask.values()))
 
 
 class PairReader:
-    """Reads an image and its mask(s) into (image, labels, valid), matching their sizes."""
+    """Reads an image and its mask(s), whole or by window, matching their sizes."""
 
-    def __init__(self, fmt: MaskFormat, channels: int, ignore_overlap: bool = False) -> None:
+    def __init__(self, fmt: MaskFormat, channels: int, bands: Sequence[int] | None = None,
+                 nodata: float | None = None, ignore_overlap: bool = False) -> None:
         self.fmt = fmt
         self.channels = channels
+        self.bands = list(bands) if bands else None
+        self.nodata = nodata
         self.ignore_overlap = ignore_overlap
         self._told_resize = False
 
-    def read(self, sample: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        image = read_image(sample.image, self.channels)
+    def image(self, sample: Sample) -> ImageSource:
+        return ImageSource.open(sample.image, self.channels, self.bands, self.nodata)
+
+    def _mask_shape(self, sample: Sample, h: int, w: int) -> tuple[int, int]:
         if sample.mask is None:
             raise DataError(f"{sample.image}: no mask. Fix: add one with the same stem to the masks folder.")
-        labels, valid = self.fmt.read(sample.mask)
-        h, w = image.shape[:2]
-        if labels.shape[:2] != (h, w):
-            mh, mw = labels.shape[:2]
-            where = sample.mask if not isinstance(sample.mask, dict) else next(iter(sample.mask.values()))
-            if abs(mh / mw - h / w) > ASPECT_TOLERANCE * h / w:
-                raise DataError(f"{where}: mask is {mw}x{mh} but its image {sample.image.name} is {w}x{h}, "
-                                "another aspect ratio. Fix: save the mask at the image's size.")
+        where = _first_mask(sample)
+        with open_raster(where) as r:
+            mh, mw = r.shape
+        if (mh, mw) != (h, w) and abs(mh / mw - h / w) > ASPECT_TOLERANCE * h / w:
+            raise DataError(f"{where}: mask is {mw}x{mh} but its image {sample.image.name} is {w}x{h}, "
+                            "another aspect ratio. Fix: save the mask at the image's size.")
+        return mh, mw
+
+    def labels(self, sample: Sample, h: int, w: int, window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and valid mask at the image's size (h, w), or a window of them."""
+        mh, mw = self._mask_shape(sample, h, w)
+        if (mh, mw) == (h, w):
+            labels, valid = self.fmt.read(sample.mask, window)
+        else:
             if not self._told_resize:
                 log.warning("%s: mask is %dx%d, image %dx%d; masks at another resolution are resized "
-                            "(nearest neighbour) to their image (logged once)", where, mw, mh, w, h)
+                            "(nearest neighbour) to their image (logged once)", _first_mask(sample), mw, mh, w, h)
                 self._told_resize = True
+            labels, valid = self.fmt.read(sample.mask)
             labels = cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST).reshape(h, w, -1)
             valid = cv2.resize(valid.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+            if window is not None:
+                t, l, wh, ww = window
+                labels, valid = labels[t:t + wh, l:l + ww], valid[t:t + wh, l:l + ww]
         if self.ignore_overlap:
             valid = valid & (labels.sum(axis=2, dtype=np.int32) <= 1)
-        return image, labels, valid
+        return labels, valid
+
+    def read(self, sample: Sample, window: Window | None = None) -> Pixels:
+        with self.image(sample) as src:
+            image = src.read(window)
+            labels, valid = self.labels(sample, src.height, src.width, window)
+            nodata = src.nodata_mask(image)
+        real = np.ones(image.shape[:2], bool) if nodata is None else ~nodata
+        return Pixels(image, labels, valid & real, real, src.nodata)
 
 
 def label_stats(labels: np.ndarray, valid: np.ndarray) -> LabelStats:
@@ -87,17 +137,34 @@ def label_stats(labels: np.ndarray, valid: np.ndarray) -> LabelStats:
     )
 
 
-def scan(samples: Sequence[Sample], reader: PairReader, head: Head | None = None, cache: bool = False,
-         threads: int = 4) -> list[Record]:
+def cache_budget(mb: int | None) -> int:
+    """Bytes the dataset may keep in memory: `mb`, or a quarter of the machine's RAM."""
+    if mb is not None:
+        return mb << 20
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def scan(samples: Sequence[Sample], reader: PairReader, head: Head | None = None, cache: bool | str = False,
+         threads: int = 4, budget: int | None = None, per_image: bool = False) -> list[Record]:
     """Read and check every sample before anything is written.
 
-    All problems are reported together, each naming its file; with a head, masks the
-    head cannot learn from (e.g. overlapping labels for softmax) are problems too.
+    Masks are read whole (they are counted); images only by header unless they are cached:
+    `cache` True caches all, "auto" caches samples in order while they fit `budget` bytes and
+    streams the rest by window. All problems are reported together, each naming its file; with
+    a head, masks the head cannot learn from (e.g. overlapping labels for softmax) are problems too.
     """
+    budget = cache_budget(None) if budget is None else budget
 
     def one(sample: Sample) -> Record | str:
         try:
-            image, labels, valid = reader.read(sample)
+            with reader.image(sample) as src:
+                h, w = src.shape
+                nbytes = h * w * (src.channels or 1) * src.dtype.itemsize
+                norm_stats = src.stats() if per_image else None
+            labels, valid = reader.labels(sample, h, w)
         except DataError as err:
             return str(err)
         if head is not None:
@@ -105,8 +172,7 @@ def scan(samples: Sequence[Sample], reader: PairReader, head: Head | None = None
             if problem:
                 where = sample.mask if not isinstance(sample.mask, dict) else sample.image
                 return f"{where}: {problem}"
-        stats = label_stats(labels, valid)
-        return Record(sample, stats, image, labels, valid) if cache else Record(sample, stats)
+        return Record(sample, label_stats(labels, valid), h, w, src.dtype, nbytes, norm_stats)
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = list(pool.map(one, samples))
@@ -114,22 +180,69 @@ def scan(samples: Sequence[Sample], reader: PairReader, head: Head | None = None
     if errors:
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
         raise DataError(f"{len(errors)} of {len(samples)} samples cannot be used:\n  " + "\n  ".join(errors[:10]) + more)
-    return [r for r in results if isinstance(r, Record)]
+    records = [r for r in results if isinstance(r, Record)]
+    if cache:
+        used = 0
+        for r in records:
+            need = r.image_bytes + r.height * r.width * (len(r.stats.pixels) + 2)
+            if cache is True or used + need <= budget:
+                r.cached = reader.read(r.sample)
+                used += need
+        streamed = sum(r.cached is None for r in records)
+        if streamed:
+            log.info("%d of %d images cached in memory (%.0f MB); %d read from disk by window (data.cache_mb)",
+                     len(records) - streamed, len(records), used / 2**20, streamed)
+    return records
+
+
+def fit_normalization(mode: str, records: Sequence[Record], reader: PairReader, channels: int,
+                      mean: Sequence[float] | None, std: Sequence[float] | None, seed: int = 0,
+                      max_images: int = 64) -> Normalization:
+    """The normalisation for `mode`, statistics from a seeded sample of at most `max_images`
+    training images (a bounded pass, whatever the dataset's size)."""
+    from segkit.data.normalize import fit
+
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(records), min(len(records), max_images), replace=False).tolist())
+
+    def sampler(r: Record):
+        def sample() -> np.ndarray:
+            with reader.image(r.sample) as src:
+                return pixel_sample(src.read, src.height, src.width, src.nodata,
+                                    np.random.default_rng([seed, records.index(r)]))
+        return sample
+
+    picked = set(chosen)
+    sources = [(str(r.sample.image), r.dtype, sampler(r) if i in picked else (lambda: np.empty((0, channels))))
+               for i, r in enumerate(records)]
+    return fit(mode, sources, channels, mean, std)
+
+
+def crop_window(height: int, width: int, size: int, rng: np.random.Generator) -> Window:
+    """A uniformly placed window of at most size x size."""
+    h, w = min(size, height), min(size, width)
+    return Window(int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w)
 
 
 class SegmentationDataset(Dataset):
-    """Image tensors (C, H, W) normalised, and head targets, with per-sample seeded augmentation.
+    """Normalised image tensors (C, H, W) and head targets, with per-sample seeded augmentation.
 
-    Each sample's randomness comes from (seed, epoch, index), so a run is reproducible
-    whatever the number of workers, and a resumed run augments as the original would.
+    `crop` set: a random window (crop / the smallest scale, so rescaling still fills the crop)
+    is read, augmented and cropped; `crop` None: whole images, no augmentation (validation).
+    Each sample's randomness comes from (seed, epoch, index), so a run is reproducible whatever
+    the number of workers, and a resumed run augments as the original would.
     """
 
     def __init__(self, records: Sequence[Record], reader: PairReader, head: Head, transform: A.Compose,
+                 norm: Normalization, crop: int | None = None, scale_low: float = 1.0, color: float = 0.0,
                  seed: int = 0) -> None:
         self.records = list(records)
         self.reader = reader
         self.head = head
         self.transform = transform
+        self.norm = norm
+        self.window = int(np.ceil(crop / min(1.0, scale_low))) if crop else None
+        self.color = color
         self.seed = seed
         self.epoch = 0
 
@@ -139,17 +252,30 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        r = self.records[i]
-        if r.image is not None:
-            return r.image, r.labels, r.valid
-        return self.reader.read(r.sample)
+    def pixels(self, r: Record, window: Window | None) -> Pixels:
+        if r.cached is None:
+            return self.reader.read(r.sample, window)
+        if window is None:
+            return r.cached
+        t, l, h, w = window
+        c = r.cached
+        return Pixels(c.image[t:t + h, l:l + w], c.labels[t:t + h, l:l + w], c.valid[t:t + h, l:l + w],
+                      c.real[t:t + h, l:l + w], c.nodata)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, labels, valid = self.load(i)
-        stack = np.concatenate([labels, valid[:, :, None].astype(np.uint8)], axis=2)
-        self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
-        out = self.transform(image=to_unit_float(image), mask=stack)
+        r = self.records[i]
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, i]))
+        window = crop_window(r.height, r.width, self.window, rng) if self.window else None
+        px = self.pixels(r, window)
+        stack = np.concatenate([px.labels, px.valid[:, :, None], px.real[:, :, None]], axis=2).astype(np.uint8)
+        self.transform.set_random_seed(int(rng.integers(2**31)))
+        out = self.transform(image=px.image.astype(np.float32), mask=stack)
         stack = out["mask"]
-        target = self.head.targets(np.ascontiguousarray(stack[:, :, :-1]), stack[:, :, -1].astype(bool))
-        return torch.from_numpy(out["image"].transpose(2, 0, 1).copy()), target
+        real = torch.from_numpy(np.ascontiguousarray(stack[:, :, -1])).bool()
+        x = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
+        stats = torch.from_numpy(r.norm_stats)[None] if r.norm_stats is not None else None
+        x = self.norm.apply(x[None], stats, ~real[None, None])[0]
+        if self.color and rng.random() < self.color:  # light contrast/brightness jitter, in normalised units
+            x = torch.where(real, x * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.25, 0.25)), x)
+        target = self.head.targets(np.ascontiguousarray(stack[:, :, :-2]), stack[:, :, -2].astype(bool))
+        return x, target

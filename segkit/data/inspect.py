@@ -1,8 +1,9 @@
 """Dataset inspection: what the masks contain, what is wrong with them, and which head fits.
 
 Without a config the mask format and class names are guessed from the files: per-class
-folders -> multilabel; values {0, 255} or {0, 1} -> binary; other grey values -> index;
-RGB -> colour.
+folders -> multilabel; 0 and one other value (or a JPEG mask) -> binary; other grey values ->
+index; RGB -> colour. Images are summarised too: type, bands, value range and per-band
+statistics of a sample, which is what normalisation will be built from.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from segkit.config import DataConfig
 from segkit.data.dataset import label_stats
 from segkit.data.io import image_size, is_image, read_mask_raw
 from segkit.data.layout import Sample, pair, split_dirs
-from segkit.data.masks import MaskFormat, build_mask_format
+from segkit.data.masks import MaskFormat, build_mask_format, distinct
+from segkit.data.normalize import sample_windows, valid_pixels
+from segkit.data.source import ImageSource
 from segkit.errors import DataError, SegkitError
 
 
@@ -28,17 +31,22 @@ class DataGuess:
     mask: str
     classes: list[str]
     ignore_index: int | None = None
-    foreground_value: int | None = None
+    foreground_value: int | str | None = None
     colors: list[tuple[int, int, int]] | None = None
     guessed: bool = False
+    binary_threshold: float | None = None
+    bands: list[int] | None = None
+    nodata: float | None = None
 
     @classmethod
     def from_config(cls, d: DataConfig) -> DataGuess:
         """The encoding a config's data section states (nothing guessed)."""
-        return cls(d.mask, list(d.classes), d.ignore_index, d.foreground_value, d.colors)
+        return cls(d.mask, list(d.classes), d.ignore_index, d.foreground_value, d.colors,
+                   binary_threshold=d.binary_threshold, bands=d.bands, nodata=d.nodata)
 
     def format(self) -> MaskFormat:
-        return build_mask_format(self.mask, self.classes, self.ignore_index, self.foreground_value, self.colors)
+        return build_mask_format(self.mask, self.classes, self.ignore_index, self.foreground_value, self.colors,
+                                 self.binary_threshold)
 
     @property
     def background(self) -> int | None:
@@ -67,10 +75,70 @@ class SplitReport:
 
 
 @dataclass
+class ImageSummary:
+    """Types, band counts and per-band statistics of a sample of images (what normalisation sees)."""
+
+    sampled: int = 0
+    dtypes: dict[str, int] = field(default_factory=dict)
+    bands: dict[int, int] = field(default_factory=dict)
+    nodata: set = field(default_factory=set)
+    georeferenced: int = 0
+    minimum: np.ndarray | None = None
+    maximum: np.ndarray | None = None
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+    def to_dict(self) -> dict:
+        tolist = lambda a: None if a is None else [float(v) for v in a]  # noqa: E731
+        return {"sampled": self.sampled, "dtypes": self.dtypes, "bands": {str(k): v for k, v in self.bands.items()},
+                "nodata": sorted(self.nodata), "georeferenced": self.georeferenced,
+                "per_band": {"min": tolist(self.minimum), "max": tolist(self.maximum), "mean": tolist(self.mean),
+                             "std": tolist(self.std)}}
+
+    def text(self) -> list[str]:
+        lines = [f"\nimages (a sample of {self.sampled}): types {self.dtypes}, bands {self.bands}"
+                 + (f", nodata {sorted(self.nodata)}" if self.nodata else "")
+                 + (f", {self.georeferenced} georeferenced" if self.georeferenced else "")]
+        if self.mean is not None:
+            lines.append("  band      min        max        mean       std")
+            for b, (lo, hi, m, s) in enumerate(zip(self.minimum, self.maximum, self.mean, self.std), start=1):
+                lines.append(f"  {b:>4}  {lo:>9.4g}  {hi:>9.4g}  {m:>9.4g}  {s:>9.4g}")
+        return lines
+
+
+def summarize_images(paths: list[Path], bands: list[int] | None, nodata: float | None,
+                     limit: int = 32) -> ImageSummary:
+    """Statistics of up to `limit` images (evenly spread), read as training would read them."""
+    out = ImageSummary()
+    pixels = []
+    for path in paths[:: max(1, len(paths) // limit)][:limit]:
+        try:
+            with ImageSource.open(path, None, bands, nodata) as src:
+                out.dtypes[str(src.dtype)] = out.dtypes.get(str(src.dtype), 0) + 1
+                if src.nodata is not None:
+                    out.nodata.add(float(src.nodata))
+                out.georeferenced += src.geometry.georeferenced
+                values = np.concatenate([valid_pixels(src.read(w), src.nodata)
+                                         for w in sample_windows(src.height, src.width, 1 << 18)])
+        except SegkitError:
+            continue  # reported as unreadable by the mask pass
+        out.bands[values.shape[1]] = out.bands.get(values.shape[1], 0) + 1
+        out.sampled += 1
+        pixels.append(values)
+    if pixels and len(out.bands) == 1:
+        allpx = np.concatenate(pixels)
+        if len(allpx):
+            out.minimum, out.maximum = allpx.min(0), allpx.max(0)
+            out.mean, out.std = allpx.mean(0), allpx.std(0)
+    return out
+
+
+@dataclass
 class Report:
     root: Path
     data: DataGuess
     splits: list[SplitReport]
+    images: ImageSummary = field(default_factory=ImageSummary)
 
     def _sum(self, key: str) -> int:
         return sum(getattr(s, key) for s in self.splits)
@@ -114,7 +182,7 @@ class Report:
                                 "orphan_masks": len(s.orphan_masks), "empty_masks": len(s.empty),
                                 "size_mismatch": len(s.size_mismatch), "unreadable": len(s.unreadable)}
                        for s in self.splits},
-            "head": head, "why": head + ": " + why,
+            "head": head, "why": head + ": " + why, "images": self.images.to_dict(),
         }
 
     def text(self) -> str:
@@ -129,6 +197,7 @@ class Report:
                 if items:
                     shown = ", ".join(str(i) for i in items[:3]) + (" ..." if len(items) > 3 else "")
                     lines.append(f"  {label}: {len(items)}  ({shown})")
+        lines += self.images.text()
         valid = max(1, self._sum("valid"))
         lines.append("\nclass pixel frequency (share of valid pixels):")
         width = max(len(c) for c in d.classes)
@@ -159,20 +228,23 @@ def guess_data(root: Path) -> DataGuess:
         raise DataError(f"{masks_dir}: no mask files. Fix: put masks (same stem as the images) there.")
     values: set[int] = set()
     colours: set[tuple[int, int, int]] = set()
+    lossy = False
     for path in files[:: max(1, len(files) // 20)]:
         try:
-            arr = read_mask_raw(path, as_palette_index=True)
+            px = read_mask_raw(path, as_palette_index=True)
         except DataError:
             continue  # reported as unreadable by the full pass
+        arr, lossy = px.values, lossy or px.lossy
         if arr.ndim == 3 and not (arr == arr[:, :, :1]).all():
             colours.update(map(tuple, np.unique(arr.reshape(-1, 3), axis=0).tolist()))
         else:
-            values.update(np.unique(arr if arr.ndim == 2 else arr[:, :, 0]).tolist())
-    if colours:
+            values.update(distinct(arr if arr.ndim == 2 else arr[:, :, 0]).tolist())
+    if colours and not lossy:
         ordered = sorted(colours)
         return DataGuess("color", [f"color_{r}_{g}_{b}" for r, g, b in ordered], colors=ordered, guessed=True)
-    if values <= {0, 255} or values <= {0, 1} or max(values) > 255:  # deeper than 8 bits: binary
-        return DataGuess("binary", ["fg"], guessed=True)
+    if lossy or len(values - {0}) <= 1 or max(values) > 255:
+        return DataGuess("binary", ["fg"], guessed=True,
+                         foreground_value="nonzero" if len(values - {0}) > 1 and not lossy else None)
     return DataGuess("index", [f"class_{i}" for i in range(int(max(values)) + 1)], guessed=True)
 
 
@@ -222,4 +294,5 @@ def inspect(root: str | Path, data: DataGuess | None = None, threads: int = 4) -
                 s.multi += st.multi
                 s.unlabeled += st.unlabeled
         splits.append(s)
-    return Report(root, data, splits)
+    images = [i for _, (images_dir, _) in split_dirs(root).items() for i in _files(images_dir)]
+    return Report(root, data, splits, summarize_images(images, data.bands, data.nodata))

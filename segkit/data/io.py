@@ -3,127 +3,124 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
-import tifffile
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from segkit.data.readers import Raster, Window, is_raster, open_raster
 from segkit.errors import DataError
 
-Image.MAX_IMAGE_PIXELS = None  # whole-slide and aerial images are legitimately huge; memory is planned for
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
+log = logging.getLogger("segkit")
 
 
 def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")
+    """A file segkit reads as a 2-D image (see `segkit.data.readers` for the formats)."""
+    return is_raster(path)
 
 
-def _read_array(path: Path) -> tuple[np.ndarray, str | None]:
-    """Raw pixel array and PIL mode (None for TIFFs read by tifffile)."""
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            arr = tifffile.imread(path)
-            if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[2] not in (1, 3, 4):
-                arr = arr.transpose(1, 2, 0)
-            return arr, None
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode == "P":
-                return np.array(im), "P"
-            if mode in ("I;16", "I;16B", "I;16L"):
-                return np.array(im).astype(np.uint16), mode
-            if mode == "I":
-                return np.array(im), mode
-            if mode not in ("L", "RGB", "RGBA", "LA", "1", "F"):
-                im = im.convert("RGB")
-                mode = "RGB"
-            return np.array(im), mode
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found.") from None
-    except (UnidentifiedImageError, OSError, ValueError, tifffile.TiffFileError) as err:
-        raise DataError(f"{path}: cannot read this image ({err}). Fix: replace the file or remove it.") from None
+class MaskPixels(NamedTuple):
+    """A mask's stored values with what the file says about them."""
+
+    values: np.ndarray  # (H, W) grey/index, or (H, W, 3) colour
+    invalid: np.ndarray | None  # (H, W) pixels the file marks as nodata
+    lossy: bool  # JPEG-like: values near 0/255 are noisy
 
 
-def to_unit_float(arr: np.ndarray) -> np.ndarray:
-    """Scale integer pixels to [0, 1] by their type's range (8-bit /255, 16-bit /65535)."""
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    if arr.dtype == np.uint16:
-        return arr.astype(np.float32) / 65535.0
+def image_bands(raster: Raster, bands: Sequence[int] | None) -> list[int]:
+    """0-based bands to use: the 1-based `bands` asked for, or every band the file does not declare
+    alpha (PNG RGBA, TIFF ExtraSamples = alpha, GDAL colour interpretation = alpha)."""
+    count = 3 if raster.palette is not None else raster.bands
+    if bands is None:
+        return [b for b in range(count) if b not in raster.alpha]
+    bad = [b for b in bands if not 1 <= b <= count]
+    if bad:
+        raise DataError(f"{raster.path}: data.bands {list(bands)} asks for band(s) {bad}, but the image has "
+                        f"{count} band(s), numbered 1..{count}. Fix: choose bands from 1..{count} in data.bands.")
+    return [b - 1 for b in bands]
+
+
+_told_grey: set[str] = set()
+
+
+def check_channels(n: int, channels: int | None, where: object) -> None:
+    """An image of `n` bands can feed a model of `channels` inputs: equal counts, or 1 band for a
+    3-channel model (repeated, the one documented conversion); anything else is an error."""
+    if channels is None or n == channels or (n == 1 and channels == 3):
+        return
+    raise DataError(f"{where}: {n} band(s), but the model takes {channels} input channel(s). "
+                    f"Fix: train with data.channels: {n}, or pick {channels} band(s) with data.bands "
+                    f"(e.g. {list(range(1, channels + 1))}); a band is never dropped or repeated silently.")
+
+
+def match_channels(arr: np.ndarray, channels: int | None, where: object) -> np.ndarray:
+    """`arr` (H, W, B) for a model of `channels` inputs (see `check_channels`); a repeated grey band is logged once."""
+    n = arr.shape[2]
+    check_channels(n, channels, where)
+    if channels is None or n == channels:
+        return arr
+    if "grey" not in _told_grey:
+        log.info("%s: a 1-band image for a 3-channel model; its band is repeated 3 times (logged once)", where)
+        _told_grey.add("grey")
+    return np.repeat(arr, 3, axis=2)
+
+
+def image_pixels(raster: Raster, channels: int | None = None, bands: Sequence[int] | None = None,
+                 window: Window | None = None) -> np.ndarray:
+    """(h, w, C) pixels in their stored type: palette images through their palette, alpha left out,
+    `bands` selected, checked against the model's `channels`."""
+    use = image_bands(raster, bands)
+    if raster.palette is not None:
+        arr = raster.palette[raster.read(window, [0])[:, :, 0]][:, :, use]
+    else:
+        arr = raster.read(window, use)
     if arr.dtype == bool:
-        return arr.astype(np.float32)
-    if np.issubdtype(arr.dtype, np.integer):
-        top = float(max(arr.max(initial=1), 1))
-        return arr.astype(np.float32) / (255.0 if top <= 255 else 65535.0 if top <= 65535 else top)
-    return np.clip(arr.astype(np.float32), 0.0, 1.0)
-
-
-def read_image(path: Path, channels: int = 3) -> np.ndarray:
-    """An image as (H, W, channels), keeping 8- or 16-bit depth.
-
-    Grey is repeated to RGB, RGBA loses alpha, palette images go through their palette
-    (an inverted grey palette comes out right), RGB becomes grey for 1-channel models.
-    """
-    arr, mode = _read_array(path)
-    if mode == "P":
-        with Image.open(path) as im:
-            arr = np.array(im.convert("RGB"))
-    if mode == "1":
         arr = arr.astype(np.uint8) * 255
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3:
-        raise DataError(f"{path}: image has shape {arr.shape}; expected height x width (x channels).")
-    if arr.shape[2] in (2, 4):  # LA / RGBA: drop alpha
-        arr = arr[:, :, :-1]
-    if arr.shape[2] > 4:
-        raise DataError(f"{path}: {arr.shape[2]} channels; segkit reads grey, RGB and RGBA images.")
-    if channels == 3 and arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    elif channels == 1 and arr.shape[2] == 3:
-        weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        arr = (arr.astype(np.float32) @ weights).round().astype(arr.dtype)[:, :, None]
-    return np.ascontiguousarray(arr)
+    return match_channels(arr, channels, raster.path)
 
 
-def read_mask_raw(path: Path, as_palette_index: bool) -> np.ndarray:
-    """A mask's values: (H, W) for grey/palette masks, (H, W, 3) for colour masks.
+def read_image(path: Path, channels: int | None = 3, bands: Sequence[int] | None = None,
+               window: Window | None = None) -> np.ndarray:
+    """An image (or a window of it) as (H, W, C), keeping its stored type (8/16-bit, float)."""
+    with open_raster(path) as raster:
+        return image_pixels(raster, channels, bands, window)
 
-    Palette PNGs give their indices when `as_palette_index` (index masks saved with a
-    palette, as in VOC), and their displayed grey/colour otherwise.
-    """
-    arr, mode = _read_array(path)
-    if mode == "P" and not as_palette_index:
-        with Image.open(path) as im:
-            rgb = np.array(im.convert("RGB"))
-        arr = rgb[:, :, 0] if (rgb[:, :, :1] == rgb).all() else rgb
-    if mode == "1":
-        arr = arr.astype(np.uint8) * 255
-    if arr.ndim == 3 and arr.shape[2] in (2, 4):
-        arr = arr[:, :, :-1]
-    if arr.ndim == 3 and arr.shape[2] == 1:
+
+def mask_pixels(raster: Raster, as_palette_index: bool, window: Window | None = None) -> MaskPixels:
+    """A mask's values: palette masks give their indices when `as_palette_index` (VOC-style index masks),
+    their displayed grey/colour otherwise; declared alpha bands are left out."""
+    arr = raster.read(window, [b for b in range(raster.bands) if b not in raster.alpha])
+    if raster.palette is not None and not as_palette_index:
+        rgb = raster.palette[arr[:, :, 0]]
+        arr = rgb[:, :, :1] if (rgb[:, :, :1] == rgb).all() else rgb
+    invalid = None
+    if raster.nodata is not None:
+        hit = arr == raster.nodata if not np.isnan(raster.nodata) else np.isnan(arr)
+        invalid = hit.all(axis=2)
+    if arr.shape[2] == 1:
         arr = arr[:, :, 0]
-    return arr
+    elif arr.shape[2] != 3:
+        raise DataError(f"{raster.path}: a mask with {arr.shape[2]} bands. Fix: save masks as one grey/index band, "
+                        "or RGB colours with `data.mask: color`.")
+    return MaskPixels(arr, invalid, raster.lossy)
+
+
+def read_mask_raw(path: Path, as_palette_index: bool, window: Window | None = None) -> MaskPixels:
+    with open_raster(path) as raster:
+        return mask_pixels(raster, as_palette_index, window)
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) without decoding the pixels, where the format allows."""
-    if path.suffix.lower() in (".tif", ".tiff"):
-        return read_image(path).shape[:2]
-    try:
-        with Image.open(path) as im:
-            return im.size[1], im.size[0]
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{path}: cannot read this image ({err}). Fix: replace the file or remove it.") from None
+    """(height, width) from the header, where the format allows, without decoding the pixels."""
+    with open_raster(path) as raster:
+        return raster.shape
 
 
 @contextmanager

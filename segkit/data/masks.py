@@ -12,24 +12,27 @@ from pathlib import Path
 
 import numpy as np
 
-from segkit.data.io import read_mask_raw
+from segkit.data.io import MaskPixels, read_mask_raw
+from segkit.data.readers import Window
 from segkit.errors import ConfigError, DataError
 
 Labels = tuple[np.ndarray, np.ndarray]
 
+BINARY_FIXES = ("Fix: `data.binary_threshold: 128` (any value) for anti-aliased or resampled masks, "
+                "`data.foreground_value: nonzero` for instance-ID masks (0 = background, 1..N = objects), "
+                "or `data.mask: index` for class indices.")
 
-def _cut(top: int) -> int:
-    """Binary threshold for masks whose largest value is `top`: {0,1} at 0.5, 8-bit at 127, deeper at top/2."""
-    return 0 if top <= 1 else 127 if top <= 255 else top // 2
+
+def distinct(arr: np.ndarray) -> np.ndarray:
+    """Sorted distinct values; a histogram for 8/16-bit masks (much faster than sorting a large mask)."""
+    if arr.dtype in (np.uint8, np.uint16) and arr.size:
+        return np.flatnonzero(np.bincount(arr.ravel(), minlength=1)).astype(arr.dtype)
+    return np.unique(arr)
 
 
-def bright(arr: np.ndarray) -> np.ndarray:
-    """Foreground of a binary mask by threshold (see `_cut`).
-
-    A threshold, not equality, so JPEG noise around 0 and 255 lands on the right side, and
-    12- or 16-bit masks work whatever their largest value.
-    """
-    return arr > _cut(int(arr.max(initial=0)))
+def midpoint(dtype: np.dtype) -> float:
+    """Half of a type's range: the documented threshold of lossy (JPEG) binary masks."""
+    return (np.iinfo(dtype).max + 1) / 2 if np.issubdtype(dtype, np.integer) else 0.5
 
 
 def _grey(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -48,39 +51,65 @@ class MaskFormat(ABC):
     multilabel = False
 
     def __init__(self, classes: Sequence[str], ignore_index: int | None = None,
-                 foreground_value: int | None = None, colors: Sequence[Sequence[int]] | None = None) -> None:
+                 foreground_value: int | str | None = None, colors: Sequence[Sequence[int]] | None = None,
+                 binary_threshold: float | None = None) -> None:
         self.classes = list(classes)
         self.ignore_index = ignore_index
         self.foreground_value = foreground_value
         self.colors = colors
+        self.binary_threshold = binary_threshold
 
-    def _valid(self, arr: np.ndarray) -> np.ndarray:
-        if self.ignore_index is None:
-            return np.ones(arr.shape[:2], dtype=bool)
-        hit = arr == self.ignore_index
-        return ~(hit.all(axis=2) if hit.ndim == 3 else hit)
+    def _valid(self, px: MaskPixels) -> np.ndarray:
+        arr = px.values
+        valid = np.ones(arr.shape[:2], dtype=bool) if px.invalid is None else ~px.invalid
+        if self.ignore_index is not None:
+            hit = arr == self.ignore_index
+            valid &= ~(hit.all(axis=2) if hit.ndim == 3 else hit)
+        return valid
 
-    def _foreground(self, arr: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Foreground among the valid pixels; the ignore value never sets the threshold."""
-        arr = np.where(valid, arr, 0)
-        if self.foreground_value is None:
-            return bright(arr) & valid
-        cut = _cut(max(int(arr.max(initial=0)), self.foreground_value))
-        # foreground_value says which side of the threshold is foreground (ISBI membranes = 0: the dark side)
-        return (arr > cut if self.foreground_value > cut else arr <= cut) & valid
+    def _foreground(self, arr: np.ndarray, valid: np.ndarray, lossy: bool, path: Path) -> np.ndarray:
+        """Foreground of a binary mask, by the documented rule (README "Mask encodings"):
+
+        - `data.binary_threshold: t`: value >= t (or < t when data.foreground_value lies below t);
+        - `data.foreground_value: nonzero`: any value but 0 (instance-ID masks);
+        - lossy files (JPEG) without a threshold: the midpoint of the type's range (> 127 for 8-bit);
+        - lossless files: exactly 0 and one foreground value (or data.foreground_value and one other
+          value); any third value is an error naming the file, never guessed away.
+        """
+        fg_value = self.foreground_value
+        cut = self.binary_threshold if self.binary_threshold is not None else midpoint(arr.dtype) if lossy else None
+        if fg_value == "nonzero":
+            fg = arr != 0
+        elif cut is not None:
+            fg = arr < cut if fg_value is not None and fg_value < cut else arr >= cut
+        else:
+            values = distinct(arr[valid])
+            rest = values[values != (0 if fg_value is None else fg_value)]
+            if len(rest) > 1:
+                shown = ", ".join(str(v) for v in values[:8].tolist()) + (" ..." if len(values) > 8 else "")
+                expected = ("0 and one foreground value" if fg_value is None
+                            else f"the foreground value {fg_value} and one other value")
+                raise DataError(f"{path}: a binary mask holds the values [{shown}]; expected {expected}. "
+                                + BINARY_FIXES)
+            fg = arr != 0 if fg_value is None else arr == fg_value
+        return fg & valid
+
+    def _binary(self, path: Path, window: Window | None) -> tuple[np.ndarray, np.ndarray]:
+        px = read_mask_raw(path, as_palette_index=False, window=window)
+        arr = _grey(px.values, path)
+        valid = self._valid(px._replace(values=arr))
+        return self._foreground(arr, valid, px.lossy, path), valid
 
     @abstractmethod
-    def read(self, mask: Path | Mapping[str, Path]) -> Labels:
-        """Multi-hot labels and valid mask of one image's mask file(s)."""
+    def read(self, mask: Path | Mapping[str, Path], window: Window | None = None) -> Labels:
+        """Multi-hot labels (H, W, C) uint8 and valid mask (H, W) of one image's mask file(s), or a window."""
 
 
 class BinaryMasks(MaskFormat):
     """One grey mask per image: `[fg]` or `[background, fg]`."""
 
-    def read(self, mask: Path) -> Labels:
-        arr = _grey(read_mask_raw(mask, as_palette_index=False), mask)
-        valid = self._valid(arr)
-        fg = self._foreground(arr, valid)
+    def read(self, mask: Path, window: Window | None = None) -> Labels:
+        fg, valid = self._binary(mask, window)
         layers = [fg] if len(self.classes) == 1 else [~fg & valid, fg]
         return np.stack(layers, axis=2).astype(np.uint8), valid
 
@@ -88,12 +117,13 @@ class BinaryMasks(MaskFormat):
 class IndexMasks(MaskFormat):
     """Class indices 0..C-1 per pixel, optionally an ignore value."""
 
-    def read(self, mask: Path) -> Labels:
-        arr = read_mask_raw(mask, as_palette_index=True)
+    def read(self, mask: Path, window: Window | None = None) -> Labels:
+        px = read_mask_raw(mask, as_palette_index=True, window=window)
+        arr = px.values
         if arr.ndim == 3:
             raise DataError(f"{mask}: an RGB mask, but data.mask is 'index'. Fix: use `data.mask: color` "
                             "with data.colors, or save class indices as a grey PNG.")
-        valid = self._valid(arr)
+        valid = self._valid(px)
         n = len(self.classes)
         bad = valid & (arr >= n)
         if bad.any():
@@ -110,16 +140,19 @@ class IndexMasks(MaskFormat):
 class ColorMasks(MaskFormat):
     """RGB colours mapped to classes by data.colors."""
 
-    def read(self, mask: Path) -> Labels:
-        arr = read_mask_raw(mask, as_palette_index=False)
+    def read(self, mask: Path, window: Window | None = None) -> Labels:
+        px = read_mask_raw(mask, as_palette_index=False, window=window)
+        arr = px.values
         if arr.ndim == 2:
             arr = np.repeat(arr[:, :, None], 3, axis=2)
         code = (arr[:, :, 0].astype(np.int32) << 16) | (arr[:, :, 1].astype(np.int32) << 8) | arr[:, :, 2]
         palette = np.array([(r << 16) | (g << 8) | b for r, g, b in self.colors], dtype=np.int32)
         labels = (code[:, :, None] == palette).astype(np.uint8)
-        valid = labels.any(axis=2)
-        if not valid.all():
-            found, counts = np.unique(code[~valid], return_counts=True)
+        known = labels.any(axis=2)
+        nodata = px.invalid if px.invalid is not None else np.zeros_like(known)
+        valid = known & ~nodata
+        if (~known & ~nodata).any():
+            found, counts = np.unique(code[~known & ~nodata], return_counts=True)
             shown = [f"[{c >> 16}, {(c >> 8) & 255}, {c & 255}] x{n}" for c, n in zip(found[:5], counts[:5])]
             raise DataError(f"{mask}: colours not in data.colors: {', '.join(shown)}. "
                             "Fix: add them to data.colors (one per class) or repaint those pixels.")
@@ -131,17 +164,16 @@ class MultilabelMasks(MaskFormat):
 
     multilabel = True
 
-    def read(self, mask: Mapping[str, Path]) -> Labels:
+    def read(self, mask: Mapping[str, Path], window: Window | None = None) -> Labels:
         layers: dict[str, np.ndarray] = {}
         valid = None
         for name, path in mask.items():
-            arr = _grey(read_mask_raw(path, as_palette_index=False), path)
-            if layers and arr.shape != next(iter(layers.values())).shape:
-                raise DataError(f"{path}: size {arr.shape} differs from the other class masks of this image "
+            fg, v = self._binary(path, window)
+            if layers and fg.shape != next(iter(layers.values())).shape:
+                raise DataError(f"{path}: size {fg.shape} differs from the other class masks of this image "
                                 f"({next(iter(layers.values())).shape}). Fix: save all class masks at one size.")
-            v = self._valid(arr)
             valid = v if valid is None else valid & v
-            layers[name] = self._foreground(arr, v)
+            layers[name] = fg
         assert valid is not None
         rest = [name for name in self.classes if name not in layers]
         if rest:
@@ -159,8 +191,9 @@ FORMATS: dict[str, type[MaskFormat]] = {
 
 
 def build_mask_format(name: str, classes: Sequence[str], ignore_index: int | None = None,
-                      foreground_value: int | None = None,
-                      colors: Sequence[Sequence[int]] | None = None) -> MaskFormat:
+                      foreground_value: int | str | None = None,
+                      colors: Sequence[Sequence[int]] | None = None,
+                      binary_threshold: float | None = None) -> MaskFormat:
     if name not in FORMATS:
         raise ConfigError(f"data.mask: '{name}' is not a mask format. Fix: use one of {sorted(FORMATS)}.")
-    return FORMATS[name](classes, ignore_index, foreground_value, colors)
+    return FORMATS[name](classes, ignore_index, foreground_value, colors, binary_threshold)

@@ -15,11 +15,12 @@ log = logging.getLogger("segkit")
 
 
 def mask_format(cfg: DataConfig) -> MaskFormat:
-    return build_mask_format(cfg.mask, cfg.classes, cfg.ignore_index, cfg.foreground_value, cfg.colors)
+    return build_mask_format(cfg.mask, cfg.classes, cfg.ignore_index, cfg.foreground_value, cfg.colors,
+                             cfg.binary_threshold)
 
 
 def pair_reader(cfg: DataConfig) -> PairReader:
-    return PairReader(mask_format(cfg), cfg.channels, ignore_overlap=cfg.overlap == "ignore")
+    return PairReader(mask_format(cfg), cfg.channels, cfg.bands, cfg.nodata, ignore_overlap=cfg.overlap == "ignore")
 
 
 def _labelled(pairing: Pairing, where: str) -> list[Sample]:
@@ -72,7 +73,8 @@ def checkpoint_data(meta: dict, root: Path) -> tuple[DataConfig, int]:
         raise SegkitError("model.json has no `data` section (mask encoding). Fix: pass --config with the "
                           "data section that describes these masks.")
     cfg = DataConfig(root=root, classes=meta["classes"], mask=d["mask"], ignore_index=d.get("ignore_index"),
-                     foreground_value=d.get("foreground_value"), colors=d.get("colors"),
-                     val_fraction=d.get("val_fraction", 0.2), channels=int(meta["in_channels"]),
+                     foreground_value=d.get("foreground_value"), binary_threshold=d.get("binary_threshold"),
+                     colors=d.get("colors"), val_fraction=d.get("val_fraction", 0.2),
+                     channels=int(meta["in_channels"]), bands=d.get("bands"), nodata=d.get("nodata"),
                      overlap=d.get("overlap", "error"))
     return cfg, int(d.get("seed", 0))

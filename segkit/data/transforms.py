@@ -1,13 +1,12 @@
-"""Augmentation and normalisation pipelines (albumentations).
+"""Geometric augmentation (albumentations) of a window read for training.
 
-Masks travel through the geometric transforms as one (H, W, C + 1) uint8 stack: the
-C multi-hot class layers and a last 'valid' layer. Padding fills it with zeros, so
-padded pixels come out invalid and are ignored by the loss and the metrics.
+Masks travel through the transforms as one (H, W, C + 2) uint8 stack: the C multi-hot class
+layers, a 'valid' layer and a 'real' (not no-data) layer. Padding fills it with zeros, so
+padded pixels come out invalid and are ignored by the loss and the metrics. Intensity work
+(normalisation, jitter) happens after, on the tensor, in `SegmentationDataset`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import albumentations as A
 import cv2
@@ -15,13 +14,8 @@ import cv2
 from segkit.config import AugmentConfig
 
 
-def normalize(mean: Sequence[float], std: Sequence[float]) -> A.Normalize:
-    """Input normalisation of float images in [0, 1]; training and inference share it."""
-    return A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0, p=1.0)
-
-
-def train_transform(crop: int, aug: AugmentConfig, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
-    """Random crop (padding small images) to `crop`, flips, 90-degree turns, light jitter."""
+def train_transform(crop: int, aug: AugmentConfig) -> A.Compose:
+    """Random rescale (optional), padding of small images to `crop`, random crop, flips, 90-degree turns."""
     steps: list[A.BasicTransform] = []
     if aug.scale is not None:
         low, high = aug.scale
@@ -33,12 +27,10 @@ def train_transform(crop: int, aug: AugmentConfig, mean: Sequence[float], std: S
         A.HorizontalFlip(p=aug.hflip),
         A.VerticalFlip(p=aug.vflip),
         A.RandomRotate90(p=aug.rotate90),
-        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=aug.color),
-        normalize(mean, std),
     ]
     return A.Compose(steps)
 
 
-def eval_transform(mean: Sequence[float], std: Sequence[float]) -> A.Compose:
-    """No augmentation: normalisation only, full image."""
-    return A.Compose([normalize(mean, std)])
+def eval_transform() -> A.Compose:
+    """No augmentation: the full image."""
+    return A.Compose([])

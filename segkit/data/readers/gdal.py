@@ -1,0 +1,56 @@
+"""Georeferenced rasters (GeoTIFF, JPEG 2000, VRT, ERDAS .img, ...) through rasterio (GDAL):
+windowed reads, and the CRS, transform and nodata that outputs must keep."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import ColorInterp
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.windows import Window as RioWindow
+
+from segkit.data.readers.base import Raster, Window
+from segkit.errors import DataError
+
+_LOSSY = {"jpeg", "webp", "jpeg2000", "jxl", "lerc"}
+
+
+class GdalRaster(Raster):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self._ds = rasterio.open(path)
+        except RasterioIOError as err:
+            raise DataError(f"{path}: cannot read this raster ({err}). Fix: replace the file or remove it.") from None
+        ds = self._ds
+        if len(set(ds.dtypes)) != 1:
+            ds.close()
+            raise DataError(f"{path}: bands of different types {ds.dtypes}. Fix: save all bands with one type.")
+        self.height, self.width, self.bands = ds.height, ds.width, ds.count
+        self.dtype = np.dtype(ds.dtypes[0])
+        self.alpha = tuple(i for i, c in enumerate(ds.colorinterp) if c == ColorInterp.alpha)
+        self.nodata = ds.nodata
+        compress = (ds.profile.get("compress") or "").lower()
+        self.lossy = compress in _LOSSY or ds.driver in ("JPEG", "JP2OpenJPEG", "WEBP")
+        if ds.count == 1 and ds.colorinterp[0] == ColorInterp.palette:
+            cmap = ds.colormap(1)
+            self.palette = np.array([cmap.get(i, (0, 0, 0, 0))[:3] for i in range(256)], dtype=np.uint8)
+        self.crs = ds.crs.to_wkt() if ds.crs else None
+        self.transform = tuple(ds.transform)[:6] if ds.crs else None
+
+    def _read(self, window: Window, bands: list[int]) -> np.ndarray:
+        t, l, h, w = window
+        try:
+            arr = self._ds.read([b + 1 for b in bands], window=RioWindow(l, t, w, h))
+        except RasterioIOError as err:
+            raise DataError(f"{self.path}: cannot decode window {tuple(window)} ({err}). "
+                            "Fix: replace the file (it may be truncated).") from None
+        return arr.transpose(1, 2, 0)
+
+    def close(self) -> None:
+        self._ds.close()

@@ -1,0 +1,91 @@
+"""One image as the network sees it, from a file or an array: bands selected, channel count
+checked, no-data known, read by window. Training, evaluation and prediction all read images
+through this, so a pixel means the same input everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from segkit.data.io import check_channels, image_bands, image_pixels, match_channels
+from segkit.data.normalize import image_stats
+from segkit.data.readers import Geometry, Raster, Window, open_raster
+
+
+class ImageSource:
+    """Pixels (h, w, C) in their stored type; `nodata` from the config if given, else the file's."""
+
+    def __init__(self, height: int, width: int, dtype: np.dtype, nodata: float | None, name: str,
+                 geometry: Geometry | None = None, raster: Raster | None = None, array: np.ndarray | None = None,
+                 channels: int | None = None, bands: Sequence[int] | None = None) -> None:
+        self.height, self.width, self.dtype, self.nodata, self.name = height, width, np.dtype(dtype), nodata, name
+        self.geometry = geometry or Geometry(height, width)
+        self._raster, self._array, self.channels, self.bands = raster, array, channels, bands
+        self._stats: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, channels: int | None, bands: Sequence[int] | None = None,
+             nodata: float | None = None) -> ImageSource:
+        raster = open_raster(path)
+        try:
+            check_channels(len(image_bands(raster, bands)), channels, path)  # from the header, before any decode
+        except Exception:
+            raster.close()
+            raise
+        dtype = np.uint8 if raster.palette is not None else raster.dtype
+        return cls(raster.height, raster.width, dtype, raster.nodata if nodata is None else nodata,
+                   str(path), raster.geometry, raster=raster, channels=channels, bands=bands)
+
+    @classmethod
+    def from_array(cls, array: np.ndarray, channels: int | None, nodata: float | None = None,
+                   name: str = "image", geometry: Geometry | None = None) -> ImageSource:
+        """An in-memory (H, W[, C]) image; its channels must already be the model's (or 1 for a 3-channel model)."""
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.dtype == bool:
+            array = array.astype(np.uint8) * 255
+        array = match_channels(array, channels, name)
+        return cls(array.shape[0], array.shape[1], array.dtype, nodata, name, geometry, array=array,
+                   channels=channels)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    @property
+    def path(self) -> Path | None:
+        return self._raster.path if self._raster is not None else None
+
+    def read(self, window: Window | None = None) -> np.ndarray:
+        if self._array is not None:
+            if window is None:
+                return self._array
+            t, l, h, w = window
+            return self._array[t:t + h, l:l + w]
+        assert self._raster is not None
+        return image_pixels(self._raster, self.channels, self.bands, window)
+
+    def nodata_mask(self, pixels: np.ndarray) -> np.ndarray | None:
+        """(h, w) True where every band holds the no-data value; None when there is none."""
+        if self.nodata is None:
+            return None
+        hit = np.isnan(pixels) if np.isnan(self.nodata) else pixels == self.nodata
+        return hit.all(axis=2)
+
+    def stats(self) -> np.ndarray:
+        """(2, C) mean and std of the whole image (sampled when huge): per_image normalisation."""
+        if self._stats is None:
+            self._stats = image_stats(self.read, self.height, self.width, self.nodata)
+        return self._stats
+
+    def close(self) -> None:
+        if self._raster is not None:
+            self._raster.close()
+
+    def __enter__(self) -> ImageSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,201 @@
+"""Prediction files: outputs mirror inputs. A plain image gives PNG masks; a georeferenced raster
+gives GeoTIFF masks on exactly its grid (CRS, transform, size), written by rows, so a raster
+larger than memory is never held whole. The head decides what the files hold (one index
+mask, or one binary mask per class); a writer decides how a format stores it."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from segkit.data.io import write_bytes, write_png
+from segkit.data.readers import Geometry
+from segkit.heads import Head, MaskLayer
+
+NODATA_INDEX = 255
+"""No-data of uint8 GeoTIFF masks: never a class index below 255, never a binary value (0/1)."""
+
+
+def output_files(head: Head, rel: Path, geometry: Geometry | None, probs: bool, vectorize: bool) -> list[Path]:
+    """Every file a prediction of `rel` writes, relative to the output folder."""
+    suffix = ".tif" if geometry is not None and geometry.georeferenced else ".png"
+    files = [p.with_suffix(suffix) for p in head.file_names(rel)]
+    if probs:
+        files.append(rel.with_name(rel.stem + "_probs.tif") if suffix == ".tif" else rel.with_suffix(".npy"))
+    if vectorize:
+        files.append(rel.with_suffix(".geojson"))
+    return files
+
+
+class MaskWriter(ABC):
+    """Receives a prediction by rows (top to bottom) and commits its files at `close`."""
+
+    def __init__(self, head: Head, rel: Path, out_dir: Path, geometry: Geometry, probs: bool) -> None:
+        self.head, self.rel, self.out_dir, self.geometry, self.probs = head, rel, out_dir, geometry, probs
+
+    @abstractmethod
+    def write_rows(self, top: int, mask: np.ndarray, valid: np.ndarray | None, probs: np.ndarray | None) -> None:
+        """Rows [top, top + n) of the mask (softmax (n, W), sigmoid (C, n, W)), valid pixels, probabilities."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Write (or move into place) every file; nothing partial is left on failure."""
+
+    def abort(self) -> None:
+        """Drop what was written so far."""
+
+
+class PngWriter(MaskWriter):
+    """PNG masks (palette index PNG, or 0/255 per class) and .npy float16 probabilities, in memory."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        h, w = self.geometry.height, self.geometry.width
+        self.mask: np.ndarray | None = None
+        self.prob = np.empty((self.head.channels, h, w), np.float16) if self.probs else None
+
+    def write_rows(self, top, mask, valid, probs) -> None:
+        if self.mask is None:
+            self.mask = np.empty(mask.shape[:-2] + (self.geometry.height, self.geometry.width), mask.dtype)
+        self.mask[..., top:top + mask.shape[-2], :] = mask
+        if self.prob is not None:
+            self.prob[:, top:top + probs.shape[1]] = probs
+
+    def close(self) -> None:
+        assert self.mask is not None
+        for layer in self.head.mask_layers(self.mask, self.rel):
+            arr = layer.array.astype(np.uint8) * 255 if layer.binary else layer.array
+            write_png(self.out_dir / layer.path.with_suffix(".png"), arr, layer.palette)
+        if self.prob is not None:
+            buf = io.BytesIO()
+            np.save(buf, self.prob)
+            write_bytes(self.out_dir / self.rel.with_suffix(".npy"), buf.getvalue())
+
+
+class GeoTiffWriter(MaskWriter):
+    """Tiled, deflate-compressed GeoTIFFs on the input's grid: softmax one index band with a colour
+    table, sigmoid one 0/1 band per class; no-data (255) where the input had no data. Rows are
+    written as they come into temporary files renamed into place at `close`."""
+
+    def __init__(self, *args, vectorize: bool = False) -> None:
+        super().__init__(*args)
+        import rasterio
+
+        self.vectorize = vectorize
+        g = self.geometry
+        profile = {"driver": "GTiff", "width": g.width, "height": g.height, "crs": g.crs,
+                   "transform": _affine(g.transform), "tiled": True, "blockxsize": 256, "blockysize": 256,
+                   "compress": "deflate", "BIGTIFF": "IF_SAFER"}
+        self.files: list[tuple[Path, Path, object]] = []  # (final, temporary, dataset)
+        probe = np.zeros(self.head.mask_shape(1, 1), self.head.mask_dtype)
+        self.layers = self.head.mask_layers(probe, self.rel)
+        for layer in self.layers:
+            dtype = "uint8" if layer.binary or self.head.channels < NODATA_INDEX else "uint16"
+            nodata = NODATA_INDEX if dtype == "uint8" else 65535
+            ds = self._open(self.out_dir / layer.path.with_suffix(".tif"),
+                            {**profile, "count": 1, "dtype": dtype, "nodata": nodata})
+            if layer.palette is not None and dtype == "uint8":
+                pal = np.array(layer.palette, np.uint8).reshape(-1, 3)
+                ds.write_colormap(1, {i: (*map(int, pal[i]), 255) for i in range(len(pal))})
+        if self.probs:
+            self._open(self.out_dir / self.rel.with_name(self.rel.stem + "_probs.tif"),
+                       {**profile, "count": self.head.channels, "dtype": "float32", "nodata": float("nan"),
+                        "predictor": 3})
+        self._rasterio = rasterio
+
+    def _open(self, final: Path, profile: dict):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tif")
+        os.close(fd)
+        import rasterio
+
+        ds = rasterio.open(tmp, "w", **profile)
+        self.files.append((final, Path(tmp), ds))
+        return ds
+
+    def write_rows(self, top, mask, valid, probs) -> None:
+        from rasterio.windows import Window as RioWindow
+
+        n = mask.shape[-2]
+        win = RioWindow(0, top, self.geometry.width, n)
+        for (final, tmp, ds), layer in zip(self.files, self.head.mask_layers(mask, self.rel)):
+            arr = layer.array.astype(ds.dtypes[0])
+            if valid is not None:
+                arr = np.where(valid, arr, ds.nodata)
+            ds.write(arr[None], window=win)
+        if self.probs:
+            p = probs.astype(np.float32)
+            if valid is not None:
+                p = np.where(valid[None], p, np.nan)
+            self.files[-1][2].write(p, window=win)
+
+    def close(self) -> None:
+        for final, tmp, ds in self.files:
+            ds.close()
+        for final, tmp, ds in self.files:
+            os.replace(tmp, final)
+        if self.vectorize:
+            masks = [(self.out_dir / layer.path.with_suffix(".tif"), layer) for layer in self.layers]
+            write_json_atomic(self.out_dir / self.rel.with_suffix(".geojson"),
+                              polygons(self.head, masks, self.geometry))
+
+    def abort(self) -> None:
+        for final, tmp, ds in self.files:
+            ds.close()
+            tmp.unlink(missing_ok=True)
+
+
+def writer_for(head: Head, rel: Path, out_dir: Path, geometry: Geometry, probs: bool,
+               vectorize: bool = False) -> MaskWriter:
+    """The writer that mirrors the input: GeoTIFF for georeferenced rasters, PNG for the rest."""
+    if geometry.georeferenced:
+        return GeoTiffWriter(head, rel, out_dir, geometry, probs, vectorize=vectorize)
+    return PngWriter(head, rel, out_dir, geometry, probs)
+
+
+def _affine(transform: Sequence[float] | None):
+    from rasterio.transform import Affine
+
+    return Affine(*transform[:6]) if transform is not None else Affine.identity()
+
+
+def polygons(head: Head, masks: Sequence[tuple[Path, MaskLayer]], geometry: Geometry) -> dict:
+    """GeoJSON polygons per class (rasterio.features.shapes) in the raster's CRS; background left out.
+
+    The CRS is named as in GeoJSON 2008 (`crs` member: EPSG code when there is one) and its full
+    WKT is kept in `crs_wkt`, since RFC 7946 GeoJSON is WGS 84 only.
+    """
+    import rasterio
+    from rasterio.crs import CRS
+    from rasterio.features import shapes
+
+    features = []
+    for path, layer in masks:
+        with rasterio.open(path) as ds:
+            arr = ds.read(1)
+            transform = ds.transform
+        for value, name in layer.classes:
+            if name.lower() == "background":
+                continue
+            hit = arr == value
+            for geom, _ in shapes(hit.astype(np.uint8), mask=hit, transform=transform):
+                features.append({"type": "Feature", "geometry": geom, "properties": {"class": name}})
+    crs = CRS.from_wkt(geometry.crs) if geometry.crs else None
+    epsg = crs.to_epsg() if crs is not None else None
+    doc: dict = {"type": "FeatureCollection", "features": features}
+    if epsg:
+        doc["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{epsg}"}}
+    if geometry.crs:
+        doc["crs_wkt"] = geometry.crs
+    return doc
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    write_bytes(path, json.dumps(obj).encode())
