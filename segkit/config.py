@@ -76,7 +76,13 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool | Literal["auto"] = "auto"
     seed: int = 0
-    workers: int = Field(2, ge=0)
+    workers: int | Literal["auto"] = Field(
+        "auto", description="loader processes; auto: 0 on CPU (the model needs the cores), cores - 1 (max 8) on CUDA")
+    log_every: int = Field(50, ge=1, description="steps between loss read-backs (the only host-device sync)")
+    val_every: int = Field(1, ge=1, description="epochs between validations (the last epoch always validates)")
+    save_every: int = Field(1, ge=1, description="epochs between last/ checkpoints (the last epoch always saves)")
+    compile: bool = Field(False, description="torch.compile the model (falls back to eager with a message)")
+    sync_batchnorm: bool = Field(False, description="DDP: SyncBatchNorm, for small per-GPU batches")
     early_stop_patience: int | None = Field(None, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1)
     augment: AugmentConfig = AugmentConfig()

@@ -109,6 +109,15 @@ class Head(ABC):
     def targets(self, labels: np.ndarray, valid: np.ndarray) -> torch.Tensor:
         """Training target from multi-hot labels (H, W, C) and the valid-pixel mask (H, W)."""
 
+    @abstractmethod
+    def compact_targets(self, labels: np.ndarray, valid: np.ndarray) -> torch.Tensor:
+        """The target in as few bytes as it takes (uint8 where it fits), for the loader to send;
+        `expand_targets` on the device gives exactly `targets`."""
+
+    @abstractmethod
+    def expand_targets(self, compact: torch.Tensor) -> torch.Tensor:
+        """`targets` from a (batch of) `compact_targets`, on the compact tensor's device."""
+
     # -- loss ----------------------------------------------------------------------------
 
     @classmethod
@@ -275,9 +284,20 @@ class SoftmaxHead(Head):
         return None
 
     def targets(self, labels: np.ndarray, valid: np.ndarray) -> torch.Tensor:
-        index = labels.argmax(axis=2).astype(np.int64)
-        index[~valid] = IGNORE
+        return self.expand_targets(self.compact_targets(labels, valid))
+
+    def compact_targets(self, labels: np.ndarray, valid: np.ndarray) -> torch.Tensor:
+        small = self.channels < 255
+        dtype = np.uint8 if small else np.int16
+        index = np.zeros(labels.shape[:2], dtype)
+        for c in range(1, labels.shape[2]):  # valid pixels carry exactly one label (label_problem)
+            index += labels[:, :, c].astype(dtype) * dtype(c)
+        index[~valid] = 255 if small else IGNORE
         return torch.from_numpy(index)
+
+    def expand_targets(self, compact: torch.Tensor) -> torch.Tensor:
+        out = compact.long()
+        return out.masked_fill_(compact == 255, IGNORE) if compact.dtype == torch.uint8 else out
 
     def _base_loss(self, weights: torch.Tensor | None) -> nn.Module:
         return nn.CrossEntropyLoss(weight=weights, ignore_index=IGNORE)
@@ -296,9 +316,16 @@ class SoftmaxHead(Head):
         return self.multihot(target.clamp_min(0)) & valid.unsqueeze(1), valid
 
     def stats(self, masks: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        tp, fp, fn, tn = smp.metrics.get_stats(masks.long().cpu(), target.long().cpu(), mode="multiclass",
-                                               num_classes=self.channels, ignore_index=IGNORE)
-        return torch.stack([tp, fp, fn, tn], dim=-1).sum(0)
+        conf = self._confusion(masks, target)
+        tp = conf.diagonal()
+        fp, fn = conf.sum(0) - tp, conf.sum(1) - tp
+        return torch.stack([tp, fp, fn, conf.sum() - tp - fp - fn], dim=-1)
+
+    def _confusion(self, masks: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(C, C) int64 truth x prediction counts over valid pixels, on the tensors' device (exact)."""
+        valid = target != IGNORE
+        pairs = target[valid].long() * self.channels + masks.to(target.device)[valid].long()
+        return torch.bincount(pairs, minlength=self.channels ** 2).view(self.channels, -1)
 
     output_format = "index"
 
@@ -321,9 +348,7 @@ class SoftmaxHead(Head):
                           self.palette() if small else None, False, list(enumerate(self.classes)))]
 
     def confusion(self, masks: torch.Tensor, target: torch.Tensor) -> np.ndarray | None:
-        valid = target != IGNORE
-        pairs = target[valid].long() * self.channels + masks[valid].long()
-        return torch.bincount(pairs.cpu(), minlength=self.channels ** 2).view(self.channels, -1).numpy()
+        return self._confusion(masks, target).cpu().numpy()
 
 
 class SigmoidHead(Head):
@@ -362,9 +387,14 @@ class SigmoidHead(Head):
         return None
 
     def targets(self, labels: np.ndarray, valid: np.ndarray) -> torch.Tensor:
-        target = torch.from_numpy(labels.transpose(2, 0, 1).astype(np.float32))
-        target[:, torch.from_numpy(~valid)] = IGNORE
-        return target
+        return self.expand_targets(self.compact_targets(labels, valid))
+
+    def compact_targets(self, labels: np.ndarray, valid: np.ndarray) -> torch.Tensor:
+        target = np.where(valid[None], labels.transpose(2, 0, 1), np.uint8(255)).astype(np.uint8)
+        return torch.from_numpy(target)
+
+    def expand_targets(self, compact: torch.Tensor) -> torch.Tensor:
+        return compact.float().masked_fill_(compact == 255, IGNORE)
 
     def _base_loss(self, weights: torch.Tensor | None) -> nn.Module:
         return MaskedBCEWithLogits(weights)
@@ -386,10 +416,11 @@ class SigmoidHead(Head):
     def stats(self, masks: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         truth, valid = self.target_multihot(target)
         keep = valid.unsqueeze(1)
-        tp, fp, fn, tn = smp.metrics.get_stats((masks.bool() & keep).long().cpu(), truth.long().cpu(),
-                                               mode="multilabel")
-        ignored = (~valid).flatten(1).sum(1, keepdim=True).cpu()
-        return torch.stack([tp, fp, fn, tn - ignored], dim=-1).sum(0)
+        pred = masks.to(target.device).bool() & keep
+        tp = (pred & truth).sum((0, 2, 3))
+        fp = (pred & ~truth).sum((0, 2, 3))
+        fn = (~pred & truth).sum((0, 2, 3))
+        return torch.stack([tp, fp, fn, valid.sum() - tp - fp - fn], dim=-1)
 
     output_format = "multilabel"
 

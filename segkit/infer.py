@@ -143,7 +143,11 @@ class Segmenter:
     def load(cls, checkpoint: str | Path, device: str = "auto", **options) -> Segmenter:
         """From a checkpoint folder (`best/`, `last/`): reads safetensors + JSON, never a pickle."""
         dev = resolve_device(device)
-        model, head, meta = load_checkpoint(Path(checkpoint), dev)
+        if Path(checkpoint).suffix == ".onnx":  # an exported file: onnxruntime, metadata from the file
+            from segkit.export import load_onnx
+            model, head, meta = load_onnx(Path(checkpoint), dev)
+        else:
+            model, head, meta = load_checkpoint(Path(checkpoint), dev)
         return cls(model, head, meta, dev, **options)
 
     @property

@@ -84,8 +84,12 @@ def checkpoint_meta(head: Head, arch: str, encoder: str, in_channels: int, norm:
 
 def save_checkpoint(folder: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     """Write weights, then metadata, each atomically (temp file + rename)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    write_bytes(folder / WEIGHTS, save(state))
+    save_state(folder, {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}, meta)
+
+
+def save_state(folder: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """`save_checkpoint` for weights already copied to the CPU (written from a background thread)."""
+    write_bytes(folder / WEIGHTS, save(weights))
     write_bytes(folder / META, json.dumps(meta, indent=2).encode())
 
 

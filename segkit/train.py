@@ -10,7 +10,9 @@ import csv
 import io
 import logging
 import math
+import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from segkit import distributed as dist
 from segkit.config import Config, dump_config
-from segkit.data.dataset import SegmentationDataset, cache_budget, fit_normalization, scan
+from segkit.data.dataset import SegmentationDataset, cache_budget, fit_normalization, scan, to_network
 from segkit.data.source import ImageSource
 from segkit.data.io import write_bytes
 from segkit.data.splits import pair_reader, train_val_samples
@@ -31,9 +33,9 @@ from segkit.data.transforms import eval_transform, train_transform
 from segkit.device import amp_dtype, resolve_device
 from segkit.errors import ConfigError, SegkitError, TrainingError
 from segkit.heads import Head
-from segkit.infer import Segmenter
+from segkit.infer import Segmenter, batches_by_shape
 from segkit.metrics import EMPTY_RULE, summarize
-from segkit.model import build_model, checkpoint_meta, save_checkpoint, unwrap
+from segkit.model import build_model, checkpoint_meta, save_state, unwrap
 from segkit.viz import plot_curves
 
 log = logging.getLogger("segkit")
@@ -94,6 +96,15 @@ def _one_thread(_: int) -> None:
     """Data workers decode and augment one sample at a time; OpenCV's own thread pool in every
     worker would only compete with the model for the cores."""
     cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def loader_workers(workers: int | str, device: torch.device) -> int:
+    """`auto`: no worker processes on CPU, where a sample costs ~2 ms against a step of a second and
+    workers only take cores from the model; cores - 1 (at most 8) feeding a GPU."""
+    if workers != "auto":
+        return int(workers)
+    return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
 
 
 def _loader_kwargs(workers: int, device: torch.device) -> dict:
@@ -114,27 +125,107 @@ def lr_lambda(total_steps: int, warmup: int):
 
 
 @torch.inference_mode()
-def validate(seg: Segmenter, loss_fn: nn.Module, dataset: SegmentationDataset) -> tuple[float, np.ndarray]:
+def validate(seg: Segmenter, loss_fn: nn.Module, dataset: SegmentationDataset, batch_size: int = 8
+             ) -> tuple[float, np.ndarray]:
     """Pixel-weighted mean loss and (C, 4) pixel counts over this rank's validation images, each at
-    full size through the Segmenter's own path (windows for images larger than its tile), so
-    validation scores what prediction will produce."""
+    full size through the Segmenter's own path: same-size images share a forward pass, images larger
+    than its tile go through windows. Counts stay on the device; one transfer at the end."""
     head, device = seg.head, seg.device
     seg.model.eval()
     counts = torch.zeros(head.channels, 4, dtype=torch.int64, device=device)
-    loss_sum, pixels = 0.0, 0
-    for r in dataset.records:
-        px = dataset.pixels(r, None)
-        target = head.targets(px.labels, px.valid)
-        src = ImageSource.from_array(px.image, seg.in_channels, px.nodata, str(r.sample.image))
-        for top, rows in seg.rows(src):
-            n = rows.shape[1] * rows.shape[2]
-            part = target[..., top:top + rows.shape[1], :].to(device)[None]
-            loss_sum += float(loss_fn(rows[None].float(), part)) * n
-            pixels += n
-            counts += head.stats(head.decode(rows[None]), part).to(device)
-    loss_sum, pixels = dist.all_reduce_sum([loss_sum, pixels], device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    pixels = 0
+
+    def score(logits: torch.Tensor, target: torch.Tensor) -> None:
+        nonlocal loss_sum, pixels, counts
+        n = logits.shape[0] * logits.shape[-2] * logits.shape[-1]
+        loss_sum += loss_fn(logits.float(), target).double() * n
+        pixels += n
+        counts += head.stats(head.decode(logits), target)
+
+    def items():
+        for r in dataset.records:
+            px = dataset.pixels(r, None)
+            yield head.targets(px.labels, px.valid), ImageSource.from_array(px.image, seg.in_channels, px.nodata,
+                                                                            str(r.sample.image))
+
+    for batch in batches_by_shape(items(), batch_size, seg.fits):
+        if len(batch) == 1 and not seg.fits(batch[0][1]):
+            target, src = batch[0]
+            for top, rows in seg.rows(src):
+                score(rows[None], target[..., top:top + rows.shape[1], :].to(device)[None])
+            continue
+        logits = seg.forward(seg.to_input([src for _, src in batch]))
+        score(logits, torch.stack([t for t, _ in batch]).to(device))
+    loss_total, pixels = dist.all_reduce_sum([float(loss_sum), pixels], device)
     counts = dist.all_reduce_tensor(counts.cpu(), device)
-    return loss_sum / max(1, pixels), counts.numpy()
+    return loss_total / max(1, pixels), counts.numpy()
+
+
+class Checkpointer:
+    """Writes checkpoints off the training thread: the state is copied to the CPU at once (so
+    training can go on changing the live tensors), then written by one background thread; at
+    most one write is in flight, and `wait` surfaces its errors."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.pool = ThreadPoolExecutor(1)
+        self.pending: Future | None = None
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def save(self, model: nn.Module, meta: dict, best: bool, last: bool, state: dict | None,
+             history: list[dict], plot: bool) -> None:
+        self.wait()
+        weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in unwrap(model).state_dict().items()}
+        state = _to_cpu(state) if state is not None else None
+        rows = [dict(r) for r in history]
+
+        def write() -> None:
+            if best:
+                save_state(self.out / "best", weights, meta)
+            if last:
+                save_state(self.out / "last", weights, meta)
+                buf = io.BytesIO()
+                torch.save(state, buf)
+                write_bytes(self.out / "last" / STATE, buf.getvalue())
+            _write_csv(self.out / "metrics.csv", rows)
+            if plot:
+                plot_curves(rows, self.out / "curves.png")
+
+        self.pending = self.pool.submit(write)
+
+    def close(self) -> None:
+        self.wait()
+        self.pool.shutdown()
+
+
+def _to_cpu(obj):
+    """A deep copy of a (nested) state dict with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def compiled(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """torch.compile'd `model`, tried once on `example`; the eager model, with the reason, if it fails."""
+    try:
+        fast = torch.compile(model)
+        model.eval()
+        with torch.no_grad():
+            fast(example)
+        return fast
+    except Exception as err:  # compilers fail in many ways (no C++ toolchain, unsupported ops, old GPUs)
+        log.warning("train.compile: torch.compile failed (%s: %s); training eagerly", type(err).__name__,
+                    str(err).splitlines()[0] if str(err) else "")
+        return model
 
 
 def _write_csv(path: Path, history: list[dict]) -> None:
@@ -201,8 +292,9 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
     per_rank_batch = max(1, t.batch_size // world)
     steps = t.steps_per_epoch or max(1, len(train_ds) // (per_rank_batch * world))
     sampler = EpochSampler(len(train_ds), steps * per_rank_batch, t.seed, rank, world)
+    workers = loader_workers(t.workers, device)
     train_loader = DataLoader(_EpochKeyed(train_ds), batch_size=per_rank_batch, sampler=sampler, drop_last=True,
-                              **_loader_kwargs(t.workers, device))
+                              **_loader_kwargs(workers, device))
 
     torch.manual_seed(t.seed)
     model = build_model(cfg.model.arch, cfg.model.encoder, head.channels, cfg.data.channels,
@@ -211,7 +303,8 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     loss_fn = head.loss(t.loss, t.class_weights).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
+                                  fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.epochs * steps, min(steps, 100)))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     meta = checkpoint_meta(head, cfg.model.arch, cfg.model.encoder, d.channels, norm,
@@ -220,7 +313,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
                                  "colors": d.colors, "bands": d.bands, "nodata": d.nodata,
                                  "val_fraction": d.val_fraction, "seed": t.seed, "overlap": d.overlap,
                                  "image_dtypes": sorted({str(r.dtype) for r in train_records})})
-    seg = Segmenter(unwrap(model), head, meta, device, amp=t.amp)
+    seg = Segmenter(model, head, meta, device, amp=t.amp)
 
     start_epoch, best, best_epoch, bad_epochs = 0, -1.0, 0, 0
     history: list[dict] = []
@@ -244,82 +337,101 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_bytes(out / "config.yaml", dump_config(cfg).encode())
-        log.info("%s head, classes %s; %d train / %d val images; device %s%s; %d steps/epoch of %d",
-                 head.name, head.classes, len(train_ds), len(val_records), device,
-                 f" ({dtype})" if dtype else "", steps, per_rank_batch * world)
+        log.info("%s head, classes %s; %d train / %d val images; device %s%s; %d steps/epoch of %d; "
+                 "%d loader workers", head.name, head.classes, len(train_ds), len(val_records), device,
+                 f" ({dtype})" if dtype else "", steps, per_rank_batch * world, workers)
         log.info("input normalisation %s", norm.describe())
         log.info("validation: dataset-level per-class IoU/Dice; %s", EMPTY_RULE)
+    if t.sync_batchnorm and dist.active():
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = dist.wrap(model, device)
+    net = model
+    if t.compile:
+        net = compiled(model, torch.zeros(1, d.channels, t.crop, t.crop, device=device))
 
     stopped = "completed"
     images_seen, train_seconds = 0, 0.0
+    saver = Checkpointer(out) if main else None
+    losses = torch.zeros(t.log_every, device=device)
     for epoch in range(start_epoch, t.epochs):
         sampler.set_epoch(epoch)
         model.train()
         began = time.perf_counter()
-        loss_sum = 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and main),
+        loss_sum, seen = 0.0, 0
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and main),
                    leave=False, dynamic_ncols=True)
-        for step, (image, target) in enumerate(bar):
-            image = image.to(device, non_blocking=True)
+        for step, item in enumerate(train_loader):
+            image, target = to_network(item, norm, head, device)
             if device.type == "cuda":
                 image = image.contiguous(memory_format=torch.channels_last)
-            target = target.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = model(image)
+                logits = net(image)
             loss = loss_fn(logits.float(), target)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                kept = f"last/ holds epoch {epoch}" if epoch > 0 else "no checkpoint yet"
-                raise TrainingError(f"non-finite loss ({value}) at epoch {epoch + 1}, step {step + 1}; "
-                                    f"stopped, {kept}. Fix: lower train.lr, or train.amp: false.")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            loss_sum += value
-            bar.set_postfix(loss=f"{value:.4f}")
+            k = step % t.log_every
+            losses[k] = loss.detach()
+            if k == t.log_every - 1 or step == steps - 1:  # the only read-back: every log_every steps
+                values = losses[:k + 1].tolist()
+                bad = next((j for j, v in enumerate(values) if not math.isfinite(v)), None)
+                if bad is not None:
+                    kept = f"last/ holds epoch {epoch}" if epoch > 0 else "no checkpoint yet"
+                    raise TrainingError(f"non-finite loss ({values[bad]}) at epoch {epoch + 1}, step "
+                                        f"{step - k + bad + 1}; stopped, {kept}. "
+                                        "Fix: lower train.lr, or train.amp: false.")
+                loss_sum += sum(values)
+                seen += len(values)
+                bar.update(len(values))
+                bar.set_postfix(loss=f"{values[-1]:.4f}")
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - began
         images = (step + 1) * per_rank_batch * world
         images_seen += images
         train_seconds += seconds
 
-        val_loss, counts = validate(seg, loss_fn, val_ds)
-        scores = summarize(counts, head.classes)
-        train_loss = dist.all_reduce_sum([loss_sum / (step + 1)], device)[0] / world
+        last_epoch = epoch + 1 == t.epochs
+        validated = (epoch + 1) % t.val_every == 0 or last_epoch
+        val_loss, dice, iou, per_class = math.nan, math.nan, math.nan, {}
+        if validated:
+            val_loss, counts = validate(seg, loss_fn, val_ds, per_rank_batch)
+            scores = summarize(counts, head.classes)
+            dice, iou, per_class = scores["mean"]["dice"], scores["mean"]["iou"], scores["per_class"]
+        train_loss = dist.all_reduce_sum([loss_sum / max(1, seen)], device)[0] / world
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-               "val_mean_dice": scores["mean"]["dice"], "val_mean_iou": scores["mean"]["iou"],
-               **{f"dice_{c}": s["dice"] for c, s in scores["per_class"].items()},
-               **{f"iou_{c}": s["iou"] for c, s in scores["per_class"].items()},
+               "val_mean_dice": dice, "val_mean_iou": iou,
+               **{f"dice_{c}": s["dice"] for c, s in per_class.items()},
+               **{f"iou_{c}": s["iou"] for c, s in per_class.items()},
                "lr": optimizer.param_groups[0]["lr"], "seconds": seconds, "images_per_s": images / seconds}
         history.append(row)
-        dice = scores["mean"]["dice"]
-        improved = not math.isnan(dice) and dice > best
+        improved = validated and not math.isnan(dice) and dice > best
         if improved:
             best, best_epoch, bad_epochs = dice, epoch + 1, 0
-        else:
+        elif validated:
             bad_epochs += 1
+        early = bool(t.early_stop_patience and bad_epochs >= t.early_stop_patience)
         if main:
-            epoch_meta = {**meta, "epoch": epoch + 1, "val": {"mean_dice": dice, "mean_iou": scores["mean"]["iou"]}}
-            if improved:
-                save_checkpoint(out / "best", model, epoch_meta)
-            save_checkpoint(out / "last", model, epoch_meta)
-            buf = io.BytesIO()
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best,
-                        "best_epoch": best_epoch, "bad_epochs": bad_epochs}, buf)
-            write_bytes(out / "last" / STATE, buf.getvalue())
-            _write_csv(out / "metrics.csv", history)
-            plot_curves(history, out / "curves.png")
-            per_class = " ".join(f"{c}={s['dice']:.3f}" for c, s in scores["per_class"].items())
+            epoch_meta = {**meta, "epoch": epoch + 1, "val": {"mean_dice": dice, "mean_iou": iou}}
+            last = (epoch + 1) % t.save_every == 0 or last_epoch or early
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best,
+                     "best_epoch": best_epoch, "bad_epochs": bad_epochs} if last else None
+            saver.save(model, epoch_meta, improved, last, state, history,
+                       plot=last_epoch or early or (epoch + 1) % 5 == 0)
+            shown = " ".join(f"{c}={s['dice']:.3f}" for c, s in per_class.items())
             log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val mean Dice %.4f (%s)  %.1f img/s%s",
-                     epoch + 1, t.epochs, train_loss, val_loss, dice, per_class, images / seconds,
+                     epoch + 1, t.epochs, train_loss, val_loss, dice, shown or "not validated", images / seconds,
                      "  *best" if improved else "")
-        if t.early_stop_patience and bad_epochs >= t.early_stop_patience:
+        if early:
             stopped = "early stop"
             if main:
-                log.info("early stop: no better validation Dice for %d epochs", bad_epochs)
+                log.info("early stop: no better validation Dice for %d validations", bad_epochs)
             break
+    if saver is not None:
+        saver.close()
     dist.barrier()
     return TrainResult(out, len(history), best_epoch, best, images_seen / max(train_seconds, 1e-9), stopped)

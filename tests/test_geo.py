@@ -140,7 +140,9 @@ def test_same_pixels_give_the_same_input_in_training_and_prediction(tmp_path, ge
     same tensor, for uint16 (11-bit) data with no-data, under each normalisation."""
     from segkit import Segmenter
     from segkit.config import load_config
-    from segkit.data.dataset import SegmentationDataset, fit_normalization, scan
+    from torch.utils.data import default_collate
+
+    from segkit.data.dataset import SegmentationDataset, fit_normalization, scan, to_network
     from segkit.data.splits import pair_reader, split_samples
     from segkit.data.transforms import eval_transform
     from segkit.heads import build_head
@@ -156,7 +158,7 @@ def test_same_pixels_give_the_same_input_in_training_and_prediction(tmp_path, ge
         seg = Segmenter(build_model("Unet", "resnet18", 1, 4), head,
                         checkpoint_meta(head, "Unet", "resnet18", 4, norm, data={"mask": "binary"}), "cpu")
         for i, r in enumerate(records):
-            x_train, _ = ds[i]
+            x_train = to_network(default_collate([ds[i]]), norm, head, torch.device("cpu"))[0][0]
             x_pred = seg.to_input(seg.open(r.sample.image))[0]
             assert torch.equal(x_train, x_pred), mode
             raw = rasterio.open(r.sample.image).read().astype(np.float64)
@@ -258,8 +260,10 @@ def test_streamed_windows_give_the_samples_of_cached_images(geo4):
         for ds in sets.values():
             ds.set_epoch(epoch)
         for i in range(len(samples)):
-            (xa, ta), (xb, tb) = sets[True][i], sets[False][i]
-            assert xa.shape == (4, 96, 96) and torch.equal(xa, xb) and torch.equal(ta, tb)
+            a, b = sets[True][i], sets[False][i]
+            assert a.image.shape == (4, 96, 96) and a.image.dtype == torch.uint16  # raw bytes cross, as stored
+            for name in a._fields:
+                assert torch.equal(getattr(a, name), getattr(b, name)), name
     # with a budget for two images, the rest is streamed
     records = scan(samples, reader, head, cache="auto", budget=2 * 300 * 300 * (4 * 2 + 3))
     assert sum(r.cached is not None for r in records) == 2

@@ -12,8 +12,8 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
-import albumentations as A
 import cv2
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from segkit.data.masks import MaskFormat
 from segkit.data.normalize import Normalization, pixel_sample
 from segkit.data.readers import Window, open_raster
 from segkit.data.source import ImageSource
+from segkit.data.transforms import Augment
 from segkit.errors import DataError
 from segkit.heads import Head
 
@@ -56,6 +57,15 @@ class Pixels:
 
 
 @dataclass
+class Cached:
+    """A record's pixels kept in memory: the image in its stored type and the packed label bits."""
+
+    image: np.ndarray
+    bits: np.ndarray
+    nodata: float | None
+
+
+@dataclass
 class Record:
     """A checked sample: its size and image type, and its pixels when the dataset caches it."""
 
@@ -66,7 +76,7 @@ class Record:
     dtype: np.dtype
     image_bytes: int
     norm_stats: np.ndarray | None = None  # (2, C) per-image statistics, for per_image normalisation
-    cached: Pixels | None = None
+    cached: Cached | None = None
 
 
 def _first_mask(sample: Sample):
@@ -184,9 +194,10 @@ def scan(samples: Sequence[Sample], reader: PairReader, head: Head | None = None
     if cache:
         used = 0
         for r in records:
-            need = r.image_bytes + r.height * r.width * (len(r.stats.pixels) + 2)
+            need = r.image_bytes + r.height * r.width * ((len(r.stats.pixels) + 9) // 8)
             if cache is True or used + need <= budget:
-                r.cached = reader.read(r.sample)
+                px = reader.read(r.sample)
+                r.cached = Cached(px.image, pack(px), px.nodata)
                 used += need
         streamed = sum(r.cached is None for r in records)
         if streamed:
@@ -224,8 +235,45 @@ def crop_window(height: int, width: int, size: int, rng: np.random.Generator) ->
     return Window(int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w)
 
 
+def pack(px: Pixels) -> np.ndarray:
+    """(h, w, ceil((C + 2) / 8)) uint8: the C label layers, 'valid' and 'real', one bit each."""
+    layers = np.concatenate([px.labels.astype(bool), px.valid[:, :, None], px.real[:, :, None]], axis=2)
+    return np.packbits(layers, axis=2)
+
+
+def unpack(bits: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels (h, w, C) uint8, valid (h, w) and real (h, w) from `pack`'s bits."""
+    layers = np.unpackbits(bits, axis=2, count=classes + 2)
+    return layers[:, :, :classes], layers[:, :, classes].astype(bool), layers[:, :, classes + 1].astype(bool)
+
+
+class Item(NamedTuple):
+    """One training sample as the loader sends it: raw pixels in their stored type (C, h, w), the
+    head's compact target, `real` (h, w) pixels (not no-data, not padding), per-image statistics
+    (2, C) for per_image normalisation, and the (contrast, brightness) jitter to apply."""
+
+    image: torch.Tensor
+    target: torch.Tensor
+    real: torch.Tensor
+    stats: torch.Tensor
+    jitter: torch.Tensor
+
+
+def to_network(item: Item, norm: Normalization, head: Head, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A collated batch of Items -> (normalised float input, full target) on the device: the bytes
+    cross as stored (uint8 stays uint8), the arithmetic happens there, with the same
+    `Normalization.apply` that prediction uses."""
+    real = item.real.to(device, non_blocking=True)[:, None]
+    stats = item.stats.to(device, non_blocking=True) if norm.per_image else None
+    x = norm.apply(item.image.to(device, non_blocking=True), stats, ~real)
+    jitter = item.jitter.to(device, non_blocking=True)[:, :, None, None, None]
+    x = torch.where(real, x * jitter[:, 0] + jitter[:, 1], x)
+    return x, head.expand_targets(item.target.to(device, non_blocking=True))
+
+
 class SegmentationDataset(Dataset):
-    """Normalised image tensors (C, H, W) and head targets, with per-sample seeded augmentation.
+    """Training samples (`Item`), with per-sample seeded augmentation.
 
     `crop` set: a random window (crop / the smallest scale, so rescaling still fills the crop)
     is read, augmented and cropped; `crop` None: whole images, no augmentation (validation).
@@ -233,7 +281,7 @@ class SegmentationDataset(Dataset):
     the number of workers, and a resumed run augments as the original would.
     """
 
-    def __init__(self, records: Sequence[Record], reader: PairReader, head: Head, transform: A.Compose,
+    def __init__(self, records: Sequence[Record], reader: PairReader, head: Head, transform: Augment,
                  norm: Normalization, crop: int | None = None, scale_low: float = 1.0, color: float = 0.0,
                  seed: int = 0) -> None:
         self.records = list(records)
@@ -245,6 +293,7 @@ class SegmentationDataset(Dataset):
         self.color = color
         self.seed = seed
         self.epoch = 0
+        self.classes = len(head.classes)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -253,29 +302,34 @@ class SegmentationDataset(Dataset):
         return len(self.records)
 
     def pixels(self, r: Record, window: Window | None) -> Pixels:
+        """A window (or all) of a record: sliced from the cache, else read from disk."""
         if r.cached is None:
             return self.reader.read(r.sample, window)
-        if window is None:
-            return r.cached
-        t, l, h, w = window
-        c = r.cached
-        return Pixels(c.image[t:t + h, l:l + w], c.labels[t:t + h, l:l + w], c.valid[t:t + h, l:l + w],
-                      c.real[t:t + h, l:l + w], c.nodata)
+        image, bits = r.cached.image, r.cached.bits
+        if window is not None:
+            t, l, h, w = window
+            image, bits = image[t:t + h, l:l + w], bits[t:t + h, l:l + w]
+        labels, valid, real = unpack(bits, self.classes)
+        return Pixels(image, labels, valid, real, r.cached.nodata)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def packed(self, r: Record, window: Window | None) -> tuple[np.ndarray, np.ndarray]:
+        """(image, bits) of a window, without unpacking cached labels."""
+        if r.cached is None:
+            px = self.reader.read(r.sample, window)
+            return px.image, pack(px)
+        t, l, h, w = window or Window(0, 0, r.height, r.width)
+        return r.cached.image[t:t + h, l:l + w], r.cached.bits[t:t + h, l:l + w]
+
+    def __getitem__(self, i: int) -> Item:
         r = self.records[i]
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, i]))
         window = crop_window(r.height, r.width, self.window, rng) if self.window else None
-        px = self.pixels(r, window)
-        stack = np.concatenate([px.labels, px.valid[:, :, None], px.real[:, :, None]], axis=2).astype(np.uint8)
-        self.transform.set_random_seed(int(rng.integers(2**31)))
-        out = self.transform(image=px.image.astype(np.float32), mask=stack)
-        stack = out["mask"]
-        real = torch.from_numpy(np.ascontiguousarray(stack[:, :, -1])).bool()
-        x = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
-        stats = torch.from_numpy(r.norm_stats)[None] if r.norm_stats is not None else None
-        x = self.norm.apply(x[None], stats, ~real[None, None])[0]
+        image, bits = self.transform(*self.packed(r, window), rng)
+        labels, valid, real = unpack(np.ascontiguousarray(bits), self.classes)
+        jitter = (1.0, 0.0)
         if self.color and rng.random() < self.color:  # light contrast/brightness jitter, in normalised units
-            x = torch.where(real, x * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.25, 0.25)), x)
-        target = self.head.targets(np.ascontiguousarray(stack[:, :, :-2]), stack[:, :, -2].astype(bool))
-        return x, target
+            jitter = (float(rng.uniform(0.9, 1.1)), float(rng.uniform(-0.25, 0.25)))
+        stats = r.norm_stats if r.norm_stats is not None else np.zeros((2, image.shape[2]), np.float32)
+        return Item(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                    self.head.compact_targets(labels, valid), torch.from_numpy(real), torch.from_numpy(stats),
+                    torch.tensor(jitter, dtype=torch.float32))

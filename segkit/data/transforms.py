@@ -1,36 +1,78 @@
-"""Geometric augmentation (albumentations) of a window read for training.
+"""Geometric augmentation of a training window: optional rescale, crop or pad to the crop size,
+flips and 90-degree turns, drawn from the sample's own random generator.
 
-Masks travel through the transforms as one (H, W, C + 2) uint8 stack: the C multi-hot class
-layers, a 'valid' layer and a 'real' (not no-data) layer. Padding fills it with zeros, so
-padded pixels come out invalid and are ignored by the loss and the metrics. Intensity work
-(normalisation, jitter) happens after, on the tensor, in `SegmentationDataset`.
+Labels travel through it bit-packed (`np.packbits` of the C class layers + 'valid' + 'real'),
+so a sample moves ceil((C + 2) / 8) bytes per pixel instead of C + 2. Padding fills zeros: padded
+pixels come out invalid and not real. Flips and turns are numpy views; only a rescale
+interpolates (linear for the image, nearest for the labels). Intensity work (normalisation,
+jitter) happens later, on the device (`segkit.data.dataset.to_network`).
 """
 
 from __future__ import annotations
 
-import albumentations as A
+from dataclasses import dataclass
+
 import cv2
+import numpy as np
 
 from segkit.config import AugmentConfig
 
 
-def train_transform(crop: int, aug: AugmentConfig) -> A.Compose:
-    """Random rescale (optional), padding of small images to `crop`, random crop, flips, 90-degree turns."""
-    steps: list[A.BasicTransform] = []
-    if aug.scale is not None:
-        low, high = aug.scale
-        steps.append(A.RandomScale(scale_limit=(low - 1.0, high - 1.0), interpolation=cv2.INTER_LINEAR,
-                                   mask_interpolation=cv2.INTER_NEAREST, p=1.0))
-    steps += [
-        A.PadIfNeeded(min_height=crop, min_width=crop, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
-        A.RandomCrop(height=crop, width=crop),
-        A.HorizontalFlip(p=aug.hflip),
-        A.VerticalFlip(p=aug.vflip),
-        A.RandomRotate90(p=aug.rotate90),
-    ]
-    return A.Compose(steps)
+@dataclass(frozen=True)
+class Augment:
+    """`crop` None: no augmentation (whole images, validation)."""
+
+    crop: int | None = None
+    hflip: float = 0.0
+    vflip: float = 0.0
+    rotate90: float = 0.0
+    scale: tuple[float, float] | None = None
+
+    def __call__(self, image: np.ndarray, stack: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        if self.crop is None:
+            return image, stack
+        if self.scale is not None:
+            s = float(rng.uniform(*self.scale))
+            h, w = image.shape[:2]
+            size = (max(1, round(w * s)), max(1, round(h * s)))
+            image = _resize(image, size, cv2.INTER_LINEAR)
+            stack = _resize(stack, size, cv2.INTER_NEAREST)
+        image, stack = _crop_or_pad(image, stack, self.crop, rng)
+        if rng.random() < self.hflip:
+            image, stack = image[:, ::-1], stack[:, ::-1]
+        if rng.random() < self.vflip:
+            image, stack = image[::-1], stack[::-1]
+        if rng.random() < self.rotate90:
+            k = int(rng.integers(1, 4))
+            image, stack = np.rot90(image, k), np.rot90(stack, k)
+        return image, stack
 
 
-def eval_transform() -> A.Compose:
+def _resize(arr: np.ndarray, size: tuple[int, int], interpolation: int) -> np.ndarray:
+    out = cv2.resize(arr, size, interpolation=interpolation)
+    return out.reshape(out.shape[:2] + arr.shape[2:])
+
+
+def _crop_or_pad(image: np.ndarray, stack: np.ndarray, crop: int, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """A random crop x crop window; sides shorter than `crop` are padded with zeros, centred."""
+    h, w = image.shape[:2]
+    y = int(rng.integers(0, h - crop + 1)) if h > crop else 0
+    x = int(rng.integers(0, w - crop + 1)) if w > crop else 0
+    image, stack = image[y:y + crop, x:x + crop], stack[y:y + crop, x:x + crop]
+    ph, pw = crop - image.shape[0], crop - image.shape[1]
+    if ph or pw:
+        pad = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0))
+        image, stack = np.pad(image, pad), np.pad(stack, pad)
+    return image, stack
+
+
+def train_transform(crop: int, aug: AugmentConfig) -> Augment:
+    """Random rescale (optional), crop or pad to `crop`, flips, 90-degree turns."""
+    return Augment(crop, aug.hflip, aug.vflip, aug.rotate90, aug.scale)
+
+
+def eval_transform() -> Augment:
     """No augmentation: the full image."""
-    return A.Compose([])
+    return Augment()

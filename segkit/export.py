@@ -1,0 +1,403 @@
+"""ONNX export: a checkpoint becomes one .onnx file that carries its model.json, so a pipeline can
+run segkit masks with onnxruntime alone (no training code, no torch model code, no weights folder).
+
+- `export_onnx(checkpoint, "model.onnx")` writes the network (raw logits, NCHW float32; dynamic
+  batch/height/width by default) with the whole model.json in the file's metadata
+  (`metadata_props["segkit"]`), plus the head, classes, thresholds and normalisation as keys of
+  their own for readers without segkit.
+- `Segmenter.load("model.onnx")` rebuilds the head, normalisation, bands and no-data from that
+  metadata and runs the network through `OnnxModel`, so pre- and post-processing (padding,
+  tiling, TTA, decoding, output files) are exactly those of a checkpoint.
+- `parity(checkpoint, onnx_path, images)` compares the two on real images (whole and tiled).
+
+onnx and onnxruntime are optional: `pip install 'segkit[export]'`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import segkit
+from segkit.data.io import atomic_path
+from segkit.data.normalize import Normalization
+from segkit.errors import SegkitError
+from segkit.heads import Head, head_from_metadata
+
+log = logging.getLogger("segkit")
+
+META_KEY = "segkit"
+"""metadata_props key holding the checkpoint's model.json, verbatim."""
+EXPORT_KEY = "segkit_export"
+"""metadata_props key describing the export itself (opset, axes, input/output names, versions)."""
+INPUT, OUTPUT = "input", "logits"
+STATIC_SIZE = 512
+CHECK_LIMIT = 8
+"""Images a parity check uses at most (chosen to cover as many sizes as possible)."""
+CHECK_CROP = 512
+"""Check images larger than this are cropped (top-left) to it: the whole-image pass runs in one piece."""
+NUCLEI_TEST = Path(segkit.__file__).resolve().parents[1] / "data" / "nuclei" / "test" / "images"
+
+
+def _require(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SegkitError(f"ONNX export and ONNX models need onnx and onnxruntime ({module} is not installed). "
+                          "Fix: pip install 'segkit[export]'") from None
+
+
+# -- export ------------------------------------------------------------------------------
+
+
+def _opset_range() -> tuple[int, int]:
+    try:
+        from torch.onnx import _constants as c
+        return c.ONNX_MIN_OPSET, getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", c.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        return 9, 17
+
+
+def export_onnx(checkpoint: str | Path, path: str | Path, opset: int = 17, dynamic: bool = True,
+                size: int = STATIC_SIZE) -> Path:
+    """Write `checkpoint` (a folder of model.safetensors + model.json) as an ONNX file at `path`,
+    atomically (temp file + rename). Input "input" (N, C, H, W) float32, already normalised;
+    output "logits" (N, classes, H, W). `dynamic`: batch, height and width are free (multiples of
+    32 for the U-Net; segkit pads to them); else the input is fixed at (1, C, size, size)."""
+    from segkit.model import load_checkpoint
+
+    onnx = _require("onnx")
+    checkpoint, path = Path(checkpoint), Path(path)
+    if path.suffix != ".onnx":
+        raise SegkitError(f"{path}: an ONNX export must end in .onnx (that is how Segmenter.load and "
+                          "segkit predict recognise it). Fix: e.g. model.onnx.")
+    low, high = _opset_range()
+    if not low <= opset <= high:
+        raise SegkitError(f"--opset {opset}: the exporter writes opsets {low} to {high}. Fix: e.g. --opset 17.")
+    if not dynamic and (size < 32 or size % 32):
+        raise SegkitError(f"--size {size}: a static input size must be a positive multiple of 32. Fix: e.g. 512.")
+    model, head, meta = load_checkpoint(checkpoint, "cpu")
+    channels = int(meta["in_channels"])
+    example = torch.zeros(1, channels, *((256, 256) if dynamic else (size, size)))
+    axes = {INPUT: {0: "batch", 2: "height", 3: "width"}, OUTPUT: {0: "batch", 2: "height", 3: "width"}}
+    options: dict[str, Any] = {"input_names": [INPUT], "output_names": [OUTPUT], "opset_version": opset,
+                               "do_constant_folding": True, "dynamic_axes": axes if dynamic else None}
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        options["dynamo"] = False  # the TorchScript exporter: no onnxscript needed, dynamic axes are plain
+    with atomic_path(path) as tmp:
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notices
+                torch.onnx.export(model, (example,), str(tmp), **options)
+        except Exception as err:  # the exporter raises many types; name the model and the cause
+            raise SegkitError(f"{checkpoint}: ONNX export of {meta['arch']}/{meta['encoder']} at opset {opset} "
+                              f"failed ({type(err).__name__}: {err}). Fix: try another --opset.") from None
+        proto = onnx.load(str(tmp))
+        info = {"opset": opset, "dynamic": dynamic, "input": INPUT, "output": OUTPUT,
+                "input_shape": ["batch", channels, "height", "width"] if dynamic else [1, channels, size, size],
+                "segkit_version": segkit.__version__, "torch_version": torch.__version__,
+                "source": str(checkpoint)}
+        props = {META_KEY: json.dumps(meta), EXPORT_KEY: json.dumps(info), "head": head.name,
+                 "classes": json.dumps(head.classes), "thresholds": json.dumps(head.thresholds),
+                 "normalization": json.dumps(Normalization.from_meta(meta).to_meta()),
+                 "in_channels": str(channels)}
+        del proto.metadata_props[:]
+        for key, value in props.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        proto.doc_string = (f"segkit {meta['arch']}/{meta['encoder']} ({head.name} head, classes {head.classes}): "
+                            f"raw logits; metadata '{META_KEY}' holds model.json")
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+    return path
+
+
+# -- loading -----------------------------------------------------------------------------
+
+
+def _providers(device: torch.device) -> list[str]:
+    ort = _require("onnxruntime")
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        log.warning("onnxruntime has no CUDA provider here (it needs the onnxruntime-gpu package); "
+                    "the ONNX model runs on the CPU")
+    return ["CPUExecutionProvider"]
+
+
+def open_session(path: Path, device: torch.device) -> Any:
+    ort = _require("onnxruntime")
+    if not path.is_file():
+        raise SegkitError(f"{path}: ONNX file not found.")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: node placement notices are not the user's concern
+    if device.type != "cuda":
+        options.intra_op_num_threads = torch.get_num_threads()  # the same threads PyTorch would use
+    try:
+        return ort.InferenceSession(str(path), options, providers=_providers(device))
+    except Exception as err:  # onnxruntime raises its own exception types for unreadable models
+        raise SegkitError(f"{path}: onnxruntime cannot load it ({type(err).__name__}: {err}).") from None
+
+
+def onnx_meta(session: Any, path: Path) -> dict[str, Any]:
+    """The model.json an exported file carries."""
+    props = session.get_modelmeta().custom_metadata_map
+    if META_KEY not in props:
+        raise SegkitError(f"{path}: an ONNX file without segkit metadata; segkit cannot know its head, classes "
+                          "or normalisation. Fix: export it with `segkit export CHECKPOINT model.onnx`.")
+    try:
+        return json.loads(props[META_KEY])
+    except json.JSONDecodeError as err:
+        raise SegkitError(f"{path}: its segkit metadata is not valid JSON ({err}).") from None
+
+
+def read_onnx_meta(path: str | Path) -> dict[str, Any]:
+    """model.json of an exported file (reads it with onnxruntime on the CPU)."""
+    return onnx_meta(open_session(Path(path), torch.device("cpu")), Path(path))
+
+
+class OnnxModel(nn.Module):
+    """An onnxruntime session that `Segmenter` uses like the PyTorch model: `model(x)` takes a
+    float32 (N, C, H, W) tensor and gives the logits as a tensor on x's device.
+
+    The CUDA provider runs when the device is cuda and onnxruntime has it (onnxruntime-gpu),
+    else the CPU one. A file exported with a fixed input shape takes any batch (run in chunks
+    of its batch) and any size up to its own (padded at the bottom/right, cropped back)."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.device = torch.device(device)
+        self._sessions: dict[str, Any] = {}
+        session = self.session(self.device)
+        self.meta = onnx_meta(session, self.path)
+        inp = session.get_inputs()[0]
+        self.input_name, self.output_name = inp.name, session.get_outputs()[0].name
+        self.fixed = [d if isinstance(d, int) and d > 0 else None for d in inp.shape]
+
+    def session(self, device: torch.device) -> Any:
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        if kind not in self._sessions:
+            self._sessions[kind] = open_session(self.path, device)
+        return self._sessions[kind]
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session(self.device).get_providers()
+
+    def to(self, *args: Any, **kwargs: Any) -> OnnxModel:
+        """Records the device (which provider runs); dtype and memory format do not apply."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            self.device = torch.device(device)
+        return self
+
+    def _run(self, session: Any, batch: np.ndarray) -> np.ndarray:
+        size = self.fixed[0]
+        if size is None or len(batch) == size:
+            return session.run([self.output_name], {self.input_name: batch})[0]
+        outs = []
+        for i in range(0, len(batch), size):
+            chunk = batch[i:i + size]
+            short = size - len(chunk)
+            if short:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], short, axis=0)])
+            outs.append(session.run([self.output_name], {self.input_name: chunk})[0][:size - short])
+        return np.concatenate(outs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, c, h, w = x.shape
+        if self.fixed[1] is not None and c != self.fixed[1]:
+            raise SegkitError(f"{self.path}: takes {self.fixed[1]} input channels, got {c}.")
+        fh, fw = self.fixed[2] or h, self.fixed[3] or w
+        if h > fh or w > fw:
+            raise SegkitError(f"{self.path}: exported with a fixed input of {fh}x{fw} pixels; got {h}x{w}. "
+                              f"Fix: predict with --tile {min(fh, fw)} (Segmenter(tile={min(fh, fw)})), "
+                              "or export with --dynamic.")
+        x = x.detach().float()
+        if (fh, fw) != (h, w):
+            mode = "reflect" if fh - h < h and fw - w < w else "replicate"
+            x = F.pad(x, (0, fw - w, 0, fh - h), mode=mode)
+        batch = np.ascontiguousarray(x.cpu().numpy())
+        out = self._run(self.session(x.device), batch)
+        return torch.from_numpy(out)[..., :h, :w].to(x.device)
+
+    def extra_repr(self) -> str:
+        return f"path={str(self.path)!r}, device={self.device}"
+
+
+def load_onnx(path: str | Path, device: str | torch.device = "cpu") -> tuple[OnnxModel, Head, dict[str, Any]]:
+    """What `load_checkpoint` gives for a checkpoint folder, from an exported .onnx file."""
+    model = OnnxModel(path, device)
+    return model, head_from_metadata(model.meta), model.meta
+
+
+# -- parity ------------------------------------------------------------------------------
+
+
+def _fit(image: np.ndarray, h: int, w: int) -> np.ndarray:
+    """`image` cropped and/or mirrored out (symmetric) to h x w."""
+    image = image[:h, :w]
+    ph, pw = h - image.shape[0], w - image.shape[1]
+    if ph or pw:
+        image = np.pad(image, ((0, ph), (0, pw)) + ((0, 0),) * (image.ndim - 2), mode="symmetric")
+    return image
+
+
+def _mosaic(images: Sequence[np.ndarray], h: int, w: int) -> np.ndarray:
+    """2 x 2 images (repeated when fewer), each fitted to h x w: a (2h, 2w) image to predict in windows."""
+    cells = [_fit(images[i % len(images)], h, w) for i in range(4)]
+    return np.concatenate([np.concatenate(cells[:2], axis=1), np.concatenate(cells[2:], axis=1)], axis=0)
+
+
+def _same_masks(head: Head, a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
+    """(pixels whose decoded masks are identical, pixels) for logits (N, C, H, W)."""
+    ma, mb = head.decode(a), head.decode(b)
+    same = ma == mb
+    if same.dim() == 4:  # sigmoid: a pixel agrees when every class agrees
+        same = same.all(dim=1)
+    return int(same.sum()), same.numel()
+
+
+def _read(seg, path: str | Path) -> np.ndarray:
+    with seg.open(path) as src:
+        return src.read()
+
+
+def parity(checkpoint: str | Path, onnx_path: str | Path, images: Sequence[np.ndarray | str | Path],
+           batch_size: int = 4) -> dict[str, Any]:
+    """Max |logit difference| and mask agreement of the ONNX Segmenter against the PyTorch one, both
+    on the CPU in float32, on `images` (arrays of the model's bands, or files): whole images
+    (same-size images batched, up to `batch_size`) and one 2 x 2 mosaic of them predicted in
+    blended windows. Each side reads and normalises the images itself (from its own metadata)."""
+    from segkit.infer import STRIDE, Segmenter
+
+    torch_seg = Segmenter.load(checkpoint, device="cpu", amp=False, batch_size=batch_size)
+    onnx_seg = Segmenter.load(onnx_path, device="cpu", amp=False, batch_size=batch_size)
+    arrays = [_read(torch_seg, i) if isinstance(i, (str, Path)) else np.asarray(i) for i in images]
+    if not arrays:
+        raise SegkitError("parity: no images to compare on.")
+    model = onnx_seg.model
+    fixed = model.fixed[2:] if isinstance(model, OnnxModel) else [None, None]
+    if fixed[0] or fixed[1]:  # a static export: every input at exactly its size, windows of its size
+        fh, fw = fixed[0] or fixed[1], fixed[1] or fixed[0]
+        arrays = [_fit(a, fh, fw) for a in arrays]
+        mosaic = _mosaic(arrays, (fh * 3 // 4 + 1), (fw * 3 // 4 + 1))
+        tile = min(fh, fw)
+    else:
+        common = min(a.shape[0] for a in arrays[:4]), min(a.shape[1] for a in arrays[:4])
+        mosaic = _mosaic(arrays[:4], *common)
+        tile = max(STRIDE, min(common) // STRIDE * STRIDE)
+    overlap = tile // 4
+    for seg in (torch_seg, onnx_seg):
+        seg.tile, seg.overlap = tile, overlap
+
+    parts = []
+
+    def compare(name: str, run) -> None:
+        a, b = run(torch_seg), run(onnx_seg)
+        same, pixels = _same_masks(torch_seg.head, a, b)
+        parts.append({"name": name, "shape": list(a.shape), "max_abs_logit_diff": float((a - b).abs().max()),
+                      "max_abs_logit": float(a.abs().max()), "pixels": pixels, "pixels_differing": pixels - same,
+                      "mask_agreement": same / pixels})
+
+    groups: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for a in arrays:
+        groups.setdefault(a.shape, []).append(a)
+    for shape, group in groups.items():
+        for i in range(0, len(group), batch_size):
+            batch = group[i:i + batch_size]
+            compare(f"whole {len(batch)} x {shape[0]}x{shape[1]}", lambda s, b=batch: s.forward(s.to_input(b)))
+    compare(f"tiled {mosaic.shape[0]}x{mosaic.shape[1]} (tile {tile}, overlap {overlap})",
+            lambda s: s.logits(mosaic)[None])
+    pixels = sum(p["pixels"] for p in parts)
+    differing = sum(p["pixels_differing"] for p in parts)
+    return {"images": len(arrays), "parts": parts, "pixels": pixels, "pixels_differing": differing,
+            "max_abs_logit_diff": max(p["max_abs_logit_diff"] for p in parts),
+            "max_abs_logit": max(p["max_abs_logit"] for p in parts),
+            "mask_agreement": (pixels - differing) / pixels, "providers": onnx_seg.model.providers}
+
+
+def _select(files: Sequence[Path], limit: int) -> list[Path]:
+    """Up to `limit` files covering as many image sizes as possible (round-robin over sizes)."""
+    from segkit.data.io import image_size
+
+    by_size: dict[tuple[int, int], list[Path]] = {}
+    for f in files:
+        by_size.setdefault(image_size(f), []).append(f)
+    chosen: list[Path] = []
+    queues = [list(v) for v in by_size.values()]
+    while len(chosen) < limit and any(queues):
+        for q in queues:
+            if q and len(chosen) < limit:
+                chosen.append(q.pop(0))
+    return chosen
+
+
+def _synthetic(meta: dict[str, Any], seed: int = 0) -> list[np.ndarray]:
+    """Smooth random float32 images of the model's bands, in its normalisation's range:
+    three 256x256 and one 320x192."""
+    import cv2
+
+    channels = int(meta["in_channels"])
+    norm = Normalization.from_meta(meta)
+    rng = np.random.default_rng(seed)
+    out = []
+    for h, w in ((256, 256), (256, 256), (256, 256), (320, 192)):
+        field = np.stack([cv2.resize(rng.random((h // 16, w // 16), dtype=np.float32), (w, h),
+                                     interpolation=cv2.INTER_CUBIC) for _ in range(channels)], axis=-1)
+        if norm.low is not None:
+            image = np.asarray(norm.low) + field * (np.asarray(norm.high) - np.asarray(norm.low))
+        elif norm.mean is not None:
+            image = np.asarray(norm.mean) + (field - 0.5) * 4 * np.asarray(norm.std)
+        else:
+            image = field * 255
+        out.append(image.astype(np.float32))
+    return out
+
+
+def check_images(meta: dict[str, Any], folder: str | Path | None = None,
+                 limit: int = CHECK_LIMIT) -> tuple[list[np.ndarray], str]:
+    """Images for a parity check and a sentence saying what they are: up to `limit` files of
+    `folder` (sizes mixed; larger than CHECK_CROP cropped to it), else the embedded nuclei test
+    images for a 3-channel model, else synthetic arrays of the model's band count."""
+    from segkit.data.source import ImageSource
+    from segkit.infer import list_images
+
+    channels = int(meta["in_channels"])
+    data = meta.get("data") or {}
+    if folder is None and channels == 3 and NUCLEI_TEST.is_dir():
+        folder, what = NUCLEI_TEST, "embedded nuclei test images"
+    elif folder is None:
+        return _synthetic(meta), (f"4 synthetic images ({channels} bands, smooth random fields in the model's "
+                                  "normalisation range; give real ones with --check-images FOLDER)")
+    else:
+        folder, what = Path(folder), "images"
+        if not folder.is_dir():
+            raise SegkitError(f"--check-images {folder}: folder not found.")
+    files = list_images(Path(folder))
+    if not files:
+        raise SegkitError(f"--check-images {folder}: no images found.")
+    chosen = _select(files, limit)
+    images, cropped = [], 0
+    for f in chosen:
+        with ImageSource.open(f, channels, data.get("bands"), data.get("nodata")) as src:
+            pixels = src.read()
+        cropped += max(pixels.shape[:2]) > CHECK_CROP
+        images.append(np.ascontiguousarray(pixels[:CHECK_CROP, :CHECK_CROP]))
+    sizes = Counter(f"{a.shape[0]}x{a.shape[1]}" for a in images)
+    note = f"; {cropped} cropped to {CHECK_CROP} px" if cropped else ""
+    return images, (f"{len(images)} of {len(files)} {what} in {folder} "
+                    f"({', '.join(f'{n} x {s}' for s, n in sizes.items())}{note})")
