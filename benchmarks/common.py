@@ -18,14 +18,15 @@ from segkit.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalization
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-DSB = ROOT.parent / "shared" / "datasets" / "dsb2018-nuclei" / "images"
+EMBEDDED = ROOT / "data" / "nuclei"
 
 
 def real_images(n: int, size: int) -> list[np.ndarray]:
-    """`n` real microscopy images resized to size x size (repeating the set when n is larger)."""
-    files = sorted(DSB.glob("*.png"))
+    """`n` real microscopy images of the embedded data (data/nuclei) resized to size x size (repeating
+    the set when n is larger): `make bench` needs nothing outside the project."""
+    files = sorted(EMBEDDED.glob("*/images/*.png"))
     if not files:
-        raise SystemExit(f"{DSB}: no images; the benchmarks need ../shared/datasets beside the project")
+        raise SystemExit(f"{EMBEDDED}: no images; the embedded data is part of the repository")
     return [cv2.resize(read_image(files[i % len(files)], 3), (size, size), interpolation=cv2.INTER_AREA)
             for i in range(n)]
 

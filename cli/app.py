@@ -19,7 +19,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from cli import compare, evaluate, inspect, predict, train, visualize  # noqa: F401  (each module adds its command to `app`)
+    from cli import compare, evaluate, export, inspect, predict, train, visualize  # noqa: F401  (each module adds its command to `app`)
 
 
 def setup_logging() -> None:

@@ -60,8 +60,8 @@ def predict(
     from segkit import distributed
     from segkit.device import resolve_device
 
-    distributed.setup(resolve_device(device))
-    seg = load_segmenter(checkpoint, device, batch_size, tile, overlap, tta, threshold)
+    rank_device = distributed.device_for_rank(resolve_device(device))  # under torchrun: this rank's own GPU
+    seg = load_segmenter(checkpoint, str(rank_device), batch_size, tile, overlap, tta, threshold)
     summary = seg.predict_folder(input_dir, output_dir, probs=save_probs, overwrite=overwrite, workers=workers,
                                  progress=progress and distributed.rank() == 0, vectorize=vectorize)
     for path, reason in summary.failed:

@@ -79,13 +79,24 @@ class TrainConfig(_Strict):
     workers: int | Literal["auto"] = Field(
         "auto", description="loader processes; auto: 0 on CPU (the model needs the cores), cores - 1 (max 8) on CUDA")
     log_every: int = Field(50, ge=1, description="steps between loss read-backs (the only host-device sync)")
-    val_every: int = Field(1, ge=1, description="epochs between validations (the last epoch always validates)")
+    val_every: int | Literal["auto"] = Field(
+        "auto", description="epochs between validations; auto: every epoch unless validating costs more than "
+                            "a tenth of an epoch's training, then spaced to stay under it (the last epoch always "
+                            "validates)")
     save_every: int = Field(1, ge=1, description="epochs between last/ checkpoints (the last epoch always saves)")
     compile: bool = Field(False, description="torch.compile the model (falls back to eager with a message)")
     sync_batchnorm: bool = Field(False, description="DDP: SyncBatchNorm, for small per-GPU batches")
+    tensorboard: bool = Field(False, description="also log to RUN/tensorboard (extra: segkit[tensorboard])")
     early_stop_patience: int | None = Field(None, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1)
     augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("val_every")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError("must be at least 1, or auto")
+        return v
 
     @field_validator("crop")
     @classmethod

@@ -51,7 +51,7 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     if not active():
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, static_graph=True)
 
 
 def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]:

@@ -127,26 +127,38 @@ def export_onnx(checkpoint: str | Path, path: str | Path, opset: int = 17, dynam
 # -- loading -----------------------------------------------------------------------------
 
 
-def _providers(device: torch.device) -> list[str]:
+_told_no_cuda: list[bool] = []
+
+
+def _use_cuda(device: torch.device) -> bool:
+    """Whether onnxruntime runs on the GPU for `device`: cuda asked for and its provider present."""
     ort = _require("onnxruntime")
-    if device.type == "cuda":
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device.type != "cuda":
+        return False
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return True
+    if not _told_no_cuda:
         log.warning("onnxruntime has no CUDA provider here (it needs the onnxruntime-gpu package); "
                     "the ONNX model runs on the CPU")
-    return ["CPUExecutionProvider"]
+        _told_no_cuda.append(True)
+    return False
 
 
 def open_session(path: Path, device: torch.device) -> Any:
+    """An onnxruntime session: CUDA provider (on the device's GPU) when `_use_cuda`, else CPU with
+    as many threads as PyTorch uses."""
     ort = _require("onnxruntime")
     if not path.is_file():
         raise SegkitError(f"{path}: ONNX file not found.")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: node placement notices are not the user's concern
-    if device.type != "cuda":
-        options.intra_op_num_threads = torch.get_num_threads()  # the same threads PyTorch would use
+    if _use_cuda(device):
+        providers: list = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+        options.intra_op_num_threads = torch.get_num_threads()
     try:
-        return ort.InferenceSession(str(path), options, providers=_providers(device))
+        return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:  # onnxruntime raises its own exception types for unreadable models
         raise SegkitError(f"{path}: onnxruntime cannot load it ({type(err).__name__}: {err}).") from None
 
@@ -188,10 +200,12 @@ class OnnxModel(nn.Module):
         self.fixed = [d if isinstance(d, int) and d > 0 else None for d in inp.shape]
 
     def session(self, device: torch.device) -> Any:
-        kind = "cuda" if device.type == "cuda" else "cpu"
-        if kind not in self._sessions:
-            self._sessions[kind] = open_session(self.path, device)
-        return self._sessions[kind]
+        """The session for `device`, made once: one per GPU, one for the CPU (also used for a GPU
+        when onnxruntime has no CUDA provider)."""
+        key = f"cuda:{device.index or 0}" if _use_cuda(device) else "cpu"
+        if key not in self._sessions:
+            self._sessions[key] = open_session(self.path, device)
+        return self._sessions[key]
 
     @property
     def providers(self) -> list[str]:

@@ -61,14 +61,16 @@ def forward_padded(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None 
     return logits[..., :h, :w].float()
 
 
+FLIPS = ((), (-1,), (-2,), (-2, -1))
+
+
 def forward_tta(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Mean logits over the identity and the horizontal, vertical and double flips."""
-    total = torch.zeros(())
-    for dims in ((), (-1,), (-2,), (-2, -1)):
-        flipped = x.flip(dims) if dims else x
-        out = forward_padded(model, flipped, dtype)
-        total = total + (out.flip(dims) if dims else out)
-    return total / 4
+    """Mean logits over the identity and the horizontal, vertical and double flips, batched into one
+    forward pass of 4N images."""
+    n = x.shape[0]
+    out = forward_padded(model, torch.cat([x.flip(d) if d else x for d in FLIPS]), dtype)
+    parts = [out[k * n:(k + 1) * n] for k in range(len(FLIPS))]
+    return sum(p.flip(d) if d else p for p, d in zip(parts, FLIPS)) / len(FLIPS)
 
 
 def gaussian_weight(h: int, w: int, sigma_scale: float = 0.125) -> torch.Tensor:
@@ -125,6 +127,7 @@ class Segmenter:
         self.model = model.to(self.device).eval()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True  # folders repeat sizes: the autotuned kernels pay off
         self.head = head
         self.meta = meta
         self.dtype = amp_dtype(self.device, amp)
@@ -216,8 +219,10 @@ class Segmenter:
     # -- decoding ----------------------------------------------------------------------
 
     def _decode(self, logits: torch.Tensor, probs: bool, valid: np.ndarray | None = None) -> Prediction:
-        mask = self.head.decode(logits[None])[0].cpu().numpy()
-        mask = mask.astype(np.uint8) if mask.dtype != bool and self.head.channels <= 256 else mask
+        mask = self.head.decode(logits[None])[0]
+        if mask.dtype != torch.bool and self.head.channels <= 256:
+            mask = mask.to(torch.uint8)  # on the device: a quarter of int32's bytes cross back
+        mask = mask.cpu().numpy()
         p = self.head.activate(logits[None])[0].half().cpu().numpy() if probs else None
         return Prediction(mask, p, valid)
 
@@ -363,10 +368,10 @@ class Segmenter:
             band = ImageSource.from_array(src.read(Window(y, 0, th, w)), self.in_channels, src.nodata)
             if self.norm.per_image:
                 band._stats = src.stats()  # whole-image statistics, as in training
+            rows_in = self.to_input(band)  # the band crosses to the device once; windows are views of it
             for i in range(0, len(xs), self.batch_size):
                 chunk = xs[i:i + self.batch_size]
-                x = torch.cat([self.to_input(band, Window(0, x, th, tw)) for x in chunk])
-                logits = self.forward(x)
+                logits = self.forward(torch.cat([rows_in[..., x0:x0 + tw] for x0 in chunk]))
                 for x0, out in zip(chunk, logits):
                     acc[:, y - top:y - top + th, x0:x0 + tw].addcmul_(out, weight)
                     norm[y - top:y - top + th, x0:x0 + tw] += weight
@@ -513,7 +518,8 @@ class _ImageFiles(Dataset):
             with ImageSource.open(self.files[i], self.channels, self.bands, self.nodata) as src:
                 if src.height * src.width > HUGE_PIXELS:
                     return self.files[i], None, src.geometry, src.nodata, None
-                return self.files[i], src.read(), src.geometry, src.nodata, None
+                # a tensor travels through shared memory; a numpy array would be pickled through a pipe
+                return self.files[i], torch.from_numpy(np.ascontiguousarray(src.read())), src.geometry, src.nodata, None
         except SegkitError as err:
             return self.files[i], None, None, None, str(err)
 
@@ -532,7 +538,8 @@ def _readable(reader: Iterable, summary: FolderSummary, seg: Segmenter) -> Itera
         if image is None:
             yield path, seg.open(path)
         else:
-            yield path, ImageSource.from_array(image, seg.in_channels, nodata, str(path), geometry)
+            pixels = image.numpy() if isinstance(image, torch.Tensor) else image
+            yield path, ImageSource.from_array(pixels, seg.in_channels, nodata, str(path), geometry)
 
 
 def _write_prediction(head: Head, pred: Prediction, rel: Path, output_dir: Path, geometry: Geometry,

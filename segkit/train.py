@@ -36,7 +36,8 @@ from segkit.heads import Head
 from segkit.infer import Segmenter, batches_by_shape
 from segkit.metrics import EMPTY_RULE, summarize
 from segkit.model import build_model, checkpoint_meta, save_state, unwrap
-from segkit.viz import plot_curves
+from segkit.tensorboard import TensorBoardLog
+from segkit.viz import overlay_picture, plot_curves
 
 log = logging.getLogger("segkit")
 
@@ -214,6 +215,25 @@ def _to_cpu(obj):
     return obj
 
 
+def val_pictures(seg: Segmenter, dataset: SegmentationDataset, count: int = 3) -> list[tuple[str, np.ndarray]]:
+    """Overlays of the first `count` validation images, for TensorBoard."""
+    pictures = []
+    for r in dataset.records[:count]:
+        px = dataset.pixels(r, None)
+        masks = seg.head.multihot(torch.from_numpy(seg.predict(px.image).mask)[None])[0].numpy()
+        pictures.append((r.sample.stem, overlay_picture(px.image, masks, seg.head.classes, seg.head.colors)))
+    return pictures
+
+
+def spaced_validation(val_seconds: float, epoch_seconds: float, main: bool, share: float = 0.1) -> int:
+    """Epochs between validations so that validating costs at most `share` of training time."""
+    every = max(1, math.ceil(val_seconds / max(share * epoch_seconds, 1e-9)))
+    if every > 1 and main:
+        log.info("validation takes %.1f s against %.1f s of training per epoch: validating every %d epochs "
+                 "(and the last); set train.val_every to choose", val_seconds, epoch_seconds, every)
+    return every
+
+
 def compiled(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """torch.compile'd `model`, tried once on `example`; the eager model, with the reason, if it fails."""
     try:
@@ -352,7 +372,9 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
     stopped = "completed"
     images_seen, train_seconds = 0, 0.0
     saver = Checkpointer(out) if main else None
+    board = TensorBoardLog(out / "tensorboard") if main and t.tensorboard else None
     losses = torch.zeros(t.log_every, device=device)
+    val_every = 1 if t.val_every == "auto" else t.val_every
     for epoch in range(start_epoch, t.epochs):
         sampler.set_epoch(epoch)
         model.train()
@@ -386,6 +408,9 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
                 seen += len(values)
                 bar.update(len(values))
                 bar.set_postfix(loss=f"{values[-1]:.4f}")
+                if board is not None:
+                    board.steps(epoch * steps + step + 1, sum(values) / len(values), optimizer.param_groups[0]["lr"],
+                                (step + 1) * per_rank_batch * world / (time.perf_counter() - began))
         bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -395,12 +420,15 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
         train_seconds += seconds
 
         last_epoch = epoch + 1 == t.epochs
-        validated = (epoch + 1) % t.val_every == 0 or last_epoch
+        validated = (epoch + 1) % val_every == 0 or last_epoch
         val_loss, dice, iou, per_class = math.nan, math.nan, math.nan, {}
         if validated:
+            val_began = time.perf_counter()
             val_loss, counts = validate(seg, loss_fn, val_ds, per_rank_batch)
             scores = summarize(counts, head.classes)
             dice, iou, per_class = scores["mean"]["dice"], scores["mean"]["iou"], scores["per_class"]
+            if t.val_every == "auto" and epoch == start_epoch:
+                val_every = spaced_validation(time.perf_counter() - val_began, seconds, main)
         train_loss = dist.all_reduce_sum([loss_sum / max(1, seen)], device)[0] / world
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                "val_mean_dice": dice, "val_mean_iou": iou,
@@ -422,6 +450,8 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
                      "best_epoch": best_epoch, "bad_epochs": bad_epochs} if last else None
             saver.save(model, epoch_meta, improved, last, state, history,
                        plot=last_epoch or early or (epoch + 1) % 5 == 0)
+            if board is not None:
+                board.epoch(epoch + 1, row, val_pictures(seg, val_ds) if validated else [])
             shown = " ".join(f"{c}={s['dice']:.3f}" for c, s in per_class.items())
             log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val mean Dice %.4f (%s)  %.1f img/s%s",
                      epoch + 1, t.epochs, train_loss, val_loss, dice, shown or "not validated", images / seconds,
@@ -433,5 +463,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
             break
     if saver is not None:
         saver.close()
+    if board is not None:
+        board.close()
     dist.barrier()
     return TrainResult(out, len(history), best_epoch, best, images_seen / max(train_seconds, 1e-9), stopped)

@@ -25,7 +25,7 @@ CONFIGS = ROOT / "configs"
 # Training settings that keep a run to a few seconds on 2 CPU cores.
 TINY = ("--device", "cpu", "--no-progress",
         "--set", "train.steps_per_epoch=2", "--set", "train.crop=64", "--set", "train.batch_size=2",
-        "--set", "train.workers=0", "--set", "model.encoder=resnet18")
+        "--set", "train.workers=0", "--set", "model.encoder=resnet18", "--set", "train.val_every=1")
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

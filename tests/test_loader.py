@@ -135,3 +135,23 @@ def test_log_cadence_does_not_change_the_run(tmp_path):
         wa, wb = load_file(str(tmp_path / "a" / "last" / "model.safetensors")), \
             load_file(str(tmp_path / other / "last" / "model.safetensors"))
         assert all(torch.equal(wa[k], wb[k]) for k in wa), other
+
+
+def test_tensorboard_logs_steps_scores_and_overlays(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = copy_nuclei(tmp_path / "data", 6)
+    out = tmp_path / "run"
+    r = run_cli(*train_args(CONFIGS / "nuclei-softmax.yaml", data, out, "--set", "train.tensorboard=true",
+                            "--set", "train.log_every=1", epochs=2))
+    assert r.code == 0, r.err
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"train/loss", "train/lr", "epoch/val_mean_dice", "epoch/dice_nucleus"} <= set(tags["scalars"])
+    assert len(acc.Scalars("train/loss")) == 4  # 2 steps x 2 epochs, one point per read-back
+    rows = _rows(out / "metrics.csv")
+    logged = [e.value for e in acc.Scalars("epoch/val_mean_dice")]
+    assert logged == pytest.approx([float(r["val_mean_dice"]) for r in rows], rel=1e-6)
+    assert len(tags["images"]) == 1  # one overlay per validation image (6 images x 0.2 = 1 held out)
+    assert len(acc.Images(tags["images"][0])) == 2  # one per validated epoch
