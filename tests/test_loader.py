@@ -122,12 +122,12 @@ def test_log_cadence_does_not_change_the_run(tmp_path):
     data = copy_nuclei(tmp_path / "data", 6)
     config = CONFIGS / "nuclei-sigmoid.yaml"
     steps = ("--set", "train.steps_per_epoch=4")
-    assert run_cli(*train_args(config, data, tmp_path / "a", *steps, "--set", "train.log_every=1", epochs=3)).code == 0
-    assert run_cli(*train_args(config, data, tmp_path / "b", *steps, "--set", "train.log_every=3", epochs=3)).code == 0
+    assert run_cli(*train_args(config, data, tmp_path / "a", *steps, "--set", "train.log_every=1", epochs=2)).code == 0
+    assert run_cli(*train_args(config, data, tmp_path / "b", *steps, "--set", "train.log_every=3", epochs=2)).code == 0
     a = _rows(tmp_path / "a" / "metrics.csv")
     for other in ("b",):
         rows = _rows(tmp_path / other / "metrics.csv")
-        assert len(rows) == 3
+        assert len(rows) == 2
         for ra, rb in zip(a, rows):
             for key in ra:
                 if key not in ("seconds", "images_per_s"):
