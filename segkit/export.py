@@ -107,8 +107,7 @@ def export_onnx(checkpoint: str | Path, path: str | Path, opset: int = 17, dynam
         proto = onnx.load(str(tmp))
         info = {"opset": opset, "dynamic": dynamic, "input": INPUT, "output": OUTPUT,
                 "input_shape": ["batch", channels, "height", "width"] if dynamic else [1, channels, size, size],
-                "segkit_version": segkit.__version__, "torch_version": torch.__version__,
-                "source": str(checkpoint)}
+                "segkit_version": segkit.__version__, "torch_version": torch.__version__}
         props = {META_KEY: json.dumps(meta), EXPORT_KEY: json.dumps(info), "head": head.name,
                  "classes": json.dumps(head.classes), "thresholds": json.dumps(head.thresholds),
                  "normalization": json.dumps(Normalization.from_meta(meta).to_meta()),
