@@ -1,0 +1,493 @@
+"""3-D medical volumes (NIfTI, read with nibabel) as a segmentation dataset, for 2-D training on slices.
+
+Accepted layouts (ROOT = data.root):
+  nnU-Net v2 raw  ROOT/dataset.json (channel_names, labels, file_ending[, regions_class_order]),
+                  ROOT/imagesTr/<case>_0000<file_ending> (one 3-D file per channel), ROOT/labelsTr/<case><file_ending>,
+                  ROOT/imagesTs/ (+ ROOT/labelsTs/)
+  MSD             ROOT/dataset.json (modality, labels, training[, test]); a multi-channel image is one 4-D file
+  segkit          ROOT/{train,val,test}/{images,masks}/<case>.nii.gz (or .nii); no dataset.json, so the classes
+                  come from data.classes and a label value is its class index
+With a dataset.json, classes, channels and the label encoding come from it. nnU-Net region labels
+(name -> [values]) are nested and overlap, so they are sigmoid classes; plain labels (name -> value) are exclusive.
+Training cases must have a label; test cases may lack one (prediction only).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+
+from segkit.data.masks import distinct
+from segkit.errors import ConfigError, DataError
+
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+SEGKIT_SPLITS = ("train", "val", "test")
+AFFINE_ATOL = 1e-3
+"""mm: affines closer than this are the same grid (far below any voxel, above float32 header rounding)."""
+SPACING_RTOL = 1e-3
+"""Spacings within this relative tolerance tie in `slice_axis` (headers store float32: 7.499999 for 7.5)."""
+
+Layout = Literal["nnunet", "msd", "segkit"]
+
+
+def _load(path: Path, case: str) -> nib.Nifti1Image:
+    try:
+        return nib.load(path)
+    except (ImageFileError, OSError, EOFError) as err:
+        raise DataError(f"{path} (case {case}): not a readable NIfTI file ({err}). "
+                        "Fix: re-export it as .nii.gz, or remove the case.") from err
+
+
+def _voxels(image: nib.Nifti1Image, path: Path, case: str) -> np.ndarray:
+    try:
+        return np.asanyarray(image.dataobj)
+    except (OSError, EOFError, zlib.error, ValueError) as err:  # truncated or corrupt .nii(.gz)
+        raise DataError(f"{path} (case {case}): the header reads but the voxels do not ({err}). "
+                        "Fix: copy or re-export the file again; it is probably truncated.") from err
+
+
+class Volume:
+    """One case's image. The header, affine and shape are read at once; the voxels on first use of `data`,
+    since volumes can be large. `data` is (X, Y, Z, C): nnU-Net's one file per channel (`_0000`, `_0001`, ...)
+    stacked on the last axis, or a 4-D (MSD) file's 4th axis, or C = 1. `header` and `affine` are the first
+    file's; every channel file is checked to share its grid."""
+
+    def __init__(self, case: str, paths: Sequence[Path]):
+        self.case = case
+        self.paths = [Path(p) for p in paths]
+        self._images = [_load(p, case) for p in self.paths]
+        first = self._images[0]
+        allowed = (3,) if len(self._images) > 1 else (3, 4)
+        for path, image in zip(self.paths, self._images):
+            if image.ndim not in allowed:
+                kind = "one 3-D file per channel" if len(self._images) > 1 else "a 3-D or 4-D (channels last) file"
+                raise DataError(f"{path} (case {case}): {image.ndim}-D, shape {image.shape}; a volume is {kind}. "
+                                "Fix: save each channel as its own 3-D file (<case>_0000, <case>_0001, ...).")
+        for path, image in zip(self.paths[1:], self._images[1:]):
+            if image.shape != first.shape or not np.allclose(image.affine, first.affine, rtol=0, atol=AFFINE_ATOL):
+                raise DataError(
+                    f"case {case}: channel files {self.paths[0]} (shape {first.shape}) and {path} "
+                    f"(shape {image.shape}) lie on different grids (affines {first.affine.round(4).tolist()} vs "
+                    f"{image.affine.round(4).tolist()}). Fix: resample every channel onto the grid of "
+                    f"{self.paths[0].name}; nnU-Net requires it too.")
+        self.header = first.header
+        self.affine: np.ndarray = np.array(first.affine, dtype=float)
+        self.shape: tuple[int, int, int] = tuple(int(n) for n in first.shape[:3])
+        self.spacing: tuple[float, float, float] = tuple(float(z) for z in first.header.get_zooms()[:3])
+        self.channels = len(self._images) if first.ndim == 3 else int(first.shape[3])
+
+    @cached_property
+    def data(self) -> np.ndarray:
+        """(X, Y, Z, C) voxels in their stored (scaled) type."""
+        arrays = [_voxels(image, path, self.case) for path, image in zip(self.paths, self._images)]
+        return arrays[0] if arrays[0].ndim == 4 else np.stack(arrays, axis=-1)
+
+
+@dataclass(frozen=True)
+class VolumeCase:
+    """A case: its image files (one per channel, or one 4-D file) and its label file (None: unlabelled)."""
+
+    name: str
+    images: list[Path]
+    label: Path | None
+
+
+class _Labels(NamedTuple):
+    classes: list[str]
+    regions: dict[str, tuple[int, ...]] | None
+    order: tuple[int, ...] | None
+    ignore: int | None
+    values: frozenset[int]
+
+
+@dataclass(frozen=True)
+class VolumeDataset:
+    """A dataset of volumes: its cases per split, and what its label files encode.
+
+    `classes` are the network's output classes: the label names in value order for plain labels
+    (softmax; value = class index), the region names in dataset.json order for region labels (sigmoid,
+    `multilabel`). `label_values` are the values a label file may hold.
+    """
+
+    root: Path
+    layout: Layout
+    classes: list[str]
+    channel_names: list[str]
+    regions: dict[str, tuple[int, ...]] | None
+    regions_class_order: tuple[int, ...] | None
+    ignore_label: int | None
+    label_values: frozenset[int]
+    splits: dict[str, list[VolumeCase]]
+
+    @property
+    def multilabel(self) -> bool:
+        return self.regions is not None
+
+    @classmethod
+    def from_root(cls, root: Path | str, classes: Sequence[str] | None = None,
+                  ignore_index: int | None = None) -> VolumeDataset:
+        """Recognise the layout of `root`. `classes` and `ignore_index` (data.classes, data.ignore_index)
+        name the label values of the segkit layout; with a dataset.json they must agree with it or be None."""
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root}: data folder not found. Fix: set data.root to a folder with dataset.json "
+                            "(nnU-Net v2 or MSD) or train/images + train/masks.")
+        meta = root / "dataset.json"
+        if not meta.is_file():
+            return _segkit(root, classes, ignore_index)
+        spec = _read_json(meta)
+        if "channel_names" in spec:
+            dataset = _nnunet(root, meta, spec)
+        elif "modality" in spec:
+            dataset = _msd(root, meta, spec)
+        else:
+            raise DataError(f"{meta}: neither `channel_names` (nnU-Net v2) nor `modality` (MSD). "
+                            "Fix: write an nnU-Net v2 dataset.json (channel_names, labels, file_ending).")
+        if classes is not None and list(classes) != dataset.classes:
+            raise ConfigError(f"data.classes: {list(classes)}, but {meta} gives {dataset.classes}. "
+                              "Fix: remove data.classes (dataset.json names the classes), or list them as it does.")
+        if ignore_index is not None and ignore_index != dataset.ignore_label:
+            raise ConfigError(f"data.ignore_index: {ignore_index}, but {meta} gives {dataset.ignore_label} "
+                              "(labels.ignore). Fix: remove data.ignore_index, or set labels.ignore in dataset.json.")
+        return dataset
+
+    def cases(self, split: str) -> list[VolumeCase]:
+        """Cases of `split`: train and test (nnU-Net: imagesTr, imagesTs), also val in the segkit layout."""
+        if split not in self.splits:
+            raise DataError(f"{self.root}: no '{split}' split (found {sorted(self.splits)}). Fix: add it "
+                            "(nnU-Net: imagesTs/; segkit layout: ROOT/<split>/images), or hold back cases "
+                            "with `case_split`.")
+        return self.splits[split]
+
+    def image(self, case: VolumeCase) -> Volume:
+        """The case's image, checked to have the dataset's channels."""
+        volume = Volume(case.name, case.images)
+        if volume.channels != len(self.channel_names):
+            raise DataError(f"case {case.name}: {volume.channels} channel(s) in {[str(p) for p in case.images]}, "
+                            f"but the dataset has {len(self.channel_names)} ({self.channel_names}). "
+                            "Fix: give every case the same channels, in the same order.")
+        return volume
+
+    def label_volume(self, case: VolumeCase) -> np.ndarray:
+        """The case's label map (X, Y, Z), integer, checked to lie on the image's grid."""
+        if case.label is None:
+            raise DataError(f"case {case.name}: no label file. Fix: add one, or use the case for prediction only.")
+        image = self.image(case)
+        label = Volume(case.name, [case.label])
+        if label.channels != 1:
+            raise DataError(f"case {case.name}: label {case.label} has {label.channels} channels. "
+                            "Fix: save one 3-D integer label map per case.")
+        if label.shape != image.shape:
+            raise DataError(f"case {case.name}: label {case.label} is {label.shape} voxels but image "
+                            f"{case.images[0]} is {image.shape}. Fix: resample the label onto the image grid "
+                            "(nearest neighbour), or export both from the same series.")
+        if not np.allclose(label.affine, image.affine, rtol=0, atol=AFFINE_ATOL):
+            off = float(np.abs(label.affine - image.affine).max())
+            raise DataError(f"case {case.name}: label {case.label} and image {case.images[0]} lie on different "
+                            f"grids (affines differ by up to {off:.4g}). Fix: resample the label onto the image "
+                            "(nearest neighbour), or copy the image's affine into the label if only its header "
+                            "is wrong.")
+        return _integers(label.data[..., 0], case)
+
+    def check_labels(self, case: VolumeCase) -> None:
+        """Refuse label values the dataset does not declare: they would be trained as nothing, or crash."""
+        found = distinct(self.label_volume(case)).tolist()
+        bad = sorted(set(found) - self.label_values)
+        if bad:
+            where, fix = ((f"{self.root / 'dataset.json'} (labels)", "add them to `labels` in dataset.json")
+                          if self.layout != "segkit" else
+                          ("data.classes (value = class index)", "add classes to data.classes"))
+            raise DataError(f"case {case.name}: {case.label} holds label values {bad} that {where} does not "
+                            f"declare (allowed: {sorted(self.label_values)}). Fix: {fix}, or correct the label file.")
+
+
+def _integers(label: np.ndarray, case: VolumeCase) -> np.ndarray:
+    """Integer labels as stored; whole-valued float labels (common in exports) as int32."""
+    if np.issubdtype(label.dtype, np.integer):
+        return label
+    if np.all(np.isfinite(label)) and np.all(label == np.round(label)):
+        return label.astype(np.int32)
+    raise DataError(f"case {case.name}: {case.label} holds non-integer label values. "
+                    "Fix: save labels as integers, resampled with nearest neighbour (not linear) interpolation.")
+
+
+def _read_json(meta: Path) -> dict:
+    try:
+        spec = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{meta}: unreadable ({err}). Fix: write valid JSON.") from err
+    if not isinstance(spec, dict):
+        raise DataError(f"{meta}: not a JSON object. Fix: write an nnU-Net v2 dataset.json.")
+    return spec
+
+
+def _require(meta: Path, spec: dict, keys: Sequence[str], kind: str) -> None:
+    missing = [k for k in keys if k not in spec]
+    if missing:
+        raise DataError(f"{meta}: {kind} dataset.json without {missing}. Fix: add them (needed: {list(keys)}).")
+
+
+def _indexed(mapping: object, meta: Path, key: str) -> list[str]:
+    """{"0": a, "1": b} -> [a, b]: channel names keyed by channel index."""
+    if not isinstance(mapping, dict) or not mapping:
+        raise DataError(f"{meta}: `{key}` must map channel indices to names, e.g. {{\"0\": \"T1\"}}. Fix: write it so.")
+    if set(mapping) != {str(i) for i in range(len(mapping))}:
+        raise DataError(f"{meta}: `{key}` keys are {list(mapping)}; they must be \"0\" to \"{len(mapping) - 1}\". "
+                        "Fix: number the channels from 0, as the files' _0000, _0001 suffixes do.")
+    return [str(mapping[str(i)]) for i in range(len(mapping))]
+
+
+def _label_values(value: object, name: str, meta: Path) -> tuple[int, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise DataError(f"{meta}: labels.{name} = {value!r} is not an integer or a list of integers. "
+                        f"Fix: e.g. \"{name}\": 1 (a label) or \"{name}\": [1, 2] (a region).")
+    return tuple(items)
+
+
+def _parse_labels(labels: object, order: object, meta: Path) -> _Labels:
+    """nnU-Net v2 `labels` (name -> value, or name -> [values] for regions) and `regions_class_order`."""
+    if not isinstance(labels, dict) or not labels:
+        raise DataError(f"{meta}: `labels` must map names to values, e.g. {{\"background\": 0, \"tumour\": 1}}. "
+                        "Fix: write it so.")
+    parsed = {name: _label_values(value, name, meta) for name, value in labels.items()}
+    ignore = parsed.pop("ignore", None)
+    if ignore is not None and len(ignore) != 1:
+        raise DataError(f"{meta}: labels.ignore = {list(ignore)}; the ignore label is one value. "
+                        "Fix: e.g. \"ignore\": 4.")
+    ignore_value = ignore[0] if ignore else None
+    extra = {ignore_value} if ignore_value is not None else set()
+    if any(len(values) > 1 for values in parsed.values()):
+        return _parse_regions(parsed, order, meta, ignore_value, extra)
+    by_value = sorted(parsed.items(), key=lambda item: item[1][0])
+    values = [v[0] for _, v in by_value]
+    if values != list(range(len(values))):
+        raise DataError(f"{meta}: label values {values} are not 0 to {len(values) - 1}; the value is the class index "
+                        "and nnU-Net requires consecutive labels. Fix: renumber `labels` and the label files.")
+    return _Labels([name for name, _ in by_value], None, None, ignore_value, frozenset(values) | extra)
+
+
+def _parse_regions(parsed: dict[str, tuple[int, ...]], order: object, meta: Path,
+                   ignore: int | None, extra: set[int]) -> _Labels:
+    """Regions are every label except background, in dataset.json order (which `regions_class_order` follows)."""
+    if parsed.get("background") != (0,):
+        raise DataError(f"{meta}: region labels need \"background\": 0 in `labels`, as nnU-Net does. Fix: add it.")
+    regions = {name: values for name, values in parsed.items() if set(values) != {0}}
+    if (not isinstance(order, list) or len(order) != len(regions)
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in order)):
+        raise DataError(f"{meta}: `regions_class_order` is {order!r}; region labels need one label value per region "
+                        f"({list(regions)}), telling which value each region paints, later regions overwriting "
+                        "earlier ones. Fix: e.g. \"regions_class_order\": [1, 2, 3], encompassing regions first.")
+    values = frozenset({0}.union(*regions.values())) | extra
+    if not set(order) <= values:
+        raise DataError(f"{meta}: `regions_class_order` {order} holds values outside `labels` ({sorted(values)}). "
+                        "Fix: list label values that the regions contain.")
+    return _Labels(list(regions), regions, tuple(order), ignore, values)
+
+
+def _dataset(root: Path, layout: Layout, channels: list[str], labels: _Labels,
+             splits: dict[str, list[VolumeCase]]) -> VolumeDataset:
+    return VolumeDataset(root, layout, labels.classes, channels, labels.regions, labels.order, labels.ignore,
+                         labels.values, splits)
+
+
+def _nnunet(root: Path, meta: Path, spec: dict) -> VolumeDataset:
+    _require(meta, spec, ("channel_names", "labels", "file_ending"), "nnU-Net v2")
+    if "dataset" in spec:
+        raise DataError(f"{meta}: a `dataset` file list is not supported. "
+                        "Fix: put the files in imagesTr/ and labelsTr/ under nnU-Net's names, and remove `dataset`.")
+    ending = spec["file_ending"]
+    if ending not in NIFTI_ENDINGS:
+        raise DataError(f"{meta}: file_ending {ending!r}; segkit reads NIfTI volumes only. "
+                        "Fix: convert the images and labels to .nii.gz and set \"file_ending\": \".nii.gz\".")
+    channels = _indexed(spec["channel_names"], meta, "channel_names")
+    labels = _parse_labels(spec["labels"], spec.get("regions_class_order"), meta)
+    splits = {"train": _nnunet_cases(root / "imagesTr", root / "labelsTr", ending, channels, meta, labelled=True)}
+    if (root / "imagesTs").is_dir():
+        splits["test"] = _nnunet_cases(root / "imagesTs", root / "labelsTs", ending, channels, meta, labelled=False)
+    return _dataset(root, "nnunet", channels, labels, splits)
+
+
+def _nnunet_cases(images: Path, labels: Path, ending: str, channels: list[str], meta: Path,
+                  labelled: bool) -> list[VolumeCase]:
+    """Cases of imagesTr/ (or imagesTs/): every channel file present, and a label for each training case."""
+    if not images.is_dir():
+        raise DataError(f"{images}: not found. "
+                        f"Fix: put the images there as <case>_0000{ending} (one file per channel).")
+    files: dict[str, dict[int, Path]] = {}
+    for path in sorted(images.iterdir()):
+        if path.name.startswith(".") or not path.name.endswith(ending):
+            continue
+        match = re.fullmatch(r"(.+)_(\d{4})", path.name[:-len(ending)])
+        if match is None:
+            raise DataError(f"{path}: not named <case>_XXXX{ending} (XXXX: the 4-digit channel). "
+                            f"Fix: rename it, e.g. {path.name[:-len(ending)]}_0000{ending}.")
+        case, channel = match[1], int(match[2])
+        if channel >= len(channels):
+            raise DataError(f"{path} (case {case}): channel {channel}, but {meta} names {len(channels)} channel(s) "
+                            f"{channels}. Fix: add it to channel_names, or remove the file.")
+        files.setdefault(case, {})[channel] = path
+    if not files and labelled:
+        raise DataError(f"{images}: no <case>_0000{ending} files. Fix: check `file_ending` in {meta}.")
+    found = ({p.name[:-len(ending)]: p for p in sorted(labels.iterdir())
+              if p.name.endswith(ending) and not p.name.startswith(".")} if labels.is_dir() else {})
+    orphans = sorted(set(found) - set(files))
+    if orphans:
+        case = orphans[0]
+        raise DataError(f"case {case}: label {found[case]} but no image {images / f'{case}_0000{ending}'} "
+                        f"(labels without images: {orphans}). Fix: add the images (one file per channel), "
+                        "or remove the labels.")
+    cases = []
+    for case, by_channel in sorted(files.items()):
+        missing = [f"{case}_{i:04d}{ending}" for i in range(len(channels)) if i not in by_channel]
+        if missing:
+            raise DataError(f"case {case}: missing channel file(s) {missing} in {images}; {meta} names "
+                            f"{len(channels)} channel(s) {channels}. Fix: add them, or remove the case's other files.")
+        label = found.get(case)
+        if label is None and labelled:
+            raise DataError(f"case {case}: no label {labels / (case + ending)}. "
+                            "Fix: add it, or move the case's images to imagesTs/ (unlabelled).")
+        cases.append(VolumeCase(case, [by_channel[i] for i in range(len(channels))], label))
+    return cases
+
+
+def _msd(root: Path, meta: Path, spec: dict) -> VolumeDataset:
+    """MSD: labels map "value" -> name; `training` lists {"image", "label"} paths, `test` image paths."""
+    _require(meta, spec, ("modality", "labels", "training"), "MSD")
+    channels = _indexed(spec["modality"], meta, "modality")
+    names = spec["labels"]
+    if not isinstance(names, dict) or not all(isinstance(k, str) and k.isdigit() for k in names):
+        raise DataError(f"{meta}: MSD `labels` must map values to names, e.g. {{\"0\": \"background\"}}. "
+                        "Fix: write it so.")
+    labels = _parse_labels({str(name): int(value) for value, name in names.items()}, None, meta)
+    entries = spec["training"]
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"image", "label"} <= set(e) for e in entries):
+        raise DataError(f"{meta}: `training` must list {{\"image\": ..., \"label\": ...}} entries. Fix: write it so.")
+    splits = {"train": [_msd_case(root, meta, e["image"], e["label"]) for e in entries]}
+    if "test" in spec:
+        splits["test"] = [_msd_case(root, meta, image, None) for image in spec["test"]]
+    return _dataset(root, "msd", channels, labels, splits)
+
+
+def _msd_case(root: Path, meta: Path, image: str, label: str | None) -> VolumeCase:
+    case = VolumeCase(_case_name(Path(image)), [root / image], None if label is None else root / label)
+    for path in [*case.images, case.label]:
+        if path is not None and not path.is_file():
+            raise DataError(f"case {case.name}: {path} (listed in {meta}) not found. Fix: restore it or drop the "
+                            "entry. An nnU-Net v1 dataset (<case>_0000 files)? Convert it with "
+                            "nnUNetv2_convert_old_nnUNet_dataset.")
+    return case
+
+
+def _case_name(path: Path) -> str:
+    return next(path.name[:-len(e)] for e in (*NIFTI_ENDINGS, "") if path.name.endswith(e))
+
+
+def _nifti_files(folder: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    if not folder.is_dir():
+        return files
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.name.endswith(NIFTI_ENDINGS):
+            continue
+        name = _case_name(path)
+        if name in files:
+            raise DataError(f"{path}: case {name} also in {files[name].name}. Fix: keep one of them.")
+        files[name] = path
+    return files
+
+
+def _segkit(root: Path, classes: Sequence[str] | None, ignore_index: int | None) -> VolumeDataset:
+    """segkit's own layout: one file per case (4-D for several channels); label value = class index."""
+    split_dirs = {s: root / s for s in SEGKIT_SPLITS if (root / s / "images").is_dir()}
+    if not split_dirs:
+        raise DataError(f"{root}: no dataset.json and no train/images/ folder. Fix: use "
+                        "ROOT/{train,val,test}/{images,masks}/<case>.nii.gz, or an nnU-Net v2 raw dataset "
+                        "(dataset.json, imagesTr/, labelsTr/).")
+    if classes is None:
+        raise ConfigError(f"data.classes: {root} has no dataset.json to name the classes. "
+                          "Fix: set data.classes, in label-value order (the name of value 0 first).")
+    splits = {s: _segkit_cases(d / "images", d / "masks", labelled=s != "test") for s, d in split_dirs.items()}
+    first = next(case for cases in splits.values() for case in cases)
+    channels = [str(i) for i in range(Volume(first.name, first.images).channels)]
+    values = frozenset(range(len(classes))) | ({ignore_index} if ignore_index is not None else set())
+    return _dataset(root, "segkit", channels, _Labels(list(classes), None, None, ignore_index, values), splits)
+
+
+def _segkit_cases(images: Path, masks: Path, labelled: bool) -> list[VolumeCase]:
+    image_files, mask_files = _nifti_files(images), _nifti_files(masks)
+    if not image_files:
+        raise DataError(f"{images}: no .nii.gz or .nii volumes. Fix: add them, or remove the folder.")
+    orphans = sorted(set(mask_files) - set(image_files))
+    if orphans:
+        raise DataError(f"case {orphans[0]}: mask {mask_files[orphans[0]]} but no image in {images} "
+                        f"(masks without images: {orphans}). Fix: add the images, or remove the masks.")
+    unlabelled = sorted(set(image_files) - set(mask_files))
+    if labelled and unlabelled:
+        raise DataError(f"case {unlabelled[0]}: no mask {masks / image_files[unlabelled[0]].name} (cases without "
+                        f"masks: {unlabelled}). Fix: add them, or move the cases to test/ (unlabelled).")
+    return [VolumeCase(name, [path], mask_files.get(name)) for name, path in image_files.items()]
+
+
+def slice_axis(spacing: Sequence[float], shape: Sequence[int]) -> int:
+    """The axis to cut 2-D slices along: the coarsest spacing, as nnU-Net's 2-D configuration does, so that
+    each slice keeps the finest in-plane resolution. Spacings within SPACING_RTOL tie; of tied axes the one
+    with the fewest voxels wins (the largest slices), then the lowest index."""
+    if len(spacing) != 3 or len(shape) != 3:
+        raise ValueError(f"3 spacings and 3 sizes expected, got {tuple(spacing)} and {tuple(shape)}")
+    spacing = np.asarray(spacing, dtype=float)
+    tied = np.flatnonzero(np.isclose(spacing, spacing.max(), rtol=SPACING_RTOL, atol=0))
+    return int(min(tied, key=lambda axis: (shape[axis], axis)))
+
+
+def case_split(cases: Sequence[VolumeCase], val_fraction: float,
+               seed: int) -> tuple[list[VolumeCase], list[VolumeCase]]:
+    """(train, val) by case, never by slice: slices of one volume are near-copies, and sharing a case would
+    leak it into validation. Deterministic for a seed whatever the order of `cases`; at least one each."""
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: {val_fraction}; it must lie between 0 and 1. Fix: e.g. 0.2.")
+    ordered = sorted(cases, key=lambda case: case.name)
+    names = [case.name for case in ordered]
+    if len(set(names)) != len(names):
+        raise ValueError(f"case names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+    if len(ordered) < 2:
+        raise DataError(f"{len(ordered)} labelled case(s) {names}: too few to hold one back for validation (the split "
+                        "is by case, never by slice). Fix: add cases, or give a val/ split (segkit layout).")
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    n_val = min(max(1, round(len(ordered) * val_fraction)), len(ordered) - 1)
+    held = set(order[:n_val].tolist())
+    return ([c for i, c in enumerate(ordered) if i not in held], [c for i, c in enumerate(ordered) if i in held])
+
+
+def region_masks(label: np.ndarray, regions: Mapping[str, tuple[int, ...]]) -> np.ndarray:
+    """(C, ...) bool: channel i is on where the label holds any value of the i-th region. Regions nest and
+    overlap (a tumour core voxel is also whole tumour), hence one sigmoid channel each, not one index."""
+    if not regions:
+        raise ValueError("no regions")
+    return np.stack([np.isin(label, values) for values in regions.values()])
+
+
+def combine_regions(masks: np.ndarray, regions: Mapping[str, tuple[int, ...]],
+                    regions_class_order: Sequence[int]) -> np.ndarray:
+    """Region masks (C, ...) bool -> a label map, by nnU-Net v2's rule (LabelManager.
+    convert_probabilities_to_segmentation, on probabilities > 0.5): start from 0 (background); for i in
+    0..C-1, in the regions' dataset.json order, set the voxels where region i is on to
+    regions_class_order[i]; later regions overwrite earlier ones (so list encompassing regions first)."""
+    if masks.dtype != bool:
+        raise TypeError(f"bool masks expected, got {masks.dtype}; threshold probabilities first (nnU-Net: > 0.5)")
+    if not masks.shape[0] == len(regions) == len(regions_class_order):
+        raise ValueError(f"{masks.shape[0]} masks, {len(regions)} regions, {len(regions_class_order)} order entries")
+    label = np.zeros(masks.shape[1:], dtype=np.min_scalar_type(max(regions_class_order)))
+    for mask, value in zip(masks, regions_class_order):
+        label[mask] = value
+    return label

@@ -1,0 +1,417 @@
+"""Medical volumes on real NIfTI data: nnU-Net v2 / MSD / segkit layouts, geometry as nibabel reads it,
+the slice axis, the by-case split, broken copies refused by case, and nnU-Net region labels built from
+real ISBI 2012 membrane masks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from conftest import DATASETS
+from segkit.data.volumes import (
+    VolumeCase,
+    VolumeDataset,
+    case_split,
+    combine_regions,
+    region_masks,
+    slice_axis,
+)
+from segkit.errors import ConfigError, DataError
+
+NIFTI = DATASETS / "nifti-samples"
+HIPPO = NIFTI / "msd-hippocampus"
+CORD = NIFTI / "sct-spinalcord"
+ISBI = DATASETS / "isbi2012-membrane"
+HIPPO_CASES = ["hippocampus_001", "hippocampus_003", "hippocampus_004",
+               "hippocampus_006", "hippocampus_007", "hippocampus_033"]
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    """A writable copy of a real dataset (the originals are never written)."""
+    return Path(shutil.copytree(src, dst))
+
+
+def _save(array: np.ndarray, affine: np.ndarray, path: Path, like: Path | None = None) -> Path:
+    header = nib.load(like).header.copy() if like else None
+    nib.save(nib.Nifti1Image(array, affine, header), path)
+    return path
+
+
+def _json(path: Path, spec: dict) -> None:
+    path.write_text(json.dumps(spec, indent=1, sort_keys=False))  # key order matters for regions
+
+
+def _case(ds: VolumeDataset, name: str) -> VolumeCase:
+    return next(c for c in ds.cases("train") if c.name == name)
+
+
+# --- nnU-Net v2 raw datasets, read as they are ---------------------------------------------------------------
+
+@pytest.mark.parametrize("root, classes, n", [
+    (HIPPO, ["background", "anterior", "posterior"], 6),
+    (CORD, ["background", "spinal_cord"], 3),
+])
+def test_classes_and_channels_come_from_dataset_json(root, classes, n):
+    ds = VolumeDataset.from_root(root)
+    assert ds.layout == "nnunet"
+    assert ds.classes == classes and ds.channel_names == ["MRI"]
+    assert ds.regions is None and ds.regions_class_order is None and not ds.multilabel
+    assert ds.label_values == set(range(len(classes)))
+    assert list(ds.splits) == ["train"]  # no imagesTs
+    cases = ds.cases("train")
+    assert len(cases) == n
+    for case in cases:
+        assert case.images == [root / "imagesTr" / f"{case.name}_0000.nii.gz"]
+        assert case.label == root / "labelsTr" / f"{case.name}.nii.gz"
+    with pytest.raises(DataError, match="no 'test' split"):
+        ds.cases("test")
+    # A config naming other classes is refused rather than silently overridden.
+    with pytest.raises(ConfigError, match="data.classes"):
+        VolumeDataset.from_root(root, classes=["background", "other"])
+    assert VolumeDataset.from_root(root, classes=classes).classes == classes
+
+
+@pytest.mark.parametrize("root", [HIPPO, CORD], ids=["hippocampus", "spinalcord"])
+def test_geometry_and_voxels_equal_nibabels(root):
+    ds = VolumeDataset.from_root(root)
+    for case in ds.cases("train"):
+        ref = nib.load(case.images[0])
+        volume = ds.image(case)
+        assert volume.shape == ref.shape and volume.channels == 1
+        np.testing.assert_array_equal(volume.affine, ref.affine)
+        assert volume.spacing == tuple(float(z) for z in ref.header.get_zooms()[:3])
+        assert volume.header["sform_code"] == ref.header["sform_code"]
+        assert volume.data.shape == (*ref.shape, 1)
+        np.testing.assert_array_equal(volume.data[..., 0], np.asanyarray(ref.dataobj))
+        label = ds.label_volume(case)
+        assert np.issubdtype(label.dtype, np.integer) and label.shape == volume.shape
+        np.testing.assert_array_equal(label, np.asanyarray(nib.load(case.label).dataobj))
+        ds.check_labels(case)  # the real labels use only declared values
+
+
+def test_slice_axis_is_the_coarse_axis_of_the_oblique_case():
+    ds = VolumeDataset.from_root(CORD)
+    oblique = ds.image(_case(ds, "errsm30_t2sw"))
+    assert oblique.shape == (49, 54, 9)
+    assert oblique.spacing[:2] == (0.5, 0.5) and oblique.spacing[2] == pytest.approx(7.5, abs=1e-5)
+    # Independently: the voxel axis whose affine column is longest (the 7.5 mm one) despite the obliquity.
+    assert int(np.argmax(np.linalg.norm(oblique.affine[:3, :3], axis=0))) == 2
+    assert slice_axis(oblique.spacing, oblique.shape) == 2
+    permuted = ds.image(_case(ds, "errsm30_t2w"))  # 1 mm isotropic, P-S-R: a tie, so the fewest voxels (52)
+    assert permuted.shape == (60, 55, 52) and slice_axis(permuted.spacing, permuted.shape) == 2
+
+
+def test_slice_axis_ties():
+    assert slice_axis((1.0, 1.0, 1.0), (10, 5, 7)) == 1  # isotropic: the axis with the fewest voxels
+    assert slice_axis((1.0, 1.0, 1.0), (35, 51, 35)) == 0  # then the lowest index
+    assert slice_axis((0.5, 7.499999, 7.5), (9, 40, 30)) == 2  # float32 header noise ties
+    assert slice_axis((3.0, 0.7, 0.7), (20, 512, 512)) == 0
+    with pytest.raises(ValueError):
+        slice_axis((1.0, 1.0), (4, 4))
+
+
+def test_case_split_is_by_case_and_deterministic():
+    cases = VolumeDataset.from_root(HIPPO).cases("train")
+    train, val = case_split(cases, 0.34, seed=3)
+    names_t, names_v = {c.name for c in train}, {c.name for c in val}
+    assert not names_t & names_v and names_t | names_v == set(HIPPO_CASES)
+    assert len(val) == 2 and len(train) == 4
+    assert case_split(list(reversed(cases)), 0.34, seed=3) == (train, val)  # order of listing does not matter
+    assert len({tuple(c.name for c in case_split(cases, 0.34, s)[1]) for s in range(10)}) > 1  # the seed does
+    tiny_t, tiny_v = case_split(cases[:2], 0.01, seed=0)
+    assert len(tiny_t) == len(tiny_v) == 1  # at least one case each
+    with pytest.raises(DataError, match="too few"):
+        case_split(cases[:1], 0.2, seed=0)
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        case_split(cases, 1.0, seed=0)
+
+
+# --- broken copies: refused, naming the case -------------------------------------------------------------
+
+def test_missing_channel_file_names_the_case(tmp_path):
+    root = _copy(HIPPO, tmp_path / "hippo")
+    spec = json.loads((root / "dataset.json").read_text())
+    spec["channel_names"] = {"0": "MRI", "1": "MRI again"}
+    _json(root / "dataset.json", spec)
+    for name in HIPPO_CASES:  # a second channel per case: a copy of the real first one
+        shutil.copy(root / "imagesTr" / f"{name}_0000.nii.gz", root / "imagesTr" / f"{name}_0001.nii.gz")
+    ds = VolumeDataset.from_root(root)
+    volume = ds.image(_case(ds, "hippocampus_001"))
+    assert volume.channels == 2 and volume.data.shape == (35, 51, 35, 2)
+    np.testing.assert_array_equal(volume.data[..., 1], volume.data[..., 0])
+
+    extra = root / "imagesTr" / "hippocampus_001_0002.nii.gz"
+    shutil.copy(root / "imagesTr" / "hippocampus_001_0000.nii.gz", extra)
+    with pytest.raises(DataError, match=r"hippocampus_001_0002.nii.gz \(case hippocampus_001\): channel 2"):
+        VolumeDataset.from_root(root)
+    extra.unlink()
+    (root / "imagesTr" / "hippocampus_004_0000.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"case hippocampus_004: missing channel file\(s\) \['hippocampus_004_0000"):
+        VolumeDataset.from_root(root)
+
+
+def test_case_without_its_only_image_names_the_case(tmp_path):
+    root = _copy(HIPPO, tmp_path / "hippo")
+    (root / "imagesTr" / "hippocampus_006_0000.nii.gz").unlink()
+    with pytest.raises(DataError, match="case hippocampus_006: label .* but no image .*hippocampus_006_0000"):
+        VolumeDataset.from_root(root)
+
+
+def test_channel_files_on_different_grids_are_refused(tmp_path):
+    root = _copy(HIPPO, tmp_path / "hippo")
+    spec = json.loads((root / "dataset.json").read_text())
+    spec["channel_names"] = {"0": "MRI", "1": "MRI shifted"}
+    _json(root / "dataset.json", spec)
+    for name in HIPPO_CASES:
+        src = root / "imagesTr" / f"{name}_0000.nii.gz"
+        img = nib.load(src)
+        affine = img.affine.copy()
+        if name == "hippocampus_007":
+            affine[0, 3] += 1.0  # one voxel off
+        _save(np.asanyarray(img.dataobj), affine, root / "imagesTr" / f"{name}_0001.nii.gz", like=src)
+    ds = VolumeDataset.from_root(root)
+    ds.image(_case(ds, "hippocampus_001"))
+    with pytest.raises(DataError, match="case hippocampus_007: channel files .*_0000.* and .*_0001.* different grids"):
+        ds.image(_case(ds, "hippocampus_007"))
+
+
+def test_label_value_outside_dataset_json_names_case_and_value(tmp_path):
+    root = _copy(HIPPO, tmp_path / "hippo")
+    path = root / "labelsTr" / "hippocampus_003.nii.gz"
+    img = nib.load(path)
+    label = np.asanyarray(img.dataobj).copy()
+    label[label == 2] = 5  # "posterior" stored as 5
+    _save(label, img.affine, path, like=path)
+    ds = VolumeDataset.from_root(root)
+    ds.check_labels(_case(ds, "hippocampus_001"))
+    with pytest.raises(DataError, match=r"case hippocampus_003: .* label values \[5\] .*dataset.json"):
+        ds.check_labels(_case(ds, "hippocampus_003"))
+
+
+def test_image_label_shape_mismatch_names_the_case(tmp_path):
+    root = _copy(HIPPO, tmp_path / "hippo")
+    path = root / "labelsTr" / "hippocampus_004.nii.gz"
+    img = nib.load(path)
+    _save(np.asanyarray(img.dataobj)[:, :, :-1], img.affine, path, like=path)
+    ds = VolumeDataset.from_root(root)
+    with pytest.raises(DataError, match=r"case hippocampus_004: label .* is \(36, 52, 37\) .* \(36, 52, 38\)"):
+        ds.label_volume(_case(ds, "hippocampus_004"))
+
+
+def test_image_label_affine_mismatch_names_the_case(tmp_path):
+    root = _copy(CORD, tmp_path / "cord")
+    path = root / "labelsTr" / "errsm30_t2sw.nii.gz"
+    img = nib.load(path)
+    affine = img.affine.copy()
+    affine[:3, 3] += (0.0, 0.0, 7.5)  # one slice off
+    _save(np.asanyarray(img.dataobj), affine, path, like=path)
+    ds = VolumeDataset.from_root(root)
+    ds.label_volume(_case(ds, "errsm30_t1w"))
+    with pytest.raises(DataError, match="case errsm30_t2sw: .* different grids .*7.5"):
+        ds.label_volume(_case(ds, "errsm30_t2sw"))
+
+
+def test_truncated_volume_is_a_data_error(tmp_path):
+    root = _copy(HIPPO, tmp_path / "hippo")
+    path = root / "imagesTr" / "hippocampus_007_0000.nii.gz"
+    path.write_bytes(path.read_bytes()[:-2000])
+    ds = VolumeDataset.from_root(root)
+    with pytest.raises(DataError, match="hippocampus_007"):
+        _ = ds.image(_case(ds, "hippocampus_007")).data
+
+
+def test_dataset_json_mistakes_name_the_key(tmp_path):
+    root = _copy(HIPPO, tmp_path / "hippo")
+    spec = json.loads((root / "dataset.json").read_text())
+    for change, key in [({"labels": {"background": 0, "anterior": 1, "posterior": 3}}, "not 0 to 2"),
+                        ({"file_ending": ".mha"}, "file_ending"),
+                        ({"channel_names": {"1": "MRI"}}, "channel_names"),
+                        ({"dataset": {}}, "`dataset` file list")]:
+        _json(root / "dataset.json", {**spec, **change})
+        with pytest.raises(DataError, match=key):
+            VolumeDataset.from_root(root)
+    _json(root / "dataset.json", {k: v for k, v in spec.items() if k != "file_ending"})
+    with pytest.raises(DataError, match="file_ending"):
+        VolumeDataset.from_root(root)
+
+
+def test_ignore_label_is_allowed_in_label_files_but_is_no_class(tmp_path):
+    root = _copy(HIPPO, tmp_path / "hippo")
+    spec = json.loads((root / "dataset.json").read_text())
+    _json(root / "dataset.json", {**spec, "labels": {**spec["labels"], "ignore": 3}})
+    path = root / "labelsTr" / "hippocampus_001.nii.gz"
+    img = nib.load(path)
+    label = np.asanyarray(img.dataobj).copy()
+    label[:2] = 3  # two unannotated planes
+    _save(label, img.affine, path, like=path)
+    ds = VolumeDataset.from_root(root)
+    assert ds.classes == ["background", "anterior", "posterior"] and ds.ignore_label == 3
+    ds.check_labels(_case(ds, "hippocampus_001"))
+    assert VolumeDataset.from_root(root, ignore_index=3).ignore_label == 3
+    with pytest.raises(ConfigError, match="data.ignore_index"):
+        VolumeDataset.from_root(root, ignore_index=255)
+
+
+# --- MSD: dataset.json with modality/training, multi-channel as one 4-D file ---------------------------------
+
+def test_msd_layout_with_a_4d_image(tmp_path):
+    root = tmp_path / "Task04_Hippocampus"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    (root / "imagesTs").mkdir()
+    for name in HIPPO_CASES[:3]:
+        src = HIPPO / "imagesTr" / f"{name}_0000.nii.gz"
+        img = nib.load(src)
+        voxels = np.asanyarray(img.dataobj).astype(np.float32)
+        _save(np.stack([voxels, 2 * voxels], axis=-1), img.affine, root / "imagesTr" / f"{name}.nii.gz")
+        shutil.copy(HIPPO / "labelsTr" / f"{name}.nii.gz", root / "labelsTr" / f"{name}.nii.gz")
+    shutil.copy(HIPPO / "imagesTr" / "hippocampus_033_0000.nii.gz", root / "imagesTs" / "hippocampus_033.nii.gz")
+    _json(root / "dataset.json", {
+        "name": "Hippocampus", "modality": {"0": "MRI", "1": "MRI x2"},
+        "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+        "numTraining": 3, "numTest": 1,
+        "training": [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in HIPPO_CASES[:3]],
+        "test": ["./imagesTs/hippocampus_033.nii.gz"],
+    })
+    ds = VolumeDataset.from_root(root)
+    assert ds.layout == "msd" and ds.classes == ["background", "Anterior", "Posterior"]
+    assert ds.channel_names == ["MRI", "MRI x2"] and not ds.multilabel
+    case = _case(ds, "hippocampus_001")
+    volume = ds.image(case)
+    assert volume.shape == (35, 51, 35) and volume.channels == 2 and volume.data.shape == (35, 51, 35, 2)
+    np.testing.assert_array_equal(volume.data[..., 1], 2 * volume.data[..., 0])
+    ds.check_labels(case)
+    (test_case,) = ds.cases("test")
+    assert test_case.name == "hippocampus_033" and test_case.label is None
+    with pytest.raises(DataError, match="case hippocampus_033: 1 channel"):  # the test image has one, not two
+        ds.image(test_case)
+    (root / "labelsTr" / "hippocampus_004.nii.gz").unlink()
+    with pytest.raises(DataError, match="case hippocampus_004: .*labelsTr/hippocampus_004.nii.gz .* not found"):
+        VolumeDataset.from_root(root)
+
+
+# --- nnU-Net region labels, from real ISBI 2012 membrane masks ------------------------------------------------
+
+def _membrane_volume(first: int, depth: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """A 64x64xdepth crop of consecutive real EM sections: the image, and labels 1 = membrane (mask 0),
+    2 = a 2-pixel ring around it (in-plane dilation), 0 = the rest of the cell interiors."""
+    images, labels = [], []
+    for z in range(first, first + depth):
+        image = np.array(Image.open(ISBI / "images" / f"{z}.png"))[200:264, 240:304]
+        membrane = np.array(Image.open(ISBI / "masks" / f"{z}.png"))[200:264, 240:304] == 0
+        ring = ndimage.binary_dilation(membrane, iterations=2) & ~membrane
+        images.append(image)
+        labels.append(np.where(membrane, 1, np.where(ring, 2, 0)).astype(np.uint8))
+    return np.stack(images, axis=-1), np.stack(labels, axis=-1)
+
+
+@pytest.fixture
+def membrane_regions(tmp_path) -> Path:
+    root = tmp_path / "Dataset901_Membrane"
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+    affine = np.diag([0.004, 0.004, 0.05, 1.0])  # ISBI 2012: 4x4 nm pixels, 50 nm sections (in µm)
+    for name, first in (("em_a", 0), ("em_b", 6)):
+        image, label = _membrane_volume(first)
+        _save(image, affine, root / "imagesTr" / f"{name}_0000.nii.gz")
+        _save(label, affine, root / "labelsTr" / f"{name}.nii.gz")
+    _json(root / "dataset.json", {
+        "channel_names": {"0": "EM"},
+        "labels": {"background": 0, "whole": [1, 2], "core": [1]},
+        "regions_class_order": [2, 1],
+        "numTraining": 2, "file_ending": ".nii.gz",
+    })
+    return root
+
+
+def test_regions_nest_and_combine_back_to_the_label_map(membrane_regions):
+    ds = VolumeDataset.from_root(membrane_regions)
+    assert ds.multilabel and ds.classes == ["whole", "core"]
+    assert ds.regions == {"whole": (1, 2), "core": (1,)} and ds.regions_class_order == (2, 1)
+    for case in ds.cases("train"):
+        ds.check_labels(case)
+        volume = ds.image(case)
+        assert volume.shape == (64, 64, 6) and slice_axis(volume.spacing, volume.shape) == 2
+        label = ds.label_volume(case)
+        assert set(np.unique(label).tolist()) == {0, 1, 2}
+        masks = region_masks(label, ds.regions)
+        whole, core = masks
+        assert masks.shape == (2, 64, 64, 6) and masks.dtype == bool
+        assert not (core & ~whole).any()  # core inside whole: the regions overlap, hence sigmoid classes
+        assert 0 < core.sum() < whole.sum() < whole.size
+        np.testing.assert_array_equal(combine_regions(masks, ds.regions, ds.regions_class_order), label)
+        # The order matters: painting core first lets "whole" overwrite it.
+        wrong = combine_regions(masks, ds.regions, (1, 2))
+        assert (wrong[core] == 2).all() and not np.array_equal(wrong, label)
+
+
+def test_region_labels_need_a_matching_regions_class_order(membrane_regions):
+    meta = membrane_regions / "dataset.json"
+    spec = json.loads(meta.read_text())
+    for order in (None, [2], [2, 7]):
+        _json(meta, {**spec, "regions_class_order": order})
+        with pytest.raises(DataError, match="regions_class_order"):
+            VolumeDataset.from_root(membrane_regions)
+    _json(meta, {**spec, "labels": {"background": 0, "whole": [1, 2]}, "regions_class_order": [1]})
+    ds = VolumeDataset.from_root(membrane_regions)
+    assert ds.regions == {"whole": (1, 2)} and ds.label_values == {0, 1, 2}
+    _json(meta, {**spec, "labels": {"background": 0, "core": [1]}})  # one value each: plain labels, no regions
+    ds = VolumeDataset.from_root(membrane_regions)
+    assert not ds.multilabel and ds.classes == ["background", "core"] and ds.regions_class_order is None
+    with pytest.raises(DataError, match=r"case em_a: .* label values \[2\]"):
+        ds.check_labels(ds.cases("train")[0])
+
+
+# --- segkit's own layout: no dataset.json ---------------------------------------------------------------------
+
+@pytest.fixture
+def segkit_volumes(tmp_path) -> Path:
+    """ROOT/{train,val}/{images,masks}/<case>.nii.gz from the real hippocampus cases; one as uncompressed .nii."""
+    root = tmp_path / "volumes"
+    for split, names in (("train", HIPPO_CASES[:4]), ("val", HIPPO_CASES[4:])):
+        for kind in ("images", "masks"):
+            (root / split / kind).mkdir(parents=True)
+        for name in names:
+            shutil.copy(HIPPO / "imagesTr" / f"{name}_0000.nii.gz", root / split / "images" / f"{name}.nii.gz")
+            shutil.copy(HIPPO / "labelsTr" / f"{name}.nii.gz", root / split / "masks" / f"{name}.nii.gz")
+    plain = root / "train" / "images" / "hippocampus_003.nii.gz"
+    nib.save(nib.load(plain), plain.with_name("hippocampus_003.nii"))
+    plain.unlink()
+    return root
+
+
+def test_segkit_layout(segkit_volumes):
+    with pytest.raises(ConfigError, match="data.classes"):
+        VolumeDataset.from_root(segkit_volumes)
+    ds = VolumeDataset.from_root(segkit_volumes, classes=["background", "anterior", "posterior"])
+    assert ds.layout == "segkit" and list(ds.splits) == ["train", "val"] and ds.channel_names == ["0"]
+    assert [c.name for c in ds.cases("train")] == HIPPO_CASES[:4]
+    assert [c.name for c in ds.cases("val")] == HIPPO_CASES[4:]
+    case = _case(ds, "hippocampus_003")
+    assert case.images[0].name == "hippocampus_003.nii"
+    ref = nib.load(HIPPO / "imagesTr" / "hippocampus_003_0000.nii.gz")
+    np.testing.assert_array_equal(ds.image(case).data[..., 0], np.asanyarray(ref.dataobj))
+    np.testing.assert_array_equal(ds.image(case).affine, ref.affine)
+    for split in ("train", "val"):
+        for c in ds.cases(split):
+            ds.check_labels(c)
+    two = VolumeDataset.from_root(segkit_volumes, classes=["background", "hippocampus"])
+    with pytest.raises(DataError, match=r"case hippocampus_001: .* label values \[2\] .*data.classes"):
+        two.check_labels(_case(two, "hippocampus_001"))
+    (segkit_volumes / "val" / "masks" / "hippocampus_033.nii.gz").unlink()
+    with pytest.raises(DataError, match="case hippocampus_033: no mask"):
+        VolumeDataset.from_root(segkit_volumes, classes=["background", "anterior", "posterior"])
+
+
+def test_no_known_layout(tmp_path):
+    with pytest.raises(DataError, match="data folder not found"):
+        VolumeDataset.from_root(tmp_path / "absent")
+    with pytest.raises(DataError, match="no dataset.json and no train/images"):
+        VolumeDataset.from_root(tmp_path)
