@@ -37,6 +37,11 @@ def world_size() -> int:
     return torch_dist.get_world_size() if active() else 1
 
 
+def local_world_size() -> int:
+    """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def device_for_rank(device: torch.device) -> torch.device:
     """Initialise DDP if launched; each rank takes its LOCAL_RANK GPU."""
     setup(device)

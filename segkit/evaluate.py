@@ -37,6 +37,9 @@ class _Pairs(Dataset):
             px = self.reader.read(self.samples[i])
         except SegkitError as err:
             return None, None, None, str(err)
+        problem = self.head.label_problem(px.labels, px.valid)  # e.g. overlapping labels for a softmax head
+        if problem:
+            return None, None, None, f"{self.samples[i].image}: {problem}"
         return self.head.targets(px.labels, px.valid), px.image, px.nodata, None
 
 

@@ -174,6 +174,7 @@ class Segmenter:
             self.source(i) for i in images]
         pixels = [s.read(window) for s in sources]
         batch = np.stack(pixels)
+        self.norm.check_dtype(batch.dtype, sources[0].name)
         if batch.dtype in (np.uint16, np.uint32):
             batch = batch.astype(np.int64 if batch.dtype == np.uint32 else np.int32)  # torch lacks unsigned ops
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
@@ -311,7 +312,7 @@ class Segmenter:
         summary = FolderSummary(images=0, seconds=0.0)
         reader = DataLoader(_ImageFiles([f for f, _ in mine], self.in_channels, self.bands, self.nodata),
                             batch_size=None, num_workers=workers, collate_fn=keep_arrays,
-                            prefetch_factor=8 if workers else None)
+                            prefetch_factor=2 if workers else None)  # decoded images wait in shared memory
         items = _readable(reader, summary, self)
         bar = tqdm(total=len(mine), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
         with ThreadPoolExecutor(max(1, workers)) as writers:
@@ -319,8 +320,13 @@ class Segmenter:
             for batch in batches_by_shape(items, self.batch_size, self.fits):
                 if len(batch) == 1 and not self.fits(batch[0][1]):  # larger than the tile: rows straight out
                     path, src = batch[0]
-                    with src:
-                        self._stream_to_files(src, path.relative_to(input_dir), output_dir, probs, vectorize)
+                    try:
+                        with src:
+                            self._stream_to_files(src, path.relative_to(input_dir), output_dir, probs, vectorize)
+                    except SegkitError as err:  # a damaged window: this file is reported, the others go on
+                        log.error("skipped %s", err)
+                        summary.failed.append((path, str(err)))
+                        continue
                     done = [path]
                 else:
                     preds = self.predict_batch([src for _, src in batch], probs)
@@ -536,7 +542,13 @@ def _readable(reader: Iterable, summary: FolderSummary, seg: Segmenter) -> Itera
             summary.failed.append((path, error))
             continue
         if image is None:
-            yield path, seg.open(path)
+            try:
+                src = seg.open(path)
+            except SegkitError as err:
+                log.error("skipped %s", err)
+                summary.failed.append((path, str(err)))
+                continue
+            yield path, src
         else:
             pixels = image.numpy() if isinstance(image, torch.Tensor) else image
             yield path, ImageSource.from_array(pixels, seg.in_channels, nodata, str(path), geometry)

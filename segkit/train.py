@@ -102,10 +102,11 @@ def _one_thread(_: int) -> None:
 
 def loader_workers(workers: int | str, device: torch.device) -> int:
     """`auto`: no worker processes on CPU, where a sample costs ~2 ms against a step of a second and
-    workers only take cores from the model; cores - 1 (at most 8) feeding a GPU."""
+    workers only take cores from the model; this rank's share of the cores - 1 (at most 8) feeding a GPU."""
     if workers != "auto":
         return int(workers)
-    return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+    cores = (os.cpu_count() or 2) // dist.local_world_size()  # ranks on one node share its cores
+    return min(8, max(1, cores - 1)) if device.type == "cuda" else 0
 
 
 def _loader_kwargs(workers: int, device: torch.device) -> dict:
@@ -300,9 +301,10 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
     train_samples, val_samples = train_val_samples(cfg.data, t.seed)
     d = cfg.data
     per_image = d.normalize == "per_image"
-    budget = cache_budget(d.cache_mb)
+    budget = cache_budget(d.cache_mb) // dist.local_world_size()  # every rank on a node caches its own copy
     train_records = scan(train_samples, reader, head, cache=d.cache, budget=budget, per_image=per_image)
-    val_records = scan(val_samples, reader, head, cache=d.cache, budget=budget, per_image=per_image)
+    left = budget - sum(r.cached_bytes for r in train_records)
+    val_records = scan(val_samples, reader, head, cache=d.cache, budget=max(0, left), per_image=per_image)
     norm = fit_normalization(d.normalize, train_records, reader, d.channels, d.mean, d.std, t.seed)
     aug = t.augment
     train_ds = SegmentationDataset(train_records, reader, head, train_transform(t.crop, aug), norm, crop=t.crop,
@@ -375,95 +377,101 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
     board = TensorBoardLog(out / "tensorboard") if main and t.tensorboard else None
     losses = torch.zeros(t.log_every, device=device)
     val_every = 1 if t.val_every == "auto" else t.val_every
-    for epoch in range(start_epoch, t.epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        began = time.perf_counter()
-        loss_sum, seen = 0.0, 0
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and main),
-                   leave=False, dynamic_ncols=True)
-        for step, item in enumerate(train_loader):
-            image, target = to_network(item, norm, head, device)
+    saved_epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, t.epochs):
+            sampler.set_epoch(epoch)
+            model.train()
+            began = time.perf_counter()
+            loss_sum, seen = 0.0, 0
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and main),
+                       leave=False, dynamic_ncols=True)
+            for step, item in enumerate(train_loader):
+                image, target = to_network(item, norm, head, device)
+                if device.type == "cuda":
+                    image = image.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    logits = net(image)
+                loss = loss_fn(logits.float(), target)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                k = step % t.log_every
+                losses[k] = loss.detach()
+                if k == t.log_every - 1 or step == steps - 1:  # the only read-back: every log_every steps
+                    values = losses[:k + 1].tolist()
+                    bad = next((j for j, v in enumerate(values) if not math.isfinite(v)), None)
+                    if bad is not None:
+                        kept = f"last/ holds epoch {saved_epoch}" if saved_epoch else "no checkpoint yet"
+                        raise TrainingError(f"non-finite loss ({values[bad]}) at epoch {epoch + 1}, step "
+                                            f"{step - k + bad + 1}; stopped, {kept}. "
+                                            "Fix: lower train.lr, or train.amp: false.")
+                    loss_sum += sum(values)
+                    seen += len(values)
+                    bar.update(len(values))
+                    bar.set_postfix(loss=f"{values[-1]:.4f}")
+                    if board is not None:
+                        board.steps(epoch * steps + step + 1, sum(values) / len(values), optimizer.param_groups[0]["lr"],
+                                    (step + 1) * per_rank_batch * world / (time.perf_counter() - began))
+            bar.close()
             if device.type == "cuda":
-                image = image.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = net(image)
-            loss = loss_fn(logits.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            k = step % t.log_every
-            losses[k] = loss.detach()
-            if k == t.log_every - 1 or step == steps - 1:  # the only read-back: every log_every steps
-                values = losses[:k + 1].tolist()
-                bad = next((j for j, v in enumerate(values) if not math.isfinite(v)), None)
-                if bad is not None:
-                    kept = f"last/ holds epoch {epoch}" if epoch > 0 else "no checkpoint yet"
-                    raise TrainingError(f"non-finite loss ({values[bad]}) at epoch {epoch + 1}, step "
-                                        f"{step - k + bad + 1}; stopped, {kept}. "
-                                        "Fix: lower train.lr, or train.amp: false.")
-                loss_sum += sum(values)
-                seen += len(values)
-                bar.update(len(values))
-                bar.set_postfix(loss=f"{values[-1]:.4f}")
-                if board is not None:
-                    board.steps(epoch * steps + step + 1, sum(values) / len(values), optimizer.param_groups[0]["lr"],
-                                (step + 1) * per_rank_batch * world / (time.perf_counter() - began))
-        bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - began
-        images = (step + 1) * per_rank_batch * world
-        images_seen += images
-        train_seconds += seconds
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - began
+            images = (step + 1) * per_rank_batch * world
+            images_seen += images
+            train_seconds += seconds
 
-        last_epoch = epoch + 1 == t.epochs
-        validated = (epoch + 1) % val_every == 0 or last_epoch
-        val_loss, dice, iou, per_class = math.nan, math.nan, math.nan, {}
-        if validated:
-            val_began = time.perf_counter()
-            val_loss, counts = validate(seg, loss_fn, val_ds, per_rank_batch)
-            scores = summarize(counts, head.classes)
-            dice, iou, per_class = scores["mean"]["dice"], scores["mean"]["iou"], scores["per_class"]
-            if t.val_every == "auto" and epoch == start_epoch:
-                val_every = spaced_validation(time.perf_counter() - val_began, seconds, main)
-        train_loss = dist.all_reduce_sum([loss_sum / max(1, seen)], device)[0] / world
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-               "val_mean_dice": dice, "val_mean_iou": iou,
-               **{f"dice_{c}": s["dice"] for c, s in per_class.items()},
-               **{f"iou_{c}": s["iou"] for c, s in per_class.items()},
-               "lr": optimizer.param_groups[0]["lr"], "seconds": seconds, "images_per_s": images / seconds}
-        history.append(row)
-        improved = validated and not math.isnan(dice) and dice > best
-        if improved:
-            best, best_epoch, bad_epochs = dice, epoch + 1, 0
-        elif validated:
-            bad_epochs += 1
-        early = bool(t.early_stop_patience and bad_epochs >= t.early_stop_patience)
-        if main:
-            epoch_meta = {**meta, "epoch": epoch + 1, "val": {"mean_dice": dice, "mean_iou": iou}}
-            last = (epoch + 1) % t.save_every == 0 or last_epoch or early
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best,
-                     "best_epoch": best_epoch, "bad_epochs": bad_epochs} if last else None
-            saver.save(model, epoch_meta, improved, last, state, history,
-                       plot=last_epoch or early or (epoch + 1) % 5 == 0)
-            if board is not None:
-                board.epoch(epoch + 1, row, val_pictures(seg, val_ds) if validated else [])
-            shown = " ".join(f"{c}={s['dice']:.3f}" for c, s in per_class.items())
-            log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val mean Dice %.4f (%s)  %.1f img/s%s",
-                     epoch + 1, t.epochs, train_loss, val_loss, dice, shown or "not validated", images / seconds,
-                     "  *best" if improved else "")
-        if early:
-            stopped = "early stop"
+            last_epoch = epoch + 1 == t.epochs
+            validated = (epoch + 1) % val_every == 0 or last_epoch
+            val_loss, dice, iou = math.nan, math.nan, math.nan
+            per_class = {c: {"dice": math.nan, "iou": math.nan} for c in head.classes}  # same columns every row
+            if validated:
+                val_began = time.perf_counter()
+                val_loss, counts = validate(seg, loss_fn, val_ds, per_rank_batch)
+                scores = summarize(counts, head.classes)
+                dice, iou, per_class = scores["mean"]["dice"], scores["mean"]["iou"], scores["per_class"]
+                if t.val_every == "auto" and epoch == start_epoch:  # rank 0 decides, so every rank validates alike
+                    every = spaced_validation(time.perf_counter() - val_began, seconds, main) if main else 0
+                    val_every = int(dist.all_reduce_sum([every], device)[0])
+            train_loss = dist.all_reduce_sum([loss_sum / max(1, seen)], device)[0] / world
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+                   "val_mean_dice": dice, "val_mean_iou": iou,
+                   **{f"dice_{c}": s["dice"] for c, s in per_class.items()},
+                   **{f"iou_{c}": s["iou"] for c, s in per_class.items()},
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": seconds, "images_per_s": images / seconds}
+            history.append(row)
+            improved = validated and not math.isnan(dice) and dice > best
+            if improved:
+                best, best_epoch, bad_epochs = dice, epoch + 1, 0
+            elif validated:
+                bad_epochs += 1
+            early = bool(t.early_stop_patience and bad_epochs >= t.early_stop_patience)
             if main:
-                log.info("early stop: no better validation Dice for %d validations", bad_epochs)
-            break
-    if saver is not None:
-        saver.close()
-    if board is not None:
-        board.close()
+                epoch_meta = {**meta, "epoch": epoch + 1, "val": {"mean_dice": dice, "mean_iou": iou}}
+                last = (epoch + 1) % t.save_every == 0 or last_epoch or early
+                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best,
+                         "best_epoch": best_epoch, "bad_epochs": bad_epochs} if last else None
+                saver.save(model, epoch_meta, improved, last, state, history,
+                           plot=last_epoch or early or (epoch + 1) % 5 == 0)
+                saved_epoch = epoch + 1 if last else saved_epoch
+                if board is not None:
+                    board.epoch(epoch + 1, row, val_pictures(seg, val_ds) if validated else [])
+                shown = " ".join(f"{c}={s['dice']:.3f}" for c, s in per_class.items()) if validated else "not validated"
+                log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val mean Dice %.4f (%s)  %.1f img/s%s",
+                         epoch + 1, t.epochs, train_loss, val_loss, dice, shown, images / seconds,
+                         "  *best" if improved else "")
+            if early:
+                stopped = "early stop"
+                if main:
+                    log.info("early stop: no better validation Dice for %d validations", bad_epochs)
+                break
+    finally:  # a pending checkpoint write finishes (or reports its error) whatever stopped the loop
+        if saver is not None:
+            saver.close()
+        if board is not None:
+            board.close()
     dist.barrier()
     return TrainResult(out, len(history), best_epoch, best, images_seen / max(train_seconds, 1e-9), stopped)

@@ -51,11 +51,11 @@ ERROR_COLORS = {"false positive": (255, 40, 40), "missed (false negative)": (40,
 
 
 def to_display(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 for viewing (never for the network): grey is repeated, images with more
-    bands show their first three, and anything but 8-bit is stretched per band between its
+    """(H, W, 3) uint8 for viewing (never for the network): 1- and 2-band images show their first
+    band in grey, images with more bands their first three, and anything but 8-bit is stretched per band between its
     0.5 and 99.5 percentiles, as GIS viewers do for 11/16-bit and float rasters."""
     arr = image if image.ndim == 3 else image[:, :, None]
-    arr = np.repeat(arr, 3, axis=2) if arr.shape[2] < 3 else arr[:, :, :3]
+    arr = np.repeat(arr[:, :, :1], 3, axis=2) if arr.shape[2] < 3 else arr[:, :, :3]
     if arr.dtype != np.uint8:
         flat = arr.reshape(-1, 3).astype(np.float64)
         finite = flat[np.isfinite(flat).all(1)]

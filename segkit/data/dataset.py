@@ -78,6 +78,10 @@ class Record:
     norm_stats: np.ndarray | None = None  # (2, C) per-image statistics, for per_image normalisation
     cached: Cached | None = None
 
+    @property
+    def cached_bytes(self) -> int:
+        return 0 if self.cached is None else self.cached.image.nbytes + self.cached.bits.nbytes
+
 
 def _first_mask(sample: Sample):
     return sample.mask if not isinstance(sample.mask, dict) else next(iter(sample.mask.values()))
@@ -216,15 +220,14 @@ def fit_normalization(mode: str, records: Sequence[Record], reader: PairReader, 
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(records), min(len(records), max_images), replace=False).tolist())
 
-    def sampler(r: Record):
+    def sampler(i: int, r: Record):
         def sample() -> np.ndarray:
             with reader.image(r.sample) as src:
-                return pixel_sample(src.read, src.height, src.width, src.nodata,
-                                    np.random.default_rng([seed, records.index(r)]))
+                return pixel_sample(src.read, src.height, src.width, src.nodata, np.random.default_rng([seed, i]))
         return sample
 
     picked = set(chosen)
-    sources = [(str(r.sample.image), r.dtype, sampler(r) if i in picked else (lambda: np.empty((0, channels))))
+    sources = [(str(r.sample.image), r.dtype, sampler(i, r) if i in picked else (lambda: np.empty((0, channels))))
                for i, r in enumerate(records)]
     return fit(mode, sources, channels, mean, std)
 

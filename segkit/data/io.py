@@ -34,6 +34,18 @@ class MaskPixels(NamedTuple):
     lossy: bool  # JPEG-like: values near 0/255 are noisy
 
 
+def no_data(pixels: np.ndarray, nodata: float | None) -> np.ndarray | None:
+    """(h, w) True where a pixel is no-data: every band equals `nodata`, or (float data) any band is
+    NaN, which is never a measurement. None when neither can occur."""
+    hit = None
+    if nodata is not None:
+        hit = (np.isnan(pixels) if np.isnan(nodata) else pixels == nodata).all(axis=2)
+    if pixels.dtype.kind == "f":
+        nan = np.isnan(pixels).any(axis=2)
+        hit = nan if hit is None else hit | nan
+    return hit
+
+
 def image_bands(raster: Raster, bands: Sequence[int] | None) -> list[int]:
     """0-based bands to use: the 1-based `bands` asked for, or every band the file does not declare
     alpha (PNG RGBA, TIFF ExtraSamples = alpha, GDAL colour interpretation = alpha)."""
@@ -100,10 +112,7 @@ def mask_pixels(raster: Raster, as_palette_index: bool, window: Window | None = 
     if raster.palette is not None and not as_palette_index:
         rgb = raster.palette[arr[:, :, 0]]
         arr = rgb[:, :, :1] if (rgb[:, :, :1] == rgb).all() else rgb
-    invalid = None
-    if raster.nodata is not None:
-        hit = arr == raster.nodata if not np.isnan(raster.nodata) else np.isnan(arr)
-        invalid = hit.all(axis=2)
+    invalid = no_data(arr, raster.nodata)
     if arr.shape[2] == 1:
         arr = arr[:, :, 0]
     elif arr.shape[2] != 3:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from segkit.data.io import no_data
 from segkit.data.readers import Window
 from segkit.errors import ConfigError, SegkitError
 
@@ -38,6 +39,7 @@ class Normalization:
     std: tuple[float, ...] | None = None
     low: tuple[float, ...] | None = None
     high: tuple[float, ...] | None = None
+    only_dtype: str | None = None  # set for checkpoints whose inputs were scaled by their type's range
 
     def to_meta(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -48,7 +50,8 @@ class Normalization:
         if "normalization" in meta:
             d = dict(meta["normalization"])
             return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
-        return cls.unit(meta["mean"], meta["std"])
+        legacy = cls.unit(meta["mean"], meta["std"])  # segkit 0.1 divided uint8 by 255: the same input as this
+        return cls(legacy.mode, legacy.mean, legacy.std, only_dtype="uint8")  # but it divided uint16 by 65535
 
     @classmethod
     def unit(cls, mean: Sequence[float], std: Sequence[float]) -> Normalization:
@@ -68,6 +71,14 @@ class Normalization:
         clip = f", clipped to {fmt(self.low)}..{fmt(self.high)}" if self.low is not None else ""
         return f"{self.mode}: mean {fmt(self.mean)}, std {fmt(self.std)}{clip}"
 
+    def check_dtype(self, dtype: np.dtype, where: object) -> None:
+        """Checkpoints of segkit 0.1 scaled each type by its range; only their 8-bit inputs mean the same here."""
+        if self.only_dtype is not None and np.dtype(dtype) != np.dtype(self.only_dtype):
+            raise SegkitError(f"{where}: a {np.dtype(dtype)} image, but this checkpoint (segkit 0.1, no "
+                              f"'normalization' in model.json) was trained on {self.only_dtype} inputs scaled by "
+                              "their type's range, which segkit no longer does. Fix: retrain with this segkit "
+                              "(data.normalize: dataset), or convert the images to 8 bits.")
+
     def apply(self, x: torch.Tensor, image_stats: torch.Tensor | None = None,
               nodata: torch.Tensor | None = None) -> torch.Tensor:
         """(N, C, H, W) raw pixels (any numeric type) -> float32 network input.
@@ -75,7 +86,7 @@ class Normalization:
         `image_stats` (N, 2, C) = per-image mean and std, required for `per_image` (see `image_stats`);
         `nodata` (N, 1, H, W) bool marks pixels that become 0.
         """
-        x = x.float()
+        x = x.to(torch.float32, copy=True)  # never change the caller's tensor (nan_to_num_ below)
         if self.mode == "none":
             out = x
         else:
@@ -104,12 +115,10 @@ class Normalization:
 
 
 def valid_pixels(arr: np.ndarray, nodata: float | None) -> np.ndarray:
-    """(n, C) float64 pixels of an (h, w, C) array that are not no-data (all bands equal to it)."""
+    """(n, C) float64 pixels of an (h, w, C) array that are not no-data (`segkit.data.io.no_data`)."""
     flat = arr.reshape(-1, arr.shape[-1]).astype(np.float64)
-    if nodata is None:
-        return flat
-    hit = np.isnan(flat) if np.isnan(nodata) else flat == nodata
-    return flat[~hit.all(1)]
+    hit = no_data(arr, nodata)
+    return flat if hit is None else flat[~hit.reshape(-1)]
 
 
 def sample_windows(height: int, width: int, budget: int = STATS_PIXELS) -> list[Window]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segkit.data.io import check_channels, image_bands, image_pixels, match_channels
+from segkit.data.io import check_channels, image_bands, image_pixels, match_channels, no_data
 from segkit.data.normalize import image_stats
 from segkit.data.readers import Geometry, Raster, Window, open_raster
 
@@ -68,11 +68,8 @@ class ImageSource:
         return image_pixels(self._raster, self.channels, self.bands, window)
 
     def nodata_mask(self, pixels: np.ndarray) -> np.ndarray | None:
-        """(h, w) True where every band holds the no-data value; None when there is none."""
-        if self.nodata is None:
-            return None
-        hit = np.isnan(pixels) if np.isnan(self.nodata) else pixels == self.nodata
-        return hit.all(axis=2)
+        """(h, w) True where a pixel is no-data (see `segkit.data.io.no_data`); None when none can be."""
+        return no_data(pixels, self.nodata)
 
     def stats(self) -> np.ndarray:
         """(2, C) mean and std of the whole image (sampled when huge): per_image normalisation."""

@@ -33,6 +33,8 @@ class Augment:
         if self.crop is None:
             return image, stack
         if self.scale is not None:
+            if image.dtype not in (np.uint8, np.uint16, np.int16, np.float32):  # what cv2.resize interpolates
+                image = image.astype(np.float32)
             s = float(rng.uniform(*self.scale))
             h, w = image.shape[:2]
             size = (max(1, round(w * s)), max(1, round(h * s)))

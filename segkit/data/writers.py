@@ -6,7 +6,6 @@ mask, or one binary mask per class); a writer decides how a format stores it."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import tempfile
 from abc import ABC, abstractmethod
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segkit.data.io import write_bytes, write_png
+from segkit.data.io import write_bytes, write_json, write_png
 from segkit.data.readers import Geometry
 from segkit.heads import Head, MaskLayer
 
@@ -96,6 +95,13 @@ class GeoTiffWriter(MaskWriter):
         self.files: list[tuple[Path, Path, object]] = []  # (final, temporary, dataset)
         probe = np.zeros(self.head.mask_shape(1, 1), self.head.mask_dtype)
         self.layers = self.head.mask_layers(probe, self.rel)
+        try:
+            self._open_all(profile)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open_all(self, profile: dict) -> None:
         for layer in self.layers:
             dtype = "uint8" if layer.binary or self.head.channels < NODATA_INDEX else "uint16"
             nodata = NODATA_INDEX if dtype == "uint8" else 65535
@@ -108,15 +114,18 @@ class GeoTiffWriter(MaskWriter):
             self._open(self.out_dir / self.rel.with_name(self.rel.stem + "_probs.tif"),
                        {**profile, "count": self.head.channels, "dtype": "float32", "nodata": float("nan"),
                         "predictor": 3})
-        self._rasterio = rasterio
 
     def _open(self, final: Path, profile: dict):
+        import rasterio
+
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tif")
         os.close(fd)
-        import rasterio
-
-        ds = rasterio.open(tmp, "w", **profile)
+        try:
+            ds = rasterio.open(tmp, "w", **profile)
+        except BaseException:
+            os.unlink(tmp)
+            raise
         self.files.append((final, Path(tmp), ds))
         return ds
 
@@ -128,7 +137,7 @@ class GeoTiffWriter(MaskWriter):
         for (final, tmp, ds), layer in zip(self.files, self.head.mask_layers(mask, self.rel)):
             arr = layer.array.astype(ds.dtypes[0])
             if valid is not None:
-                arr = np.where(valid, arr, ds.nodata)
+                arr = np.where(valid, arr, arr.dtype.type(ds.nodata))
             ds.write(arr[None], window=win)
         if self.probs:
             p = probs.astype(np.float32)
@@ -137,18 +146,23 @@ class GeoTiffWriter(MaskWriter):
             self.files[-1][2].write(p, window=win)
 
     def close(self) -> None:
-        for final, tmp, ds in self.files:
-            ds.close()
-        for final, tmp, ds in self.files:
+        """Finish every file, polygons included, under temporary names; then move them all into place."""
+        try:
+            for _, _, ds in self.files:
+                ds.close()
+            if self.vectorize:
+                masks = [(tmp, layer) for (_, tmp, _), layer in zip(self.files, self.layers)]
+                write_json(self.out_dir / self.rel.with_suffix(".geojson"), polygons(masks, self.geometry))
+        except BaseException:
+            self.abort()
+            raise
+        for final, tmp, _ in self.files:
             os.replace(tmp, final)
-        if self.vectorize:
-            masks = [(self.out_dir / layer.path.with_suffix(".tif"), layer) for layer in self.layers]
-            write_json_atomic(self.out_dir / self.rel.with_suffix(".geojson"),
-                              polygons(self.head, masks, self.geometry))
 
     def abort(self) -> None:
-        for final, tmp, ds in self.files:
-            ds.close()
+        for _, tmp, ds in self.files:
+            if not ds.closed:
+                ds.close()
             tmp.unlink(missing_ok=True)
 
 
@@ -166,7 +180,7 @@ def _affine(transform: Sequence[float] | None):
     return Affine(*transform[:6]) if transform is not None else Affine.identity()
 
 
-def polygons(head: Head, masks: Sequence[tuple[Path, MaskLayer]], geometry: Geometry) -> dict:
+def polygons(masks: Sequence[tuple[Path, MaskLayer]], geometry: Geometry) -> dict:
     """GeoJSON polygons per class (rasterio.features.shapes) in the raster's CRS; background left out.
 
     The CRS is named as in GeoJSON 2008 (`crs` member: EPSG code when there is one) and its full
@@ -195,7 +209,3 @@ def polygons(head: Head, masks: Sequence[tuple[Path, MaskLayer]], geometry: Geom
     if geometry.crs:
         doc["crs_wkt"] = geometry.crs
     return doc
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    write_bytes(path, json.dumps(obj).encode())

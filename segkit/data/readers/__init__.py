@@ -33,14 +33,20 @@ def open_raster(path: str | Path) -> Raster:
     suffix = path.suffix.lower()
     try:
         if suffix in TIFF_EXTS:
+            from segkit.data.readers.tiff import TiffRaster, check_one_image
+
             tif = tifffile.TiffFile(path)
-            if tif.pages.first.is_geotiff:
+            try:
+                check_one_image(tif, path)  # GDAL would read a stack's first plane without a word
+                geo = tif.pages.first.is_geotiff
+            except BaseException:
+                tif.close()
+                raise
+            if geo:
                 tif.close()
                 from segkit.data.readers.gdal import GdalRaster
 
                 return GdalRaster(path)
-            from segkit.data.readers.tiff import TiffRaster
-
             return TiffRaster(path, tif)
         if suffix in GDAL_EXTS:
             from segkit.data.readers.gdal import GdalRaster

@@ -27,9 +27,15 @@ class GdalRaster(Raster):
                 self._ds = rasterio.open(path)
         except RasterioIOError as err:
             raise DataError(f"{path}: cannot read this raster ({err}). Fix: replace the file or remove it.") from None
+        try:
+            self._header(path)
+        except BaseException:
+            self._ds.close()
+            raise
+
+    def _header(self, path: Path) -> None:
         ds = self._ds
         if len(set(ds.dtypes)) != 1:
-            ds.close()
             raise DataError(f"{path}: bands of different types {ds.dtypes}. Fix: save all bands with one type.")
         self.height, self.width, self.bands = ds.height, ds.width, ds.count
         self.dtype = np.dtype(ds.dtypes[0])
@@ -37,7 +43,7 @@ class GdalRaster(Raster):
         self.nodata = ds.nodata
         compress = (ds.profile.get("compress") or "").lower()
         self.lossy = compress in _LOSSY or ds.driver in ("JPEG", "JP2OpenJPEG", "WEBP")
-        if ds.count == 1 and ds.colorinterp[0] == ColorInterp.palette:
+        if ds.count == 1 and ds.colorinterp[0] == ColorInterp.palette and self.dtype == np.uint8:
             cmap = ds.colormap(1)
             self.palette = np.array([cmap.get(i, (0, 0, 0, 0))[:3] for i in range(256)], dtype=np.uint8)
         self.crs = ds.crs.to_wkt() if ds.crs else None

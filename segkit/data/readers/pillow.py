@@ -28,18 +28,27 @@ class PillowRaster(Raster):
         with Image.open(path) as im:
             self.lossy = im.format in ("JPEG", "MPO") or (im.format == "WEBP" and not _webp_lossless(path))
             self.width, self.height = im.size
-            mode = im.mode
-            if mode == "P" and "transparency" in im.info:  # transparent palette entries: RGBA in effect
-                mode = "RGBA"
+            mode = im.mode  # a palette's transparency is display alpha: palette images read as their colours
             self._mode = _CONVERT.get(mode, mode)
+            self._deep = im.format == "PNG" and _png_deep_colour(path)
+            if self._deep:  # Pillow reads 48/64-bit PNGs as 8-bit RGB(A): keep all 16 bits through OpenCV
+                self._mode = "RGBA" if mode in ("RGBA", "LA") else "RGB"
             if self._mode == "P":
                 self.palette = _palette(im)
         self.bands = Image.getmodebands(self._mode)
-        self.dtype = np.dtype(_DTYPE.get(self._mode, np.uint8))
+        self.dtype = np.dtype(np.uint16 if self._deep else _DTYPE.get(self._mode, np.uint8))
         self.alpha = (self.bands - 1,) if self._mode in ("RGBA", "LA") else ()
         self._pixels: np.ndarray | None = None
 
     def _decode(self) -> np.ndarray:
+        if self._deep:
+            import cv2
+
+            arr = cv2.imread(str(self.path), cv2.IMREAD_UNCHANGED)
+            if arr is None:
+                raise DataError(f"{self.path}: cannot decode this 16-bit PNG. Fix: replace the file or remove it.")
+            order = [2, 1, 0, 3][:arr.shape[2]]  # OpenCV gives BGR(A)
+            return np.ascontiguousarray(arr[:, :, order])
         try:
             with Image.open(self.path) as im:
                 im.load()
@@ -59,6 +68,13 @@ class PillowRaster(Raster):
             self._pixels = self._decode()
         t, l, h, w = window
         return self._pixels[t:t + h, l:l + w][:, :, bands]
+
+
+def _png_deep_colour(path: Path) -> bool:
+    """A 16-bit colour PNG (IHDR bit depth 16, colour type RGB or RGBA), which Pillow would cut to 8 bits."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return len(head) == 26 and head[24] == 16 and head[25] in (2, 6)
 
 
 def _webp_lossless(path: Path) -> bool:

@@ -16,6 +16,21 @@ _BAND_AXES = "SC"  # samples (RGB, extra samples) and channels (planes of a mult
 _LOSSY = {7, 6, 34712, 33003, 33005, 34892, 50001, 50002, 34933, 34934, 22610}  # JPEG, JPEG 2000, WebP, JPEG XL ...
 
 
+def check_one_image(tif: tifffile.TiffFile, path: Path) -> None:
+    """Refuse a stack (Z, T, pages appended one by one): segkit reads one 2-D image, with bands, per file;
+    reduced-resolution pages (pyramids) are not planes."""
+    series = tif.series[0]
+    full_pages = [p for p in tif.pages if not (int(getattr(p, "subfiletype", 0)) & 1)]
+    axes, shape = series.axes, series.shape
+    stack = [a for a, n in zip(axes, shape) if a not in "YX" + _BAND_AXES and n > 1]
+    band_axes = [a for a, n in zip(axes, shape) if a in _BAND_AXES and n > 1]
+    many = len(tif.series) > 1 and len(full_pages) > len(series.pages)
+    if many or stack or len(band_axes) > 1 or "Y" not in axes or "X" not in axes:
+        what = f"{len(full_pages)} pages" if many else f"shape {dict(zip(axes, shape))}"
+        raise DataError(f"{path}: a TIFF of {what} (a stack); segkit reads one 2-D image (with bands) per file. "
+                        "Fix: save one file per plane, or a volume as NIfTI.")
+
+
 class TiffRaster(Raster):
     """One 2-D image (with bands) per file; a stack of planes (Z, T, ...) is refused, not cut."""
 
@@ -25,17 +40,9 @@ class TiffRaster(Raster):
         try:
             series = self._tif.series[0]
             page = self._tif.pages.first
-            full_pages = [p for p in self._tif.pages if not (int(getattr(p, "subfiletype", 0)) & 1)]
-            if len(self._tif.series) > 1 and len(full_pages) > len(series.pages):
-                raise DataError(f"{path}: a TIFF of {len(full_pages)} pages (a stack); segkit reads one 2-D image "
-                                "(with bands) per file. Fix: save one file per plane, or a volume as NIfTI.")
+            check_one_image(self._tif, path)
             axes, shape = series.axes, series.shape
-            stack = [(a, n) for a, n in zip(axes, shape) if a not in "YX" + _BAND_AXES and n > 1]
             band_axes = [a for a, n in zip(axes, shape) if a in _BAND_AXES and n > 1]
-            if stack or len(band_axes) > 1 or "Y" not in axes or "X" not in axes:
-                raise DataError(
-                    f"{path}: a TIFF of shape {dict(zip(axes, shape))}; segkit reads one 2-D image (with bands) "
-                    "per file. Fix: save one file per plane, or a volume as NIfTI.")
             self._axes = axes
             self._band_axis = band_axes[0] if band_axes else None
             self.height, self.width = shape[axes.index("Y")], shape[axes.index("X")]

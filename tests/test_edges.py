@@ -1,0 +1,133 @@
+"""Edge cases of reading, normalising and training that a review found: each would fail on the
+code before its fix."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import rasterio
+import tifffile
+import torch
+from PIL import Image
+
+from conftest import CONFIGS, copy_nuclei, run_cli, train_args
+from segkit.data.io import read_image
+from segkit.data.masks import build_mask_format
+from segkit.data.normalize import Normalization, fit, valid_pixels
+from segkit.data.readers import open_raster
+from segkit.errors import DataError, SegkitError
+
+
+def test_sixteen_bit_rgb_png_keeps_its_sixteen_bits(tmp_path):
+    import cv2
+
+    rgb = np.zeros((4, 5, 3), np.uint16)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 2000, 1000, 7
+    cv2.imwrite(str(tmp_path / "x.png"), rgb[:, :, ::-1])  # OpenCV writes BGR
+    out = read_image(tmp_path / "x.png", 3)
+    assert out.dtype == np.uint16 and np.array_equal(out, rgb)
+    assert open_raster(tmp_path / "x.png").dtype == np.uint16
+
+
+def test_palette_index_mask_with_a_transparent_entry_gives_its_indices(tmp_path):
+    m = Image.fromarray(np.array([[0, 1], [255, 2]], np.uint8), "P")
+    m.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    m.save(tmp_path / "m.png", transparency=255)
+    labels, valid = build_mask_format("index", ["a", "b", "c"], ignore_index=255).read(tmp_path / "m.png")
+    assert valid.tolist() == [[True, True], [False, True]]
+    assert labels.argmax(2)[valid].tolist() == [0, 1, 2]
+
+
+def test_nan_is_no_data_in_statistics_and_inputs():
+    px = np.array([[[1.0, 10.0], [np.nan, 20.0]], [[3.0, 30.0], [5.0, np.nan]]], np.float32)
+    values = valid_pixels(px, None)
+    assert values.tolist() == [[1.0, 10.0], [3.0, 30.0]]  # a pixel with a NaN band is left out
+    norm = fit("dataset", [("a.tif", np.float32, lambda: values)], 2)
+    assert all(np.isfinite(v) for v in norm.mean + norm.std + norm.low + norm.high)
+    x = torch.from_numpy(px.transpose(2, 0, 1))[None]
+    before = x.clone()
+    out = Normalization("none").apply(x)
+    assert torch.equal(x.isnan(), before.isnan())  # the caller's tensor is not changed
+    assert not out.isnan().any()
+
+
+def test_two_band_images_are_shown_by_their_first_band():
+    from segkit.viz import to_display
+
+    img = np.stack([np.arange(20, dtype=np.uint8).reshape(4, 5), np.zeros((4, 5), np.uint8)], axis=2)
+    shown = to_display(img)
+    assert shown.shape == (4, 5, 3) and (shown == img[:, :, :1]).all()
+
+
+def test_a_geotiff_stack_is_refused_not_cut_to_its_first_plane(tmp_path):
+    from rasterio.transform import from_origin
+
+    path = tmp_path / "stack.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8", crs="EPSG:32616",
+                       transform=from_origin(0, 80, 10, 10)) as ds:
+        ds.write(np.zeros((1, 8, 8), np.uint8))
+    tifffile.imwrite(path, np.ones((8, 8), np.uint8), append=True)
+    with pytest.raises(DataError, match="one file per plane"):
+        open_raster(path)
+
+
+def test_a_legacy_checkpoint_refuses_inputs_it_scaled_differently():
+    norm = Normalization.from_meta({"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
+    norm.check_dtype(np.uint8, "x.png")
+    with pytest.raises(SegkitError, match="segkit 0.1"):
+        norm.check_dtype(np.uint16, "x.tif")
+
+
+def test_rescale_augmentation_takes_32_bit_images():
+    from segkit.data.transforms import Augment
+
+    image = np.arange(64 * 64 * 2, dtype=np.int32).reshape(64, 64, 2)
+    stack = np.zeros((64, 64, 1), np.uint8)
+    out, bits = Augment(32, scale=(0.5, 0.9))(image, stack, np.random.default_rng(0))
+    assert out.shape == (32, 32, 2) and bits.shape == (32, 32, 1)
+
+
+def test_spaced_validation_rows_keep_their_columns_and_resume(tmp_path):
+    """val_every 2: unvalidated epochs are NaN rows with every column; metrics.csv reads back on resume."""
+    data = copy_nuclei(tmp_path / "data", 6)
+    args = train_args(CONFIGS / "nuclei-sigmoid.yaml", data, tmp_path / "run", "--set", "train.val_every=2",
+                      epochs=3)
+    r = run_cli(*args)
+    assert r.code == 0, r.err
+    with (tmp_path / "run" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["val_mean_dice"] == "nan" for r in rows] == [True, False, False]  # epochs 2 and the last
+    assert all(r["dice_nucleus"] for r in rows)
+    r = run_cli(*train_args(CONFIGS / "nuclei-sigmoid.yaml", data, tmp_path / "run", "--set", "train.val_every=2",
+                            "--resume", epochs=4))
+    assert r.code == 0, r.err
+
+
+def test_evaluate_refuses_overlapping_masks_for_a_softmax_checkpoint(tmp_path):
+    """A softmax checkpoint scored on multi-label masks would count impossible class indices."""
+    import yaml
+
+    data = tmp_path / "data"
+    for c in ("a", "b"):
+        (data / "test" / "masks" / c).mkdir(parents=True)
+    (data / "test" / "images").mkdir(parents=True)
+    img = np.asarray(Image.open(sorted((copy_nuclei(tmp_path / "n", 1) / "train" / "images").iterdir())[0]))
+    Image.fromarray(img).save(data / "test" / "images" / "x.png")
+    both = np.zeros(img.shape[:2], np.uint8)
+    both[:50] = 255
+    for c in ("a", "b"):
+        Image.fromarray(both).save(data / "test" / "masks" / c / "x.png")
+    from segkit.heads import build_head
+    from segkit.model import build_model, checkpoint_meta, save_checkpoint
+
+    head = build_head("softmax", ["a", "b", "rest"])
+    save_checkpoint(tmp_path / "ckpt", build_model("Unet", "resnet18", 3),
+                    checkpoint_meta(head, "Unet", "resnet18", 3, Normalization("none"), data={"mask": "multilabel"}))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"root": str(data), "classes": ["a", "b", "rest"], "mask": "multilabel"},
+                                   "model": {"head": "softmax"}}))
+    r = run_cli("evaluate", tmp_path / "ckpt", data, "--split", "test", "--config", cfg, "--device", "cpu",
+                "--workers", "0", "--no-progress")
+    assert r.code == 2 and "x.png" in r.err and "more than one label" in r.err and "Traceback" not in r.err
