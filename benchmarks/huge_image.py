@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import checkpoint, machine, peak_rss_mib, real_images, write_result
+from benchmarks.common import checkpoint, machine, real_images, write_result
+from benchmarks.huge_raster import own_peak_rss_mib as peak_rss_mib  # this process's own peak (VmHWM)
 from segkit import Segmenter
 
 

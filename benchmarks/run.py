@@ -68,7 +68,7 @@ def main() -> None:
         rows.append((f"predict {size}^2 GeoTIFF from disk, working memory", f"{r.get('working_mib', 0):.0f} MiB",
                      f"<= {r.get('bound_mib', 0):.0f} MiB (band bound)", status(bool(r.get("meets_bound")))))
     if "windowed" in only:
-        r = child("windowed_train", out, "windowed_train", "--size", "4096", "--count", "2")
+        r = child("windowed_train", out, "windowed_train_4096_geotiff", "--size", "4096", "--count", "2")
         rows.append(("training crops from 4096^2 tiles, windowed vs whole", f"{r.get('speedup', 0):.1f}x", "> 1",
                      status(r.get("speedup", 0) > 1)))
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

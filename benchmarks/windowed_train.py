@@ -207,7 +207,8 @@ def main() -> None:
     p.add_argument("--whole-samples", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--format", choices=("geotiff", "tiff"), default="geotiff")
-    p.add_argument("--root", type=Path, default=NUCLEI, help="segkit data folder whose image/mask pairs tile the images")
+    p.add_argument("--root", type=Path, default=NUCLEI,
+                   help="segkit data folder whose image/mask pairs tile the images")
     p.add_argument("--keep", action="store_true", help="keep the built images")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-result", type=Path, help=argparse.SUPPRESS)

@@ -364,7 +364,7 @@ class Segmenter:
         """Blended logits of finished rows, top to bottom: (first row, (C, rows, W) tensor).
 
         One band of windows at a time is read from the source and accumulated (logits x Gaussian
-        weight) into a fixed buffer of tile + step rows; rows no later window touches are divided
+        weight) into a fixed buffer of tile rows; rows no later window touches are divided
         by their weight sum, handed out, and the unfinished rest moves to the top of the buffer.
         """
         h, w = src.shape
@@ -372,7 +372,7 @@ class Segmenter:
         step = self.tile - self.overlap
         ys, xs = window_starts(h, th, step), window_starts(w, tw, step)
         weight = self._weight(th, tw)
-        rows = min(h, th + step)
+        rows = th  # every band starts at buffer row 0 and spans th rows
         acc = torch.zeros(self.head.channels, rows, w, device=self.device)
         norm = torch.zeros(rows, w, device=self.device)
         top = 0

@@ -3,6 +3,7 @@ windowed reads, and the CRS, transform and nodata that outputs must keep."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,10 @@ from segkit.data.readers.base import Raster, Window
 from segkit.errors import DataError
 
 _LOSSY = {"jpeg", "webp", "jpeg2000", "jxl", "lerc"}
+os.environ.setdefault("GDAL_CACHEMAX", "128")
+"""GDAL keeps decoded blocks in a cache of 5 % of RAM by default, so streaming a huge raster would
+hold up to that much; segkit reads each window once, so a small cache loses nothing (MB; set
+GDAL_CACHEMAX in the environment to choose)."""
 
 
 class GdalRaster(Raster):
