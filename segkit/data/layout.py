@@ -12,8 +12,10 @@ stem is the longest prefix followed by `_` (ISIC's `X_segmentation.png` -> `X`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -23,6 +25,7 @@ from segkit.errors import DataError
 log = logging.getLogger("segkit")
 
 SPLITS = ("train", "val", "test")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -140,8 +143,8 @@ def find_pairs(root: Path, split: str, classes: list[str] | None = None, multila
     return pair(*dirs[split], classes=classes, multilabel=multilabel)
 
 
-def seeded_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Deterministic (train, val) split of a flat dataset; at least one sample each."""
+def seeded_split(samples: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """Deterministic (train, val) split of a flat dataset (images, or cases); at least one each."""
     if len(samples) < 2:
         raise DataError(f"{len(samples)} labelled image(s): too few to hold some back for validation. "
                         "Fix: add images, or give a val/ split.")

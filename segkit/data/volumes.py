@@ -28,6 +28,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
 from segkit.data.masks import distinct
+from segkit.data.layout import seeded_split
 from segkit.errors import ConfigError, DataError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -463,10 +464,7 @@ def case_split(cases: Sequence[VolumeCase], val_fraction: float,
     if len(ordered) < 2:
         raise DataError(f"{len(ordered)} labelled case(s) {names}: too few to hold one back for validation (the split "
                         "is by case, never by slice). Fix: add cases, or give a val/ split (segkit layout).")
-    order = np.random.default_rng(seed).permutation(len(ordered))
-    n_val = min(max(1, round(len(ordered) * val_fraction)), len(ordered) - 1)
-    held = set(order[:n_val].tolist())
-    return ([c for i, c in enumerate(ordered) if i not in held], [c for i, c in enumerate(ordered) if i in held])
+    return seeded_split(ordered, val_fraction, seed)
 
 
 def region_masks(label: np.ndarray, regions: Mapping[str, tuple[int, ...]]) -> np.ndarray:
