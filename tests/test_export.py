@@ -149,13 +149,16 @@ def test_a_four_band_model_exports_and_runs_on_a_four_band_array(tmp_path):
     r = run_cli("export", ckpt, tmp_path / "m4.onnx")
     assert r.code == 0, (r.out, r.err)
     assert "synthetic images (4 bands" in r.out and "mask agreement 100.0000%" in r.out
-    assert _printed(r, "max |logit difference|") <= LOGIT_TOL
+    # synthetic 11-bit inputs give logits up to ~30 here: float32 rounding scales with them, so the bound is relative
+    scale = float(r.out.split("logits up to ")[1].split(")")[0])
+    assert _printed(r, "max |logit difference|") <= LOGIT_TOL * max(1.0, scale)
     image = np.random.default_rng(0).integers(1, 800, (200, 136, 4), dtype=np.uint16)
     image[:20, :30] = 0  # no-data corner
     pt = Segmenter.load(ckpt, device="cpu", amp=False, tile=128, overlap=32)
     ox = Segmenter.load(tmp_path / "m4.onnx", device="cpu", amp=False, tile=128, overlap=32)
     assert (ox.in_channels, ox.bands, ox.nodata, ox.norm) == (4, [1, 2, 3, 4], 0, norm)
-    assert (pt.logits(image) - ox.logits(image)).abs().max() <= LOGIT_TOL  # windows of 128
+    want = pt.logits(image)
+    assert (want - ox.logits(image)).abs().max() <= LOGIT_TOL * max(1.0, float(want.abs().max()))  # windows of 128
     a, b = pt.predict(image), ox.predict(image)
     assert b.mask.shape == (1, 200, 136) and np.array_equal(a.mask, b.mask)
     assert b.valid is not None and not b.valid[:20, :30].any() and np.array_equal(a.valid, b.valid)
