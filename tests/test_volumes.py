@@ -72,9 +72,9 @@ def test_classes_and_channels_come_from_dataset_json(root, classes, n):
         assert case.label == root / "labelsTr" / f"{case.name}.nii.gz"
     with pytest.raises(DataError, match="no 'test' split"):
         ds.cases("test")
-    # A config naming other classes is refused rather than silently overridden.
+    # A config naming classes that are neither a subset nor a renaming is refused, not silently overridden.
     with pytest.raises(ConfigError, match="data.classes"):
-        VolumeDataset.from_root(root, classes=["background", "other"])
+        VolumeDataset.from_root(root, classes=[*classes, "other"])
     assert VolumeDataset.from_root(root, classes=classes).classes == classes
 
 
@@ -415,3 +415,29 @@ def test_no_known_layout(tmp_path):
         VolumeDataset.from_root(tmp_path / "absent")
     with pytest.raises(DataError, match="no dataset.json and no train/images"):
         VolumeDataset.from_root(tmp_path)
+
+
+def test_select_and_rename_classes_by_hand():
+    label = np.array([[0, 1, 2, 1]])
+    ds = VolumeDataset.from_root(HIPPO)
+    assert ds.class_values == {"background": (0,), "anterior": (1,), "posterior": (2,)}
+    layers, valid = ds.layers(label)
+    assert layers[0].tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 0]] and valid.all()
+    # Selecting leaves posterior out: with plain labels its voxels join background, so softmax sees every voxel.
+    picked = VolumeDataset.from_root(HIPPO, classes=["background", "anterior"])
+    assert picked.class_values == {"background": (0, 2), "anterior": (1,)}
+    assert picked.layers(label)[0][0].tolist() == [[1, 0], [0, 1], [1, 0], [0, 1]]
+    # Without background (one-vs-rest sigmoid), the other voxels are in no class.
+    only = VolumeDataset.from_root(HIPPO, classes=["posterior"])
+    assert only.layers(label)[0][0, :, 0].tolist() == [0, 0, 1, 0]
+    renamed = VolumeDataset.from_root(HIPPO, classes=["bg", "head", "tail"])
+    assert renamed.class_values == {"bg": (0,), "head": (1,), "tail": (2,)}
+
+
+def test_selected_regions_keep_their_order_entries(membrane_regions):
+    core = VolumeDataset.from_root(membrane_regions, classes=["core"])
+    assert core.regions == {"core": (1,)} and core.regions_class_order == (1,)
+    assert VolumeDataset.from_root(membrane_regions).overlapping() == [("whole", "core")]
+    label = np.array([0, 1, 2])
+    layers, _ = VolumeDataset.from_root(membrane_regions).layers(label)
+    assert layers.tolist() == [[0, 0], [1, 1], [1, 0]]

@@ -18,7 +18,7 @@ import json
 import re
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -117,7 +117,8 @@ class VolumeDataset:
 
     `classes` are the network's output classes: the label names in value order for plain labels
     (softmax; value = class index), the region names in dataset.json order for region labels (sigmoid,
-    `multilabel`). `label_values` are the values a label file may hold.
+    `multilabel`). `class_values` gives each class the label values that make it (one for a plain label,
+    several for a region). `label_values` are the values a label file may hold.
     """
 
     root: Path
@@ -129,10 +130,50 @@ class VolumeDataset:
     ignore_label: int | None
     label_values: frozenset[int]
     splits: dict[str, list[VolumeCase]]
+    class_values: dict[str, tuple[int, ...]]
 
     @property
     def multilabel(self) -> bool:
         return self.regions is not None
+
+    def overlapping(self) -> list[tuple[str, str]]:
+        """Pairs of classes that share label values (nested regions): a voxel can be both."""
+        items = list(self.class_values.items())
+        return [(a, b) for i, (a, va) in enumerate(items) for b, vb in items[i + 1:] if set(va) & set(vb)]
+
+    def select(self, names: Sequence[str], where: str = "data.classes") -> VolumeDataset:
+        """The dataset with its classes renamed (as many names, in order) or selected (a subset, in the given
+        order). With plain labels, the class of value 0 (background) takes the values of the classes left
+        out, so a softmax head still sees every voxel labelled; without it, those voxels are in no class."""
+        names = list(names)
+        if names == self.classes:
+            return self
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: {names} repeats a name. Fix: give every class once.")
+        if set(names) <= set(self.classes):
+            values = {n: self.class_values[n] for n in names}
+            left = sorted(v for n in self.classes if n not in values for v in self.class_values[n])
+            background = next((n for n in names if self.class_values[n] == (0,)), None)
+            if not self.multilabel and background is not None:
+                values[background] = (0, *left)
+            regions = {n: self.regions[n] for n in names} if self.regions is not None else None
+            order = (tuple(self.regions_class_order[self.classes.index(n)] for n in names)
+                     if self.regions_class_order is not None else None)
+            return replace(self, classes=names, class_values=values, regions=regions, regions_class_order=order)
+        if len(names) == len(self.classes):
+            renamed = dict(zip(self.classes, names))
+            regions = ({renamed[n]: v for n, v in self.regions.items()} if self.regions is not None else None)
+            return replace(self, classes=names, regions=regions,
+                           class_values={renamed[n]: v for n, v in self.class_values.items()})
+        raise ConfigError(f"{where}: {names}, but the dataset's classes are {self.classes}. Fix: list a subset of "
+                          f"them to select, {len(self.classes)} new names to rename, or remove {where}.")
+
+    def layers(self, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A label map (...) -> (..., K) uint8 class layers (a voxel is in class k when its value is one of
+        class k's values) and the (...) bool valid mask (False on the ignore label)."""
+        layers = np.stack([np.isin(label, values) for values in self.class_values.values()], axis=-1)
+        valid = label != self.ignore_label if self.ignore_label is not None else np.ones(label.shape, bool)
+        return layers.view(np.uint8), valid
 
     @classmethod
     def from_root(cls, root: Path | str, classes: Sequence[str] | None = None,
@@ -154,9 +195,8 @@ class VolumeDataset:
         else:
             raise DataError(f"{meta}: neither `channel_names` (nnU-Net v2) nor `modality` (MSD). "
                             "Fix: write an nnU-Net v2 dataset.json (channel_names, labels, file_ending).")
-        if classes is not None and list(classes) != dataset.classes:
-            raise ConfigError(f"data.classes: {list(classes)}, but {meta} gives {dataset.classes}. "
-                              "Fix: remove data.classes (dataset.json names the classes), or list them as it does.")
+        if classes is not None:
+            dataset = dataset.select(classes)
         if ignore_index is not None and ignore_index != dataset.ignore_label:
             raise ConfigError(f"data.ignore_index: {ignore_index}, but {meta} gives {dataset.ignore_label} "
                               "(labels.ignore). Fix: remove data.ignore_index, or set labels.ignore in dataset.json.")
@@ -298,8 +338,9 @@ def _parse_regions(parsed: dict[str, tuple[int, ...]], order: object, meta: Path
 
 def _dataset(root: Path, layout: Layout, channels: list[str], labels: _Labels,
              splits: dict[str, list[VolumeCase]]) -> VolumeDataset:
+    values = labels.regions if labels.regions is not None else {n: (i,) for i, n in enumerate(labels.classes)}
     return VolumeDataset(root, layout, labels.classes, channels, labels.regions, labels.order, labels.ignore,
-                         labels.values, splits)
+                         labels.values, splits, dict(values))
 
 
 def _nnunet(root: Path, meta: Path, spec: dict) -> VolumeDataset:
@@ -319,7 +360,7 @@ def _nnunet(root: Path, meta: Path, spec: dict) -> VolumeDataset:
     return _dataset(root, "nnunet", channels, labels, splits)
 
 
-def _nnunet_cases(images: Path, labels: Path, ending: str, channels: list[str], meta: Path,
+def _nnunet_cases(images: Path, labels: Path | None, ending: str, channels: list[str], meta: Path,
                   labelled: bool) -> list[VolumeCase]:
     """Cases of imagesTr/ (or imagesTs/): every channel file present, and a label for each training case."""
     if not images.is_dir():
@@ -341,7 +382,7 @@ def _nnunet_cases(images: Path, labels: Path, ending: str, channels: list[str], 
     if not files and labelled:
         raise DataError(f"{images}: no <case>_0000{ending} files. Fix: check `file_ending` in {meta}.")
     found = ({p.name[:-len(ending)]: p for p in sorted(labels.iterdir())
-              if p.name.endswith(ending) and not p.name.startswith(".")} if labels.is_dir() else {})
+              if p.name.endswith(ending) and not p.name.startswith(".")} if labels and labels.is_dir() else {})
     orphans = sorted(set(found) - set(files))
     if orphans:
         case = orphans[0]
@@ -425,8 +466,8 @@ def _segkit(root: Path, classes: Sequence[str] | None, ignore_index: int | None)
     return _dataset(root, "segkit", channels, _Labels(list(classes), None, None, ignore_index, values), splits)
 
 
-def _segkit_cases(images: Path, masks: Path, labelled: bool) -> list[VolumeCase]:
-    image_files, mask_files = _nifti_files(images), _nifti_files(masks)
+def _segkit_cases(images: Path, masks: Path | None, labelled: bool) -> list[VolumeCase]:
+    image_files, mask_files = _nifti_files(images), _nifti_files(masks) if masks else {}
     if not image_files:
         raise DataError(f"{images}: no .nii.gz or .nii volumes. Fix: add them, or remove the folder.")
     orphans = sorted(set(mask_files) - set(image_files))
@@ -438,6 +479,36 @@ def _segkit_cases(images: Path, masks: Path, labelled: bool) -> list[VolumeCase]
         raise DataError(f"case {unlabelled[0]}: no mask {masks / image_files[unlabelled[0]].name} (cases without "
                         f"masks: {unlabelled}). Fix: add them, or move the cases to test/ (unlabelled).")
     return [VolumeCase(name, [path], mask_files.get(name)) for name, path in image_files.items()]
+
+
+def is_volume_folder(folder: Path) -> bool:
+    """Whether `folder` holds NIfTI volumes (a prediction or visualisation input)."""
+    folder = Path(folder)
+    return folder.is_dir() and any(p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith(".")
+                                   for p in folder.iterdir())
+
+
+def is_volume_root(root: Path) -> bool:
+    """Whether a data root is a volume dataset: a dataset.json, or NIfTI files in train/images."""
+    root = Path(root)
+    return (root / "dataset.json").is_file() or is_volume_folder(root / "train" / "images")
+
+
+def folder_cases(folder: Path, channel_names: Sequence[str], channel_files: bool) -> list[VolumeCase]:
+    """The cases of a folder of volumes to predict: nnU-Net's `<case>_0000.nii.gz, <case>_0001...` grouped by
+    case when `channel_files` (the model was trained on an nnU-Net dataset), else one (3-D or 4-D) file each."""
+    folder = Path(folder)
+    if not is_volume_folder(folder):
+        raise DataError(f"{folder}: no .nii.gz or .nii volumes. Fix: point to the folder of the cases' images "
+                        "(nnU-Net: imagesTs/).")
+    if not channel_files:
+        return _segkit_cases(folder, None, labelled=False)
+    names = [p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name.endswith(NIFTI_ENDINGS)]
+    endings = {".nii.gz" if name.endswith(".nii.gz") else ".nii" for name in names}
+    if len(endings) > 1:
+        raise DataError(f"{folder}: both .nii.gz and .nii files. Fix: keep one file ending, as nnU-Net requires.")
+    return _nnunet_cases(folder, None, endings.pop(), list(channel_names),
+                         Path("the checkpoint's model.json"), labelled=False)
 
 
 def slice_axis(spacing: Sequence[float], shape: Sequence[int]) -> int:
