@@ -1,0 +1,59 @@
+"""What a model trained on volume slices needs to know to read, cut, normalise and write volumes again:
+stored in model.json as `data.volume`, written by training, read by prediction, evaluation and visualisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from segkit.data.volume_norm import VolumeNormalization
+from segkit.errors import SegkitError
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """`layout`: the training dataset's (nnunet: one file per channel, `<case>_0000`); `slice_axis`: the voxel
+    axis (0, 1, 2) the 2-D slices were cut along; `class_values`: the label values of each output class (an
+    index output writes the class's first value); `regions_class_order`: nnU-Net's rule to paint region masks
+    back into one label map (None unless the classes are regions)."""
+
+    layout: str
+    channel_names: tuple[str, ...]
+    slice_axis: int
+    normalization: VolumeNormalization
+    class_values: dict[str, tuple[int, ...]]
+    regions_class_order: tuple[int, ...] | None = None
+    ignore_label: int | None = None
+
+    def to_meta(self) -> dict:
+        return {"layout": self.layout, "channel_names": list(self.channel_names), "slice_axis": self.slice_axis,
+                "normalization": self.normalization.to_meta(),
+                "class_values": {k: list(v) for k, v in self.class_values.items()},
+                "regions_class_order": list(self.regions_class_order) if self.regions_class_order else None,
+                "ignore_label": self.ignore_label}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> VolumeSpec | None:
+        """The spec of a checkpoint's model.json; None for a model trained on 2-D images."""
+        v = (meta.get("data") or {}).get("volume")
+        if v is None:
+            return None
+        try:
+            return cls(v["layout"], tuple(v["channel_names"]), int(v["slice_axis"]),
+                       VolumeNormalization.from_meta(v["normalization"]),
+                       {k: tuple(int(x) for x in vals) for k, vals in v["class_values"].items()},
+                       tuple(v["regions_class_order"]) if v.get("regions_class_order") else None,
+                       v.get("ignore_label"))
+        except (KeyError, TypeError, ValueError) as err:
+            raise SegkitError(f"model.json: damaged `data.volume` section ({type(err).__name__}: {err}). "
+                              "Fix: use the model.json written with the checkpoint.") from None
+
+    @property
+    def channel_files(self) -> bool:
+        """Whether cases come as one file per channel (`<case>_0000`, `<case>_0001`, ...)."""
+        return self.layout == "nnunet"
+
+    def index_values(self) -> np.ndarray:
+        """Class index -> the label value an index (softmax) output writes for it."""
+        return np.array([values[0] for values in self.class_values.values()])
