@@ -29,8 +29,11 @@ class AugmentConfig(_Strict):
 
 class DataConfig(_Strict):
     root: Path
-    classes: list[str] = Field(min_length=1)
-    mask: Literal["binary", "index", "color", "multilabel"] = "binary"
+    classes: list[str] | None = Field(
+        None, min_length=1, description="required for images; for volumes they come from dataset.json (or label "
+                                        "values = class indices), and a list here selects or renames them")
+    mask: Literal["binary", "index", "color", "multilabel", "volume"] = Field(
+        "binary", description="volume: set by segkit for a volume dataset (labels as dataset.json declares)")
     foreground_value: int | Literal["nonzero"] | None = Field(
         None, description="binary masks: the foreground value (0 for ISBI membranes), or 'nonzero' (instance IDs)")
     binary_threshold: float | None = Field(
@@ -40,12 +43,16 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     channels: int | None = Field(None, ge=1, description="network input channels; default len(bands), else 3")
     bands: list[int] | None = Field(None, min_length=1, description="1-based bands to read, e.g. [1, 2, 3, 8]")
-    normalize: Literal["auto", "imagenet", "dataset", "per_image", "none", "explicit"] = "auto"
+    normalize: Literal["auto", "imagenet", "dataset", "per_image", "none", "explicit"] | list[
+        Literal["zscore", "ct", "none"]] = Field(
+        "auto", description="images: one mode; volumes: auto (CT channels ct, others zscore) or one per channel")
     mean: tuple[float, ...] | None = Field(None, description="explicit per-channel mean, in pixel units")
     std: tuple[float, ...] | None = Field(None, description="explicit per-channel std, in pixel units")
     nodata: float | None = Field(None, description="image value marking no-data (else the file's own nodata)")
     cache: bool | Literal["auto"] = "auto"
     cache_mb: int | None = Field(None, ge=0, description="memory for cached images; default a quarter of RAM")
+    slice_axis: Literal["auto", 0, 1, 2] = Field(
+        "auto", description="volumes: the voxel axis to cut 2-D slices along; auto: the coarsest median spacing")
     overlap: Literal["error", "ignore"] = Field(
         "error", description="pixels with several labels: refused by softmax, or 'ignore' them (excluded from "
                              "loss and scores) to train softmax on the exclusive part")
@@ -87,6 +94,9 @@ class TrainConfig(_Strict):
     compile: bool = Field(False, description="torch.compile the model (falls back to eager with a message)")
     sync_batchnorm: bool = Field(False, description="DDP: SyncBatchNorm, for small per-GPU batches")
     tensorboard: bool = Field(False, description="also log to RUN/tensorboard (extra: segkit[tensorboard])")
+    foreground_oversample: float | None = Field(
+        None, ge=0, le=1, description="share of crops centred on a foreground pixel; default 1/3 for volumes (as "
+                                      "nnU-Net), 0 for images")
     early_stop_patience: int | None = Field(None, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1)
     augment: AugmentConfig = AugmentConfig()
@@ -120,6 +130,15 @@ class Config(_Strict):
         head = self.head()
         head.loss(self.train.loss, self.train.class_weights)
         d = self.data
+        if d.mask == "volume":
+            from segkit.data.volume_slices import check_volume_config
+
+            check_volume_config(d, head)
+            return
+        if not isinstance(d.normalize, str) or d.slice_axis != "auto":
+            key = "normalize" if not isinstance(d.normalize, str) else "slice_axis"
+            raise ConfigError(f"data.{key}: {getattr(d, key)!r} is for volume datasets, and {d.root} holds images. "
+                              f"Fix: remove data.{key} (images: data.normalize is one mode, e.g. dataset).")
         if d.mask == "binary" and len(d.classes) > 2:
             raise ConfigError(
                 f"data.classes: binary masks give one foreground class, but {len(d.classes)} classes are named. "
@@ -179,12 +198,37 @@ def set_dotted(raw: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
 
 
+def resolve_volumes(d: DataConfig) -> None:
+    """A volume dataset's classes, channels and label encoding come from its files (dataset.json), so
+    `data.root` alone is a valid data section; what the config does say must agree with them."""
+    from segkit.data.volumes import VolumeDataset, is_volume_root
+
+    if not is_volume_root(d.root):
+        if d.classes is None:
+            raise ConfigError("data.classes: required for a dataset of images. Fix: list the classes, e.g. "
+                              "[background, nucleus].")
+        return
+    for key in ("bands", "colors", "foreground_value", "binary_threshold", "mean", "std", "nodata"):
+        if getattr(d, key) is not None:
+            raise ConfigError(f"data.{key}: not used for volume datasets ({d.root}). Fix: remove it.")
+    if "mask" in d.model_fields_set and d.mask != "volume":
+        raise ConfigError(f"data.mask: '{d.mask}', but {d.root} is a volume dataset whose labels dataset.json "
+                          "(or, without one, label value = class index) defines. Fix: remove data.mask.")
+    ds = VolumeDataset.from_root(d.root, d.classes, d.ignore_index)
+    channels = len(ds.channel_names)
+    if "channels" in d.model_fields_set and d.channels != channels:
+        raise ConfigError(f"data.channels: {d.channels}, but the cases of {d.root} have {channels} channel(s) "
+                          f"{ds.channel_names}. Fix: remove data.channels.")
+    d.classes, d.mask, d.channels = list(ds.classes), "volume", channels
+
+
 def parse_config(raw: dict[str, Any], source: str = "config") -> Config:
     """Validate a raw mapping (relative paths are relative to the working directory)."""
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format(err, source)) from None
+    resolve_volumes(cfg.data)
     cfg.check()
     return cfg
 

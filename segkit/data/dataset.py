@@ -77,6 +77,11 @@ class Record:
     image_bytes: int
     norm_stats: np.ndarray | None = None  # (2, C) per-image statistics, for per_image normalisation
     cached: Cached | None = None
+    points: tuple[np.ndarray, ...] = ()  # (n, 2) row/col of a few pixels per foreground class present
+
+    @property
+    def has_foreground(self) -> bool:
+        return bool(self.points)
 
     @property
     def cached_bytes(self) -> int:
@@ -151,6 +156,27 @@ def label_stats(labels: np.ndarray, valid: np.ndarray) -> LabelStats:
     )
 
 
+POINTS_PER_CLASS = 64
+
+
+def foreground_classes(classes: Sequence[str]) -> list[int]:
+    """Indices of the classes foreground oversampling aims at: all but those named background."""
+    return [i for i, c in enumerate(classes) if c.lower() != "background"]
+
+
+def foreground_points(labels: np.ndarray, valid: np.ndarray, classes: Sequence[int], rng: np.random.Generator,
+                      per_class: int = POINTS_PER_CLASS) -> tuple[np.ndarray, ...]:
+    """A few seeded (row, col) pixels of each of `classes` present in an (h, w, K) label window, one array per
+    class present: oversampling picks a class first, so a rare class is aimed at as often as a common one."""
+    found = []
+    for k in classes:
+        where = np.flatnonzero(labels[:, :, k].astype(bool) & valid)
+        if where.size:
+            chosen = rng.choice(where, min(per_class, where.size), replace=False)
+            found.append(np.stack(np.unravel_index(np.sort(chosen), valid.shape), axis=1).astype(np.int32))
+    return tuple(found)
+
+
 def cache_budget(mb: int | None) -> int:
     """Bytes the dataset may keep in memory: `mb`, or a quarter of the machine's RAM."""
     if mb is not None:
@@ -162,17 +188,20 @@ def cache_budget(mb: int | None) -> int:
 
 
 def scan(samples: Sequence[Sample], reader: PairReader, head: Head | None = None, cache: bool | str = False,
-         threads: int = 4, budget: int | None = None, per_image: bool = False) -> list[Record]:
+         threads: int = 4, budget: int | None = None, per_image: bool = False,
+         foreground: Sequence[int] = ()) -> list[Record]:
     """Read and check every sample before anything is written.
 
     Masks are read whole (they are counted); images only by header unless they are cached:
     `cache` True caches all, "auto" caches samples in order while they fit `budget` bytes and
     streams the rest by window. All problems are reported together, each naming its file; with
     a head, masks the head cannot learn from (e.g. overlapping labels for softmax) are problems too.
+    `foreground`: class indices whose pixels are recorded for foreground oversampling.
     """
     budget = cache_budget(None) if budget is None else budget
 
-    def one(sample: Sample) -> Record | str:
+    def one(i: int) -> Record | str:
+        sample = samples[i]
         try:
             with reader.image(sample) as src:
                 h, w = src.shape
@@ -186,10 +215,11 @@ def scan(samples: Sequence[Sample], reader: PairReader, head: Head | None = None
             if problem:
                 where = sample.mask if not isinstance(sample.mask, dict) else sample.image
                 return f"{where}: {problem}"
-        return Record(sample, label_stats(labels, valid), h, w, src.dtype, nbytes, norm_stats)
+        points = foreground_points(labels, valid, foreground, np.random.default_rng([i, 7])) if foreground else ()
+        return Record(sample, label_stats(labels, valid), h, w, src.dtype, nbytes, norm_stats, points=points)
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        results = list(pool.map(one, samples))
+        results = list(pool.map(one, range(len(samples))))
     errors = [r for r in results if isinstance(r, str)]
     if errors:
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
@@ -238,6 +268,14 @@ def crop_window(height: int, width: int, size: int, rng: np.random.Generator) ->
     return Window(int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w)
 
 
+def centred_window(height: int, width: int, size: int, point: np.ndarray) -> Window:
+    """A window of at most size x size centred on `point` (row, col), shifted to lie inside the image."""
+    h, w = min(size, height), min(size, width)
+    top = int(np.clip(point[0] - h // 2, 0, height - h))
+    left = int(np.clip(point[1] - w // 2, 0, width - w))
+    return Window(top, left, h, w)
+
+
 def pack(px: Pixels) -> np.ndarray:
     """(h, w, ceil((C + 2) / 8)) uint8: the C label layers, 'valid' and 'real', one bit each."""
     layers = np.concatenate([px.labels.astype(bool), px.valid[:, :, None], px.real[:, :, None]], axis=2)
@@ -282,11 +320,13 @@ class SegmentationDataset(Dataset):
     is read, augmented and cropped; `crop` None: whole images, no augmentation (validation).
     Each sample's randomness comes from (seed, epoch, index), so a run is reproducible whatever
     the number of workers, and a resumed run augments as the original would.
+    `foreground`: the share of samples replaced by a crop centred on a foreground pixel (nnU-Net's
+    oversampling, 1/3 there): a record with foreground, then one of its classes, then one of its pixels.
     """
 
     def __init__(self, records: Sequence[Record], reader: PairReader, head: Head, transform: Augment,
                  norm: Normalization, crop: int | None = None, scale_low: float = 1.0, color: float = 0.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, foreground: float = 0.0) -> None:
         self.records = list(records)
         self.reader = reader
         self.head = head
@@ -297,6 +337,8 @@ class SegmentationDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.classes = len(head.classes)
+        self.foreground = foreground if crop else 0.0
+        self.with_foreground = [i for i, r in enumerate(self.records) if r.has_foreground]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -324,9 +366,14 @@ class SegmentationDataset(Dataset):
         return r.cached.image[t:t + h, l:l + w], r.cached.bits[t:t + h, l:l + w]
 
     def __getitem__(self, i: int) -> Item:
-        r = self.records[i]
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, i]))
-        window = crop_window(r.height, r.width, self.window, rng) if self.window else None
+        if self.foreground and self.with_foreground and rng.random() < self.foreground:
+            r = self.records[self.with_foreground[rng.integers(len(self.with_foreground))]]
+            points = r.points[rng.integers(len(r.points))]
+            window = centred_window(r.height, r.width, self.window, points[rng.integers(len(points))])
+        else:
+            r = self.records[i]
+            window = crop_window(r.height, r.width, self.window, rng) if self.window else None
         image, bits = self.transform(*self.packed(r, window), rng)
         labels, valid, real = unpack(np.ascontiguousarray(bits), self.classes)
         jitter = (1.0, 0.0)

@@ -240,9 +240,10 @@ class VolumeDataset:
                             "is wrong.")
         return _integers(label.data[..., 0], case)
 
-    def check_labels(self, case: VolumeCase) -> None:
-        """Refuse label values the dataset does not declare: they would be trained as nothing, or crash."""
-        found = distinct(self.label_volume(case)).tolist()
+    def check_labels(self, case: VolumeCase, label: np.ndarray | None = None) -> None:
+        """Refuse label values the dataset does not declare: they would be trained as nothing, or crash.
+        `label`: the case's label map when already read."""
+        found = distinct(self.label_volume(case) if label is None else label).tolist()
         bad = sorted(set(found) - self.label_values)
         if bad:
             where, fix = ((f"{self.root / 'dataset.json'} (labels)", "add them to `labels` in dataset.json")

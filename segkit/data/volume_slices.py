@@ -1,0 +1,180 @@
+"""A volume dataset as 2-D training samples: every slice along the slice axis is a `Record`, so the 2-D path
+(crops, augmentation, foreground oversampling, validation, checkpoints) trains on it unchanged.
+
+A slice is the case's volume indexed at k along the slice axis, the two remaining axes in order as
+(height, width); prediction cuts volumes the same way. Each case is normalised as a whole
+(`VolumeNormalization.case_params`) before it is cut, and its slices are kept in memory while they fit the
+cache budget (`data.cache_mb`); the rest are read slice by slice from the files (cheap for uncompressed .nii,
+which nibabel memory-maps; a .nii.gz is decompressed up to the slice) and normalised with the case's stored
+parameters, so a slice is the same input either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+
+from segkit.config import DataConfig
+from segkit.data.dataset import Cached, Pixels, Record, foreground_points, label_stats, pack
+from segkit.data.layout import Sample
+from segkit.data.readers import Window
+from segkit.data.volume_norm import VolumeNormalization, foreground_sample, schemes_for
+from segkit.data.volume_spec import VolumeSpec
+from segkit.data.volumes import Volume, VolumeCase, VolumeDataset, case_split, slice_axis
+from segkit.errors import ConfigError, DataError
+from segkit.heads import Head
+
+log = logging.getLogger("segkit")
+
+
+@dataclass(frozen=True)
+class SliceSample(Sample):
+    """One slice of a case: `image` is the case's first image file, `mask` its label file."""
+
+    case: str = ""
+    index: int = 0
+
+
+def volume_dataset(d: DataConfig) -> VolumeDataset:
+    """The volume dataset a (resolved) data config describes."""
+    return VolumeDataset.from_root(d.root, d.classes, d.ignore_index)
+
+
+def train_val_cases(ds: VolumeDataset, val_fraction: float, seed: int) -> tuple[list[VolumeCase], list[VolumeCase]]:
+    """The segkit layout's val/ split when there is one, else a seeded share of the training cases (by case)."""
+    if "val" in ds.splits:
+        return ds.cases("train"), ds.cases("val")
+    return case_split(ds.cases("train"), val_fraction, seed)
+
+
+def dataset_slice_axis(volumes: Sequence[Volume], setting: int | str) -> int:
+    """`data.slice_axis`, or for `auto` the coarsest axis of the median spacing (nnU-Net's 2-D rule), one axis
+    for the whole dataset: the model learns one orientation."""
+    if setting != "auto":
+        return int(setting)
+    spacing = np.median([v.spacing for v in volumes], axis=0)
+    shape = np.median([v.shape for v in volumes], axis=0)
+    return slice_axis(spacing.tolist(), shape.tolist())
+
+
+def fit_spec(ds: VolumeDataset, cases: Sequence[VolumeCase], d: DataConfig, seed: int) -> VolumeSpec:
+    """Slice axis and per-channel normalisation from the training cases."""
+    volumes = [ds.image(case) for case in cases]
+    axis = dataset_slice_axis(volumes, d.slice_axis)
+    schemes = schemes_for(d.normalize, ds.channel_names)
+
+    def sample(i: int, case: VolumeCase):
+        def read() -> np.ndarray:
+            label = ds.label_volume(case)
+            foreground = (label > 0) & (label != ds.ignore_label if ds.ignore_label is not None else True)
+            return foreground_sample(ds.image(case).data, foreground, np.random.default_rng([seed, i]))
+        return read
+
+    norm = VolumeNormalization.fit(schemes, [sample(i, case) for i, case in enumerate(cases)])
+    return VolumeSpec(ds.layout, tuple(ds.channel_names), axis, norm, dict(ds.class_values),
+                      ds.regions_class_order, ds.ignore_label)
+
+
+def _take(array: np.ndarray, index: int, axis: int) -> np.ndarray:
+    return np.take(array, index, axis=axis)
+
+
+class SliceReader:
+    """Reads slices of cases that are not cached: one slice from the files, normalised with its case's
+    parameters (the `PairReader.read` of volumes)."""
+
+    def __init__(self, ds: VolumeDataset, spec: VolumeSpec) -> None:
+        self.ds, self.spec = ds, spec
+        self.cases: dict[str, VolumeCase] = {}
+        self.params: dict[str, np.ndarray] = {}
+
+    def add(self, case: VolumeCase, params: np.ndarray) -> None:
+        self.cases[case.name], self.params[case.name] = case, params
+
+    def _slice(self, path, index: int) -> np.ndarray:
+        proxy = nib.load(path).dataobj
+        slicer = [slice(None)] * len(proxy.shape)
+        slicer[self.spec.slice_axis] = index
+        return np.asarray(proxy[tuple(slicer)])
+
+    def read(self, sample: SliceSample, window: Window | None = None) -> Pixels:
+        case = self.cases[sample.case]
+        parts = [self._slice(p, sample.index) for p in case.images]
+        raw = parts[0] if parts[0].ndim == 3 else np.stack(parts, axis=-1)
+        image = self.spec.normalization.apply(raw, self.params[sample.case])
+        labels, valid = self.ds.layers(self._slice(case.label, sample.index))
+        if window is not None:
+            t, l, h, w = window
+            image, labels, valid = image[t:t + h, l:l + w], labels[t:t + h, l:l + w], valid[t:t + h, l:l + w]
+        return Pixels(image, labels, valid, np.ones(valid.shape, bool))
+
+
+def case_records(ds: VolumeDataset, case: VolumeCase, spec: VolumeSpec, head: Head, reader: SliceReader,
+                 cache: bool, foreground: Sequence[int]) -> list[Record] | str:
+    """The checked slice records of one case (cached when `cache`), or the problem with it."""
+    try:
+        volume = ds.image(case)
+        label = ds.label_volume(case)
+        ds.check_labels(case, label)
+    except DataError as err:
+        return str(err)
+    params = spec.normalization.case_params(volume.data)
+    reader.add(case, params)
+    image = spec.normalization.apply(volume.data, params) if cache else None
+    layers, valid = ds.layers(label)
+    axis = spec.slice_axis
+    records = []
+    for k in range(volume.shape[axis]):
+        labels, ok = _take(layers, k, axis), _take(valid, k, axis)
+        problem = head.label_problem(labels, ok)
+        if problem:
+            return f"case {case.name}, slice {k} along axis {axis} ({case.label}): {problem}"
+        h, w = ok.shape
+        sample = SliceSample(f"{case.name}#{k}", case.images[0], case.label, case.name, k)
+        record = Record(sample, label_stats(labels, ok), h, w, np.dtype(np.float32), h * w * 4 * len(spec.channel_names),
+                        points=foreground_points(labels, ok, foreground, np.random.default_rng([zlib.crc32(case.name.encode()), k])))
+        if image is not None:
+            px = Pixels(np.ascontiguousarray(_take(image, k, axis)), labels, ok, np.ones(ok.shape, bool))
+            record.cached = Cached(px.image, pack(px), None)
+        records.append(record)
+    return records
+
+
+def slice_records(ds: VolumeDataset, cases: Sequence[VolumeCase], spec: VolumeSpec, head: Head, reader: SliceReader,
+                  foreground: Sequence[int], budget: int, threads: int = 2) -> list[Record]:
+    """Records of every slice of `cases`, cases cached whole in order while they fit `budget` bytes. All
+    problems are reported together, each naming its case."""
+    sizes = [ds.image(case) for case in cases]
+    need = [int(np.prod(v.shape)) * len(spec.channel_names) * 4 for v in sizes]
+    cached = np.cumsum(need) <= budget
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = list(pool.map(lambda i: case_records(ds, cases[i], spec, head, reader, bool(cached[i]), foreground),
+                                range(len(cases))))
+    errors = [r for r in results if isinstance(r, str)]
+    if errors:
+        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise DataError(f"{len(errors)} of {len(cases)} cases cannot be used:\n  " + "\n  ".join(errors[:10]) + more)
+    if not cached.all():
+        log.info("%d of %d cases cached in memory; the other slices are read from their files (data.cache_mb; "
+                 "uncompressed .nii reads fastest)", int(cached.sum()), len(cases))
+    return [r for records in results for r in records]
+
+
+def check_volume_config(d: DataConfig, head: Head) -> None:
+    """Volume rules a single key cannot express: regions need the sigmoid head."""
+    if head.name != "softmax":
+        return
+    ds = volume_dataset(d)
+    pairs = ds.overlapping()
+    if pairs:
+        shown = "; ".join(f"{a} {list(ds.class_values[a])} and {b} {list(ds.class_values[b])} share label values"
+                          for a, b in pairs[:4])
+        raise ConfigError(f"model.head: softmax gives each voxel one class, but the classes of {d.root} overlap: "
+                          f"{shown}. Nested nnU-Net regions are sigmoid classes. Fix: model.head: sigmoid "
+                          "(or data.classes listing classes that do not share label values).")
