@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from segkit import distributed as dist
 from segkit.config import Config, dump_config
-from segkit.data.dataset import SegmentationDataset, cache_budget, fit_normalization, scan, to_network
+from segkit.data.dataset import SegmentationDataset, cache_budget, to_network
 from segkit.data.source import ImageSource
 from segkit.data.io import write_bytes
-from segkit.data.splits import pair_reader, train_val_samples
+from segkit.data.training_data import training_data
 from segkit.data.transforms import eval_transform, train_transform
 from segkit.device import amp_dtype, resolve_device
 from segkit.errors import ConfigError, SegkitError, TrainingError
@@ -297,18 +297,13 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
 
     # Everything is checked before anything is written.
     _check_run_dir(out, cfg, resume)
-    reader = pair_reader(cfg.data)
-    train_samples, val_samples = train_val_samples(cfg.data, t.seed)
     d = cfg.data
-    per_image = d.normalize == "per_image"
-    budget = cache_budget(d.cache_mb) // dist.local_world_size()  # every rank on a node caches its own copy
-    train_records = scan(train_samples, reader, head, cache=d.cache, budget=budget, per_image=per_image)
-    left = budget - sum(r.cached_bytes for r in train_records)
-    val_records = scan(val_samples, reader, head, cache=d.cache, budget=max(0, left), per_image=per_image)
-    norm = fit_normalization(d.normalize, train_records, reader, d.channels, d.mean, d.std, t.seed)
+    data = training_data(cfg, head, cache_budget(d.cache_mb) // dist.local_world_size())  # a copy per rank
+    reader, train_records, val_records, norm = data.reader, data.train, data.val, data.norm
     aug = t.augment
     train_ds = SegmentationDataset(train_records, reader, head, train_transform(t.crop, aug), norm, crop=t.crop,
-                                   scale_low=aug.scale[0] if aug.scale else 1.0, color=aug.color, seed=t.seed)
+                                   scale_low=aug.scale[0] if aug.scale else 1.0, color=aug.color, seed=t.seed,
+                                   foreground=data.foreground)
     val_ds = SegmentationDataset(val_records[rank::world], reader, head, eval_transform(), norm)
 
     per_rank_batch = max(1, t.batch_size // world)
@@ -333,7 +328,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
                                  "foreground_value": d.foreground_value, "binary_threshold": d.binary_threshold,
                                  "colors": d.colors, "bands": d.bands, "nodata": d.nodata,
                                  "val_fraction": d.val_fraction, "seed": t.seed, "overlap": d.overlap,
-                                 "image_dtypes": sorted({str(r.dtype) for r in train_records})})
+                                 **data.meta})
     seg = Segmenter(model, head, meta, device, amp=t.amp)
 
     start_epoch, best, best_epoch, bad_epochs = 0, -1.0, 0, 0
@@ -362,6 +357,8 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
                  "%d loader workers", head.name, head.classes, len(train_ds), len(val_records), device,
                  f" ({dtype})" if dtype else "", steps, per_rank_batch * world, workers)
         log.info("input normalisation %s", norm.describe())
+        if data.description != "images":
+            log.info("volumes: %s", data.description)
         log.info("validation: dataset-level per-class IoU/Dice; %s", EMPTY_RULE)
     if t.sync_batchnorm and dist.active():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
