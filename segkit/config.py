@@ -198,15 +198,19 @@ def set_dotted(raw: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
 
 
+MISSING_CLASSES = ("required key is missing (a dataset of images; a volume dataset's dataset.json names them). "
+                   "Fix: add it, e.g. [background, nucleus].")
+
+
 def resolve_volumes(d: DataConfig) -> None:
     """A volume dataset's classes, channels and label encoding come from its files (dataset.json), so
     `data.root` alone is a valid data section; what the config does say must agree with them."""
+    from segkit.data.volume_norm import schemes_for
     from segkit.data.volumes import VolumeDataset, is_volume_root
 
     if not is_volume_root(d.root):
         if d.classes is None:
-            raise ConfigError("data.classes: required for a dataset of images. Fix: list the classes, e.g. "
-                              "[background, nucleus].")
+            raise ConfigError(f"data.classes: {MISSING_CLASSES}")
         return
     for key in ("bands", "colors", "foreground_value", "binary_threshold", "mean", "std", "nodata"):
         if getattr(d, key) is not None:
@@ -219,6 +223,7 @@ def resolve_volumes(d: DataConfig) -> None:
     if "channels" in d.model_fields_set and d.channels != channels:
         raise ConfigError(f"data.channels: {d.channels}, but the cases of {d.root} have {channels} channel(s) "
                           f"{ds.channel_names}. Fix: remove data.channels.")
+    schemes_for(d.normalize, ds.channel_names)
     d.classes, d.mask, d.channels = list(ds.classes), "volume", channels
 
 
@@ -227,7 +232,14 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format(err, source)) from None
+        message = _format(err, source)
+        data = raw.get("data")
+        if isinstance(data, dict) and "classes" not in data and "data.root" not in message:
+            from segkit.data.volumes import is_volume_root
+
+            if not is_volume_root(Path(data.get("root", ""))):
+                message += f"\n  data.classes: {MISSING_CLASSES}"
+        raise ConfigError(message) from None
     resolve_volumes(cfg.data)
     cfg.check()
     return cfg

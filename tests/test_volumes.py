@@ -11,9 +11,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from PIL import Image
-from scipy import ndimage
 
+import volumedata
 from conftest import DATASETS
 from segkit.data.volumes import (
     VolumeCase,
@@ -28,7 +27,6 @@ from segkit.errors import ConfigError, DataError
 NIFTI = DATASETS / "nifti-samples"
 HIPPO = NIFTI / "msd-hippocampus"
 CORD = NIFTI / "sct-spinalcord"
-ISBI = DATASETS / "isbi2012-membrane"
 HIPPO_CASES = ["hippocampus_001", "hippocampus_003", "hippocampus_004",
                "hippocampus_006", "hippocampus_007", "hippocampus_033"]
 
@@ -299,36 +297,9 @@ def test_msd_layout_with_a_4d_image(tmp_path):
 
 # --- nnU-Net region labels, from real ISBI 2012 membrane masks ------------------------------------------------
 
-def _membrane_volume(first: int, depth: int = 6) -> tuple[np.ndarray, np.ndarray]:
-    """A 64x64xdepth crop of consecutive real EM sections: the image, and labels 1 = membrane (mask 0),
-    2 = a 2-pixel ring around it (in-plane dilation), 0 = the rest of the cell interiors."""
-    images, labels = [], []
-    for z in range(first, first + depth):
-        image = np.array(Image.open(ISBI / "images" / f"{z}.png"))[200:264, 240:304]
-        membrane = np.array(Image.open(ISBI / "masks" / f"{z}.png"))[200:264, 240:304] == 0
-        ring = ndimage.binary_dilation(membrane, iterations=2) & ~membrane
-        images.append(image)
-        labels.append(np.where(membrane, 1, np.where(ring, 2, 0)).astype(np.uint8))
-    return np.stack(images, axis=-1), np.stack(labels, axis=-1)
-
-
 @pytest.fixture
 def membrane_regions(tmp_path) -> Path:
-    root = tmp_path / "Dataset901_Membrane"
-    for folder in ("imagesTr", "labelsTr"):
-        (root / folder).mkdir(parents=True)
-    affine = np.diag([0.004, 0.004, 0.05, 1.0])  # ISBI 2012: 4x4 nm pixels, 50 nm sections (in µm)
-    for name, first in (("em_a", 0), ("em_b", 6)):
-        image, label = _membrane_volume(first)
-        _save(image, affine, root / "imagesTr" / f"{name}_0000.nii.gz")
-        _save(label, affine, root / "labelsTr" / f"{name}.nii.gz")
-    _json(root / "dataset.json", {
-        "channel_names": {"0": "EM"},
-        "labels": {"background": 0, "whole": [1, 2], "core": [1]},
-        "regions_class_order": [2, 1],
-        "numTraining": 2, "file_ending": ".nii.gz",
-    })
-    return root
+    return volumedata.membrane_regions(tmp_path / "Dataset901_Membrane")
 
 
 def test_regions_nest_and_combine_back_to_the_label_map(membrane_regions):

@@ -1,0 +1,177 @@
+"""Training on slices of real NIfTI volumes: the data section from dataset.json, the split by case, one
+normalisation of a case whether its slices are cached or read from the files, foreground oversampling,
+nested regions refused by softmax and trained by sigmoid, and broken cases refused by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import volumedata
+from conftest import DATASETS, TINY, assert_refused
+from segkit.config import load_config
+from segkit.data.dataset import SegmentationDataset
+from segkit.data.training_data import training_data
+from segkit.data.transforms import eval_transform
+from segkit.errors import ConfigError
+
+HIPPO = DATASETS / "nifti-samples" / "msd-hippocampus"
+
+
+def _config(tmp_path: Path, root: Path, head: str, *extra: str) -> Path:
+    path = tmp_path / f"{head}.yaml"
+    data = "".join(f"{line}\n" for line in extra)  # more lines of the data section
+    path.write_text(f"data:\n  root: {root}\n{data}model:\n  head: {head}\n")
+    return path
+
+
+def _train(cli, config: Path, out: Path, *more):
+    return cli("train", config, "--out", out, "--epochs", "1", *TINY, *more)
+
+
+def test_data_root_alone_is_a_data_section(tmp_path):
+    cfg = load_config(_config(tmp_path, HIPPO, "softmax"))
+    assert cfg.data.classes == ["background", "anterior", "posterior"]
+    assert cfg.data.mask == "volume" and cfg.data.channels == 1
+    picked = load_config(_config(tmp_path, HIPPO, "sigmoid", "  classes: [posterior]"))
+    assert picked.head().classes == ["posterior"]
+
+
+@pytest.mark.parametrize("extra, key", [
+    ("data.channels=3", "data.channels"), ("data.bands=[1]", "data.bands"), ("data.mask=index", "data.mask"),
+    ("data.normalize=[zscore, ct]", "data.normalize"), ("data.normalize=dataset", "data.normalize"),
+    ("data.classes=[a, b, c, d]", "data.classes"),
+])
+def test_volume_config_keys_that_do_not_apply_are_refused(tmp_path, extra, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(_config(tmp_path, HIPPO, "softmax"), [extra])
+
+
+def test_split_is_by_case_and_every_slice_of_a_case_stays_with_it(tmp_path):
+    cfg = load_config(_config(tmp_path, HIPPO, "softmax"))
+    data = training_data(cfg, cfg.head(), 1 << 30)
+    train_cases, val_cases = set(data.meta["train_cases"]), set(data.meta["val_cases"])
+    assert train_cases.isdisjoint(val_cases) and len(train_cases | val_cases) == 6 and len(val_cases) == 1
+    assert {r.sample.case for r in data.train} == train_cases
+    assert {r.sample.case for r in data.val} == val_cases
+    axis = data.meta["volume"]["slice_axis"]
+    for case in train_cases | val_cases:  # every slice of the case, once
+        shape = nib.load(HIPPO / "imagesTr" / f"{case}_0000.nii.gz").shape
+        records = [r for r in data.train + data.val if r.sample.case == case]
+        assert sorted(r.sample.index for r in records) == list(range(shape[axis]))
+
+
+def _zscore_by_hand(path: Path) -> np.ndarray:
+    """nnU-Net's z-score over the nonzero region, written out with nibabel and numpy."""
+    raw = np.asanyarray(nib.load(path).dataobj).astype(np.float64)
+    inside = raw != 0
+    out = (raw - raw[inside].mean()) / raw[inside].std()
+    return np.where(inside, out, 0.0)
+
+
+def test_a_case_normalises_the_same_cached_or_read_slice_by_slice(tmp_path):
+    cfg = load_config(_config(tmp_path, HIPPO, "softmax"))
+    cached = training_data(cfg, cfg.head(), 1 << 30)
+    streamed = training_data(cfg, cfg.head(), 0)
+    assert all(r.cached is not None for r in cached.train) and all(r.cached is None for r in streamed.train)
+    axis = cached.meta["volume"]["slice_axis"]
+    case = cached.train[0].sample.case
+    expected = _zscore_by_hand(HIPPO / "imagesTr" / f"{case}_0000.nii.gz")
+    for a, b in zip(cached.train, streamed.train):
+        if a.sample.case != case:
+            continue
+        want = np.take(expected, a.sample.index, axis=axis)
+        np.testing.assert_allclose(a.cached.image[..., 0], want, atol=1e-5)
+        px = streamed.reader.read(b.sample)
+        np.testing.assert_array_equal(px.image, a.cached.image)
+        labels = np.take(np.asanyarray(nib.load(HIPPO / "labelsTr" / f"{case}.nii.gz").dataobj), a.sample.index, axis)
+        np.testing.assert_array_equal(px.labels.argmax(-1), labels)
+
+
+def test_foreground_oversampling_centres_crops_on_foreground(tmp_path):
+    cfg = load_config(_config(tmp_path, HIPPO, "softmax"))
+    head = cfg.head()
+    data = training_data(cfg, head, 1 << 30)
+    records = data.train
+
+    def with_foreground(share: float) -> float:
+        ds = SegmentationDataset(records, data.reader, head, eval_transform(), data.norm, crop=16, foreground=share)
+        hits = []
+        for i in range(0, len(records), 3):
+            target = ds[i].target.numpy()  # compact softmax target: the class index, 255 ignored
+            hits.append(np.isin(target, (1, 2)).any())
+        return float(np.mean(hits))
+
+    assert with_foreground(1.0) == 1.0  # every crop holds hippocampus (centred on it, shifted inside the slice)
+    assert with_foreground(0.0) < 0.6  # uniform 16-pixel crops of the slices often miss it
+
+
+def test_regions_refuse_softmax_naming_them_and_train_with_sigmoid(cli, tmp_path):
+    root = volumedata.membrane_regions(tmp_path / "Dataset901_Membrane",
+                                       (("em_a", 0), ("em_b", 6), ("em_c", 12)))
+    out = tmp_path / "run"
+    result = _train(cli, _config(tmp_path, root, "softmax"), out)
+    assert_refused(result, out, "whole", "core", "model.head: sigmoid")
+    result = _train(cli, _config(tmp_path, root, "sigmoid"), out)
+    assert result.code == 0, result.err
+    meta = json.loads((out / "best" / "model.json").read_text())
+    assert meta["classes"] == ["whole", "core"] and meta["head"] == "sigmoid"
+    volume = meta["data"]["volume"]
+    assert volume["slice_axis"] == 2  # the 50 nm axis, not the 4 nm ones
+    assert volume["class_values"] == {"whole": [1, 2], "core": [1]} and volume["regions_class_order"] == [2, 1]
+
+
+def test_segkit_layout_of_an_anisotropic_em_stack(cli, tmp_path):
+    """ISBI 2012's 30 consecutive sections as two volumes in segkit's layout (label value = class index)."""
+    root = tmp_path / "em"
+    for split, first in (("train", 0), ("val", 15)):
+        image, label = volumedata.membrane_volume(first, depth=15)
+        volumedata.save_nifti(image, volumedata.EM_AFFINE, root / split / "images" / "stack.nii.gz")
+        volumedata.save_nifti((label == 1).astype(np.uint8), volumedata.EM_AFFINE, root / split / "masks" / "stack.nii.gz")
+    out = tmp_path / "run"
+    result = _train(cli, _config(tmp_path, root, "softmax", "  classes: [cell, membrane]"), out)
+    assert result.code == 0, result.err
+    meta = json.loads((out / "best" / "model.json").read_text())
+    assert meta["data"]["volume"]["slice_axis"] == 2 and meta["data"]["val_cases"] == ["stack"]
+    assert_refused(_train(cli, _config(tmp_path, root, "softmax"), tmp_path / "run2"), tmp_path / "run2",
+                   "data.classes")
+
+
+@pytest.fixture
+def hippo_copy(tmp_path) -> Path:
+    return Path(shutil.copytree(HIPPO, tmp_path / "hippo"))
+
+
+def _resave(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> None:
+    image = nib.load(path)
+    nib.save(nib.Nifti1Image(array, image.affine if affine is None else affine, image.header), path)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("value", ["hippocampus_004", "[7]", "dataset.json"]),
+    ("shape", ["hippocampus_004", "voxels", "resample"]),
+    ("affine", ["hippocampus_004", "different grids"]),
+    ("channel", ["hippocampus_004", "_0000"]),
+])
+def test_broken_cases_are_refused_by_name(cli, tmp_path, hippo_copy, damage, words):
+    label = hippo_copy / "labelsTr" / "hippocampus_004.nii.gz"
+    data = np.asanyarray(nib.load(label).dataobj)
+    if damage == "value":
+        data = data.copy()
+        data[0, 0, 0] = 7
+        _resave(label, data)
+    elif damage == "shape":
+        _resave(label, data[:-1])
+    elif damage == "affine":
+        affine = nib.load(label).affine.copy()
+        affine[0, 3] += 5.0
+        _resave(label, data, affine)
+    else:
+        (hippo_copy / "imagesTr" / "hippocampus_004_0000.nii.gz").unlink()
+    out = tmp_path / "run"
+    assert_refused(_train(cli, _config(tmp_path, hippo_copy, "softmax"), out), out, *words)
