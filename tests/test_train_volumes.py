@@ -175,3 +175,35 @@ def test_broken_cases_are_refused_by_name(cli, tmp_path, hippo_copy, damage, wor
         (hippo_copy / "imagesTr" / "hippocampus_004_0000.nii.gz").unlink()
     out = tmp_path / "run"
     assert_refused(_train(cli, _config(tmp_path, hippo_copy, "softmax"), out), out, *words)
+
+
+def test_two_channels_one_ct_fit_on_the_training_foreground(tmp_path):
+    """FLAIR + CT-like channels (nnU-Net files _0000, _0001, built from real hippocampus crops): `auto` gives
+    the channel named CT the ct scheme, fitted on the training cases' foreground voxels only."""
+    root = tmp_path / "Dataset902_TwoChannels"
+    cases = ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"]
+    for case in cases:
+        image = nib.load(HIPPO / "imagesTr" / f"{case}_0000.nii.gz")
+        raw = np.asanyarray(image.dataobj).astype(np.float32)
+        volumedata.save_nifti(raw, image.affine, root / "imagesTr" / f"{case}_0000.nii.gz")
+        volumedata.save_nifti((raw * 3 - 1000).astype(np.int16), image.affine, root / "imagesTr" / f"{case}_0001.nii.gz")
+        (root / "labelsTr").mkdir(exist_ok=True)
+        shutil.copy(HIPPO / "labelsTr" / f"{case}.nii.gz", root / "labelsTr" / f"{case}.nii.gz")
+    volumedata.write_json(root / "dataset.json", {
+        "channel_names": {"0": "FLAIR", "1": "CT"}, "labels": {"background": 0, "anterior": 1, "posterior": 2},
+        "numTraining": len(cases), "file_ending": ".nii.gz"})
+    cfg = load_config(_config(tmp_path, root, "softmax"))
+    data = training_data(cfg, cfg.head(), 1 << 30)
+    zscore, ct = data.meta["volume"]["normalization"]
+    assert zscore["scheme"] == "zscore" and ct["scheme"] == "ct"
+    fg = np.concatenate([np.asanyarray(nib.load(root / "imagesTr" / f"{c}_0001.nii.gz").dataobj)[
+        np.asanyarray(nib.load(root / "labelsTr" / f"{c}.nii.gz").dataobj) > 0].astype(np.float64)
+        for c in data.meta["train_cases"]])  # every foreground voxel (fewer than the per-case sample budget)
+    assert fg.size < 100_000 * len(data.meta["train_cases"])
+    assert (ct["low"], ct["high"]) == pytest.approx(tuple(np.percentile(fg, (0.5, 99.5))))
+    assert (ct["mean"], ct["std"]) == pytest.approx((fg.mean(), fg.std()))
+    record = data.train[0]
+    raw = np.take(np.asanyarray(nib.load(root / "imagesTr" / f"{record.sample.case}_0001.nii.gz").dataobj),
+                  record.sample.index, data.meta["volume"]["slice_axis"]).astype(np.float64)
+    want = (np.clip(raw, ct["low"], ct["high"]) - ct["mean"]) / ct["std"]
+    np.testing.assert_allclose(record.cached.image[..., 1], want, rtol=1e-5, atol=1e-5)
