@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from segkit.data.readers import Raster, Window, is_raster, open_raster
+from segkit.data.readers.base import system_error
 from segkit.errors import DataError
 
 log = logging.getLogger("segkit")
@@ -134,15 +135,22 @@ def image_size(path: Path) -> tuple[int, int]:
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds, so a
+    failure (disk full, killed process) leaves the previous file as it was. A refusal by the system
+    (disk full, read-only, permission) is a DataError naming `path` and the cause."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+        os.close(fd)
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno is None:
+            raise
+        raise system_error(path, err, "write") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

@@ -7,12 +7,12 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import tifffile
-from PIL import UnidentifiedImageError
 
-from segkit.data.readers.base import Geometry, Raster, Window
+from segkit.data.readers.base import Geometry, Raster, Window, system_error
 from segkit.errors import DataError
 
 PILLOW_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -55,9 +55,10 @@ def open_raster(path: str | Path) -> Raster:
         from segkit.data.readers.pillow import PillowRaster
 
         return PillowRaster(path)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found.") from None
-    except PermissionError:
-        raise DataError(f"{path}: permission denied. Fix: make the file readable (chmod) or run as its owner.") from None
-    except (UnidentifiedImageError, tifffile.TiffFileError, ValueError, OSError, SyntaxError, IndexError) as err:
+    except OSError as err:
+        if err.errno is not None:  # the system refused (permission, missing, I/O): not the file's content
+            raise system_error(path, err) from None
         raise DataError(f"{path}: cannot read this image ({err}). Fix: replace the file or remove it.") from None
+    except (tifffile.TiffFileError, ValueError, SyntaxError, IndexError, struct.error) as err:
+        raise DataError(f"{path}: cannot read this image ({type(err).__name__}: {err}). "
+                        "Fix: replace the file or remove it.") from None

@@ -1,8 +1,11 @@
 """What every reader gives: a raster's header (size, bands, dtype, alpha, nodata, geometry) and
-windowed reads of its pixels in their stored type. Nothing here knows a file format."""
+windowed reads of its pixels in their stored type, and errors by cause (the system's, not the file's).
+Nothing here knows a file format."""
 
 from __future__ import annotations
 
+import errno
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +13,49 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from segkit.errors import DataError
+
+_CAUSES = {
+    errno.ENOENT: ("not found", "check the path (the file may have been moved or deleted meanwhile)"),
+    errno.EACCES: ("permission denied{user}", "{fix_access}"),
+    errno.EPERM: ("operation not permitted{user}", "{fix_access}"),
+    errno.EROFS: ("read-only file system", "write to a folder on a writable disk"),
+    errno.ENOSPC: ("disk full (no space left on device)", "free space on that disk, or write to another disk"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota, or write to another disk"),
+    errno.EISDIR: ("a folder, not a file", "point at a file"),
+    errno.ENOTDIR: ("a file stands where a folder is needed", "move that file away, or choose another path"),
+    errno.EEXIST: ("a file stands where a folder is needed", "move that file away, or choose another path"),
+    errno.ELOOP: ("a loop of symbolic links", "fix or remove the link"),
+    errno.ENAMETOOLONG: ("the path is too long", "use shorter folder or file names"),
+    errno.EIO: ("input/output error from the storage", "check the disk or network share, then run again"),
+}
+
+
+def system_error(path: Path, err: OSError, doing: str = "read") -> DataError:
+    """A DataError that says what the operating system said (permission, disk full, read-only, ...)
+    rather than blaming the file's content, naming the path and the fix."""
+    what, fix = _CAUSES.get(err.errno, (err.strerror or str(err), "check the file and the disk, then run again"))
+    try:
+        import pwd
+
+        user = f" for user {pwd.getpwuid(os.geteuid()).pw_name}"
+    except (ImportError, KeyError):  # Windows, or a uid without a name
+        user = ""
+    access = ("make it readable for this user (e.g. chmod a+r on the file, a+x on its folders) or run as its owner"
+              if doing == "read" else "choose a folder you may write to, or change its permissions")
+    return DataError(f"{path}: cannot {doing} it: {what.format(user=user)}. Fix: {fix.format(fix_access=access)}.")
+
+
+def probe(path: Path) -> DataError | None:
+    """Why the operating system will not let segkit read `path` (a DataError), or None when it can;
+    for readers (GDAL) whose own errors do not say whether the file or the system is at fault."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as err:
+        return system_error(path, err)
+    return None
 
 
 class Window(NamedTuple):

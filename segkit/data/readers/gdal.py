@@ -13,7 +13,7 @@ from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window as RioWindow
 
-from segkit.data.readers.base import Raster, Window
+from segkit.data.readers.base import Raster, Window, probe
 from segkit.errors import DataError
 
 _LOSSY = {"jpeg", "webp", "jpeg2000", "jxl", "lerc"}
@@ -30,8 +30,9 @@ class GdalRaster(Raster):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 self._ds = rasterio.open(path)
-        except RasterioIOError as err:
-            raise DataError(f"{path}: cannot read this raster ({err}). Fix: replace the file or remove it.") from None
+        except RasterioIOError as err:  # GDAL says the same for a refused and a damaged file: ask the system
+            raise probe(path) or DataError(f"{path}: cannot read this raster ({err}). "
+                                           "Fix: replace the file or remove it.") from None
         try:
             self._header(path)
         except BaseException:
@@ -59,8 +60,8 @@ class GdalRaster(Raster):
         try:
             arr = self._ds.read([b + 1 for b in bands], window=RioWindow(l, t, w, h))
         except RasterioIOError as err:
-            raise DataError(f"{self.path}: cannot decode window {tuple(window)} ({err}). "
-                            "Fix: replace the file (it may be truncated).") from None
+            raise probe(self.path) or DataError(f"{self.path}: cannot decode window {tuple(window)} ({err}). "
+                                                "Fix: replace the file (it may be truncated).") from None
         return arr.transpose(1, 2, 0)
 
     def close(self) -> None:

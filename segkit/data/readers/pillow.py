@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segkit.data.readers.base import Raster, Window
+from segkit.data.readers.base import Raster, Window, probe, system_error
 from segkit.errors import DataError
 
 Image.MAX_IMAGE_PIXELS = None  # aerial images are legitimately large; memory is planned for
@@ -45,8 +45,9 @@ class PillowRaster(Raster):
             import cv2
 
             arr = cv2.imread(str(self.path), cv2.IMREAD_UNCHANGED)
-            if arr is None:
-                raise DataError(f"{self.path}: cannot decode this 16-bit PNG. Fix: replace the file or remove it.")
+            if arr is None:  # OpenCV says nothing of why: a refused file, or a damaged one
+                raise probe(self.path) or DataError(f"{self.path}: cannot decode this 16-bit PNG. "
+                                                    "Fix: replace the file or remove it.")
             order = [2, 1, 0, 3][:arr.shape[2]]  # OpenCV gives BGR(A)
             return np.ascontiguousarray(arr[:, :, order])
         try:
@@ -55,7 +56,12 @@ class PillowRaster(Raster):
                 if im.mode != self._mode and not im.mode.startswith("I;16"):
                     im = im.convert(self._mode)
                 arr = np.array(im)
-        except (OSError, ValueError, SyntaxError) as err:
+        except OSError as err:
+            if err.errno is not None:  # the system refused (permission, I/O error): not the file's content
+                raise system_error(self.path, err) from None
+            raise DataError(f"{self.path}: cannot decode this image ({err}). "
+                            "Fix: replace the file (it may be truncated) or remove it.") from None
+        except (ValueError, SyntaxError) as err:
             raise DataError(f"{self.path}: cannot decode this image ({err}). "
                             "Fix: replace the file (it may be truncated) or remove it.") from None
         if arr.dtype == bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from segkit.data.readers.base import Raster, Window
+from segkit.data.readers.base import Raster, Window, system_error
 from segkit.errors import DataError
 
 _BAND_AXES = "SC"  # samples (RGB, extra samples) and channels (planes of a multiplex image)
@@ -70,6 +70,8 @@ class TiffRaster(Raster):
         try:
             arr = self._decode(window)
         except Exception as err:  # codecs raise their own types (DeflateError, LzwError, ...) on damaged data
+            if isinstance(err, OSError) and err.errno is not None:  # the system refused: not the file's content
+                raise system_error(self.path, err) from None
             raise DataError(f"{self.path}: cannot decode window {tuple(window)} ({type(err).__name__}: {err}). "
                             "Fix: replace the file (it may be truncated) or remove it.") from None
         keep = [a for a in self._axes if a in "YX" or a == self._band_axis]
