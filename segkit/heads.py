@@ -7,6 +7,7 @@ true/false positives, and which files a predicted mask becomes.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +50,55 @@ def default_colors(classes: Sequence[str]) -> list[tuple[int, int, int]]:
     return [(0, 0, 0) if name.lower() == "background" else next(bright) for name in classes]
 
 
+_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def class_name_problem(name: object) -> str | None:
+    """Why `name` cannot be a class, or None. Class names become folder names (`OUT/<class>/...`), so each
+    must be one safe path component on every system: letters, digits, `-`, `_`, `.` and inner spaces;
+    not `.`/`..`, no separator, no control or Windows-reserved character, no Windows device name."""
+    if not isinstance(name, str):
+        return f"is not text ({type(name).__name__})"
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return "is a folder's own or parent folder name"
+    bad = sorted({c for c in name if not (c.isalnum() or c in "-_. ")})
+    if bad:
+        return ("contains " + ", ".join(repr(c) for c in bad)
+                + " (a name may hold letters, digits, '-', '_', '.' and spaces)")
+    if name != name.strip() or name.endswith("."):
+        return "starts or ends with a space, or ends with '.' (Windows drops those from folder names)"
+    if name.split(".")[0].lower() in _WINDOWS_DEVICES:
+        return "is a reserved device name on Windows"
+    if len(name.encode()) > 200:
+        return "is longer than 200 bytes"
+    return None
+
+
+def check_class_names(classes: object) -> list[str]:
+    """`classes` as a list of safe, distinct names (see `class_name_problem`), else a ConfigError
+    naming the class. Every class list (config, checkpoint model.json, dataset.json) passes here."""
+    where = "data.classes (or `classes` in a checkpoint's model.json, `labels` in a dataset.json)"
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
+        raise ConfigError(f"{where}: {classes!r} is not a list of class names. Fix: e.g. [background, nucleus].")
+    for name in classes:
+        problem = class_name_problem(name)
+        if problem:
+            safe = re.sub(r"[^\w\-. ]+", "_", str(name)).strip(" ._") or "class1"
+            safe = safe if class_name_problem(safe) is None else f"class_{safe[:50]}"
+            raise ConfigError(f"{where}: the class name {name!r} {problem}; class names become output folder "
+                              f"names. Fix: rename the class, e.g. to {safe!r}.")
+    folded: dict[str, str] = {}
+    for name in classes:
+        if name.casefold() in folded and folded[name.casefold()] != name:
+            raise ConfigError(f"{where}: the class names {folded[name.casefold()]!r} and {name!r} differ only in "
+                              "case and would share one output folder on Windows and macOS. "
+                              "Fix: rename one of them.")
+        folded[name.casefold()] = name
+    return list(classes)
+
+
 class Head(ABC):
     """Interface shared by both heads. `classes` are the output channels' names in order."""
 
@@ -63,6 +113,7 @@ class Head(ABC):
         colors: Sequence[Sequence[int]] | None = None,
         thresholds: float | Sequence[float] | None = None,
     ) -> None:
+        classes = check_class_names(classes)
         if len(set(classes)) != len(classes):
             raise ConfigError(f"data.classes: {list(classes)} repeats a name. Fix: give every class a unique name.")
         self.classes = list(classes)

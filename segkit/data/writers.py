@@ -16,20 +16,47 @@ import numpy as np
 
 from segkit.data.io import write_bytes, write_json, write_png
 from segkit.data.readers import Geometry
+from segkit.data.readers.base import system_error
+from segkit.errors import SegkitError
 from segkit.heads import Head, MaskLayer
 
 NODATA_INDEX = 255
 """No-data of uint8 GeoTIFF masks: never a class index below 255, never a binary value (0/1)."""
 
 
+def _escapes(rel: Path) -> bool:
+    return rel.is_absolute() or ".." in rel.parts
+
+
+def _refuse(path: Path, out_dir: Path | None, rel: Path) -> SegkitError:
+    where = f"the output folder {out_dir}" if out_dir is not None else "the output folder"
+    return SegkitError(f"{path}: this output would be written outside {where} (from the image {rel} and the "
+                       "model's class names); nothing is written there. Fix: class names and input paths must be "
+                       "plain names (check `classes` in the checkpoint's model.json), and the output folder must "
+                       "not hold links to folders elsewhere.")
+
+
+def output_path(out_dir: Path, rel: Path) -> Path:
+    """`out_dir / rel`, refused unless it resolves below `out_dir` (links followed): class names and
+    input paths choose output paths, and no crafted one may write elsewhere."""
+    path = out_dir / rel
+    if _escapes(rel) or out_dir.resolve() not in path.resolve().parents:
+        raise _refuse(path, out_dir, rel)
+    return path
+
+
 def output_files(head: Head, rel: Path, geometry: Geometry | None, probs: bool, vectorize: bool) -> list[Path]:
-    """Every file a prediction of `rel` writes, relative to the output folder."""
+    """Every file a prediction of `rel` writes, relative to the output folder; a path that would leave
+    the output folder is refused here, before anything is written."""
     suffix = ".tif" if geometry is not None and geometry.georeferenced else ".png"
     files = [p.with_suffix(suffix) for p in head.file_names(rel)]
     if probs:
         files.append(rel.with_name(rel.stem + "_probs.tif") if suffix == ".tif" else rel.with_suffix(".npy"))
     if vectorize:
         files.append(rel.with_suffix(".geojson"))
+    for path in files:
+        if _escapes(path):
+            raise _refuse(path, None, rel)
     return files
 
 
@@ -69,13 +96,16 @@ class PngWriter(MaskWriter):
 
     def close(self) -> None:
         assert self.mask is not None
-        for layer in self.head.mask_layers(self.mask, self.rel):
+        layers = self.head.mask_layers(self.mask, self.rel)
+        targets = [output_path(self.out_dir, layer.path.with_suffix(".png")) for layer in layers]  # all checked first
+        probs = output_path(self.out_dir, self.rel.with_suffix(".npy")) if self.prob is not None else None
+        for layer, target in zip(layers, targets):
             arr = layer.array.astype(np.uint8) * 255 if layer.binary else layer.array
-            write_png(self.out_dir / layer.path.with_suffix(".png"), arr, layer.palette)
-        if self.prob is not None:
+            write_png(target, arr, layer.palette)
+        if probs is not None:
             buf = io.BytesIO()
             np.save(buf, self.prob)
-            write_bytes(self.out_dir / self.rel.with_suffix(".npy"), buf.getvalue())
+            write_bytes(probs, buf.getvalue())
 
 
 class GeoTiffWriter(MaskWriter):
@@ -105,24 +135,30 @@ class GeoTiffWriter(MaskWriter):
         for layer in self.layers:
             dtype = "uint8" if layer.binary or self.head.channels < NODATA_INDEX else "uint16"
             nodata = NODATA_INDEX if dtype == "uint8" else 65535
-            ds = self._open(self.out_dir / layer.path.with_suffix(".tif"),
+            ds = self._open(output_path(self.out_dir, layer.path.with_suffix(".tif")),
                             {**profile, "count": 1, "dtype": dtype, "nodata": nodata})
             if layer.palette is not None and dtype == "uint8":
                 pal = np.array(layer.palette, np.uint8).reshape(-1, 3)
                 ds.write_colormap(1, {i: (*map(int, pal[i]), 255) for i in range(len(pal))})
         if self.probs:
-            self._open(self.out_dir / self.rel.with_name(self.rel.stem + "_probs.tif"),
+            self._open(output_path(self.out_dir, self.rel.with_name(self.rel.stem + "_probs.tif")),
                        {**profile, "count": self.head.channels, "dtype": "float32", "nodata": float("nan"),
                         "predictor": 3})
 
     def _open(self, final: Path, profile: dict):
         import rasterio
 
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tif")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tif")
+        except OSError as err:
+            raise system_error(final, err, "write") from None
         os.close(fd)
         try:
             ds = rasterio.open(tmp, "w", **profile)
+        except rasterio.errors.RasterioError as err:
+            os.unlink(tmp)
+            raise _write_failed(final, err) from None
         except BaseException:
             os.unlink(tmp)
             raise
@@ -147,23 +183,37 @@ class GeoTiffWriter(MaskWriter):
 
     def close(self) -> None:
         """Finish every file, polygons included, under temporary names; then move them all into place."""
+        import rasterio
+
         try:
-            for _, _, ds in self.files:
-                ds.close()
+            for final, _, ds in self.files:
+                try:
+                    ds.close()  # GDAL writes its last blocks here: a full disk shows now
+                except rasterio.errors.RasterioError as err:
+                    raise _write_failed(final, err) from None
             if self.vectorize:
                 masks = [(tmp, layer) for (_, tmp, _), layer in zip(self.files, self.layers)]
-                write_json(self.out_dir / self.rel.with_suffix(".geojson"), polygons(masks, self.geometry))
+                write_json(output_path(self.out_dir, self.rel.with_suffix(".geojson")), polygons(masks, self.geometry))
         except BaseException:
             self.abort()
             raise
         for final, tmp, _ in self.files:
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError as err:
+                raise system_error(final, err, "write") from None
 
     def abort(self) -> None:
         for _, tmp, ds in self.files:
             if not ds.closed:
                 ds.close()
             tmp.unlink(missing_ok=True)
+
+
+def _write_failed(path: Path, err: Exception) -> SegkitError:
+    """GDAL's write errors do not carry an errno: name the file, GDAL's words, and the usual causes."""
+    return SegkitError(f"{path}: cannot write it ({err}). Fix: check free space and write permission "
+                       "in the output folder; the previous file, if any, is unchanged.")
 
 
 def writer_for(head: Head, rel: Path, out_dir: Path, geometry: Geometry, probs: bool,
