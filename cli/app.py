@@ -27,18 +27,35 @@ def setup_logging() -> None:
     logging.getLogger("segkit").setLevel(logging.INFO)
 
 
+NPROC_COMMANDS = ("train", "predict")
+"""Commands that can run as several processes; any other would run N full copies of itself."""
+
+
 def _pop_nproc(args: list[str]) -> tuple[int, list[str]]:
-    """Take `--nproc K` (or `--nproc=K`) out of the arguments."""
-    rest, nproc, i = [], 1, 0
+    """Take `--nproc K` (or `--nproc=K`) out of the arguments of train/predict; a SegkitError for
+    any other command, a missing or non-integer value, or K < 1 (never silently one process)."""
+    rest, nproc, i = [], None, 0
     while i < len(args):
-        if args[i] == "--nproc" and i + 1 < len(args):
-            nproc, i = int(args[i + 1]), i + 2
+        if args[i] == "--nproc" or args[i].startswith("--nproc="):
+            value = args[i].split("=", 1)[1] if "=" in args[i] else (args[i + 1] if i + 1 < len(args) else "")
+            i += 1 if "=" in args[i] else 2
+            try:
+                nproc = int(value)
+            except ValueError:
+                raise SegkitError(f"--nproc {value!r}: not a whole number. "
+                                  "Fix: give the number of processes, e.g. --nproc 2.") from None
             continue
-        if args[i].startswith("--nproc="):
-            nproc = int(args[i].split("=", 1)[1])
-        else:
-            rest.append(args[i])
+        rest.append(args[i])
         i += 1
+    if nproc is None:
+        return 1, rest
+    command = next((a for a in rest if not a.startswith("-")), None)
+    if command not in NPROC_COMMANDS:
+        raise SegkitError(f"--nproc: only {' and '.join(NPROC_COMMANDS)} run several processes "
+                          f"('{command or ''}' would run {nproc} full copies of itself). Fix: leave out --nproc.")
+    if nproc < 1:
+        raise SegkitError(f"--nproc {nproc}: needs at least 1 process. "
+                          "Fix: --nproc 1 (the default) or more, e.g. --nproc 2.")
     return nproc, rest
 
 
@@ -63,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         nproc, args = _pop_nproc(args)
-    except ValueError:
-        typer.echo("error: --nproc takes a whole number of processes, e.g. --nproc 2", err=True)
+    except SegkitError as err:
+        typer.echo(f"error: {err}", err=True)
         sys.exit(2)
     if nproc > 1 and not distributed.launched():
         sys.exit(launch(nproc, args))
