@@ -397,7 +397,8 @@ def write_report(summary: dict, runs: list[Run], out: Path, degenerate: dict | N
         lines.append(f"| {head} | " + " | ".join(_pm(r["per_class_dice"][c]) if c in r["per_class_dice"] else "-"
                                                  for c in names) + " |")
     for head, sig in _thresholded(summary):
-        lines += ["", f"{head} thresholds (best on validation, Dice from 0.05 to 0.95 in {head}_thresholds.png):", "",
+        figure = Path(figs[f"thresholds_{head}"]).name
+        lines += ["", f"{head} thresholds (best on validation, Dice from 0.05 to 0.95 in {figure}):", "",
                   "| class | best threshold | Dice there | Dice at 0.5 |", "|---|---|---|---|"]
         for c, t in sig["best_thresholds"].items():
             lines.append(f"| {c} | {t['threshold']:.2f} | {t['dice']:.4f} | {t['dice_at_0.5']:.4f} |")
