@@ -6,6 +6,7 @@ Loading a checkpoint reads tensors and JSON only; it never unpickles anything.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from segkit.data.io import write_bytes
 from segkit.data.normalize import Normalization
 from segkit.errors import ConfigError, SegkitError
 from segkit.heads import Head, head_from_metadata
+
+log = logging.getLogger("segkit")
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
@@ -36,19 +39,89 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+ALLOWED_EXTRA = ("fc.", "classifier.", "last_linear.", "head.")
+"""Classifier layers of ImageNet checkpoints (torchvision/timm `fc.`, `classifier.`, `head.`, Cadene's
+`last_linear.`): a segmentation encoder has none, so they are left out of its weights (logged)."""
+
+
+def _examples(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _first_conv(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """An RGB first-convolution weight (O, 3, k, k) for `channels` inputs, as smp adapts its own
+    pretrained weights: summed over RGB for 1 band, else RGB repeated cyclically and scaled by 3/channels."""
+    if channels == 1:
+        return weight.sum(1, keepdim=True)
+    index = torch.arange(channels) % weight.shape[1]
+    return weight[:, index] * (weight.shape[1] / channels)
+
+
 def load_encoder_weights(model: nn.Module, path: Path) -> None:
-    """Load a local encoder state dict (safetensors, or a tensors-only .pth) into `model.encoder`."""
+    """Load a local encoder state dict (safetensors, or a tensors-only .pth) into `model.encoder`.
+
+    Every encoder tensor must come from the file, with its shape, and every tensor of the file must
+    be the encoder's: partly matching weights would train from a silently half-random encoder.
+    Allowed, and logged: an ImageNet classifier (ALLOWED_EXTRA), BatchNorm counters missing from old
+    checkpoints, the decoder of a full smp/segkit model (its `encoder.` tensors are used), and an RGB
+    first convolution when the model takes another number of channels (adapted as smp does).
+    """
     if not path.is_file():
         raise ConfigError(f"model.encoder_weights: {path} not found. Fix: give an existing weights file or null.")
     try:
         state = _read_state(path)
-    except (OSError, RuntimeError, SafetensorError) as err:
-        raise ConfigError(f"model.encoder_weights: cannot read {path} ({err}).") from None
-    state = {k.removeprefix("encoder."): v for k, v in state.items()}
-    missing, unexpected = model.encoder.load_state_dict(state, strict=False)
-    if len(missing) == len(model.encoder.state_dict()):
-        raise ConfigError(f"model.encoder_weights: {path} holds no weight of this encoder "
-                          f"(e.g. unexpected key {next(iter(unexpected), '?')}). Fix: use weights of model.encoder.")
+    except Exception as err:  # torch/safetensors raise many types on a damaged or crafted file; none runs code
+        raise ConfigError(f"model.encoder_weights: cannot read {path}: not a safetensors file or a tensors-only "
+                          f"PyTorch file, or damaged ({type(err).__name__}; nothing in it was run). "
+                          "Fix: give a .safetensors file, or a .pth holding tensors only.") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # timm / DeiT-style training checkpoints
+    tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    if not tensors:
+        raise ConfigError(f"model.encoder_weights: {path} holds no named tensors. "
+                          "Fix: give an encoder state dict (.safetensors, or a .pth of tensors).")
+    if all(k.startswith("module.") for k in tensors):  # saved from a DDP-wrapped model
+        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    notes = []
+    if any(k.startswith("encoder.") for k in tensors):  # a whole smp/segkit model: its encoder part
+        rest = len([k for k in tensors if not k.startswith("encoder.")])
+        tensors = {k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")}
+        if rest:
+            notes.append(f"{rest} decoder/head tensors of a whole model not used")
+    own = model.encoder.state_dict()
+    missing = [k for k in own if k not in tensors]
+    counters = [k for k in missing if k.endswith("num_batches_tracked")]
+    missing = [k for k in missing if k not in counters]
+    extra = [k for k in tensors if k not in own]
+    classifier = [k for k in extra if k.startswith(ALLOWED_EXTRA)]
+    extra = [k for k in extra if k not in classifier]
+    first = next((k for k, v in own.items() if v.ndim == 4), None)
+    wrong = [k for k in tensors if k in own and tensors[k].shape != own[k].shape]
+    if first in wrong and tensors[first].ndim == 4 and tensors[first].shape[0] == own[first].shape[0] \
+            and tensors[first].shape[2:] == own[first].shape[2:]:
+        notes.append(f"first convolution {first} adapted from {tensors[first].shape[1]} to "
+                     f"{own[first].shape[1]} input channels")
+        tensors[first] = _first_conv(tensors[first], own[first].shape[1])
+        wrong.remove(first)
+    if missing or extra or wrong:
+        shapes = ", ".join(f"{k} {tuple(tensors[k].shape)} in the file, {tuple(own[k].shape)} in the encoder"
+                           for k in wrong[:3])
+        parts = [f"{len(missing)} tensor(s) of the encoder are missing from the file (e.g. {_examples(missing)})"
+                 if missing else "",
+                 f"{len(extra)} tensor(s) of the file are not in the encoder (e.g. {_examples(extra)})"
+                 if extra else "",
+                 f"{len(wrong)} tensor(s) have another shape (e.g. {shapes})" if wrong else ""]
+        raise ConfigError(f"model.encoder_weights: {path} does not fit the encoder of this model: "
+                          + "; ".join(p for p in parts if p) + ". Fix: use weights saved from the encoder that "
+                          "model.encoder names (same architecture and size), or set model.encoder to the one "
+                          "these weights belong to.")
+    if classifier:
+        notes.append(f"{len(classifier)} classifier tensor(s) left out ({_examples(classifier)})")
+    if counters:
+        notes.append(f"{len(counters)} BatchNorm counter(s) not in the file (they are not weights)")
+    model.encoder.load_state_dict({**own, **{k: v for k, v in tensors.items() if k in own}}, strict=True)
+    log.info("model.encoder_weights: %d tensors loaded from %s%s", len(own) - len(counters), path,
+             "".join(f"; {n}" for n in notes))
 
 
 def build_model(arch: str, encoder: str, channels: int, in_channels: int = 3,
