@@ -35,18 +35,59 @@ def load_segmenter(checkpoint: Path, device: str, batch_size: int, tile: int, ov
     return seg
 
 
+def is_volume_model(seg) -> bool:
+    """Whether the checkpoint was trained on volume slices (its model.json has data.volume)."""
+    from segkit.data.volume_spec import VolumeSpec
+
+    return VolumeSpec.from_meta(seg.meta) is not None
+
+
+def refuse_volumes(input_dir: Path) -> None:
+    """A 2-D model given NIfTI volumes: say so, instead of finding 'no images'."""
+    from segkit.data.volumes import is_volume_folder
+    from segkit.errors import SegkitError
+
+    if is_volume_folder(input_dir):
+        raise SegkitError(f"{input_dir}: NIfTI volumes, but this checkpoint was trained on 2-D images (its "
+                          "model.json has no data.volume). Fix: train on the volume dataset (data.root: its folder "
+                          "with dataset.json) and predict with that checkpoint.")
+
+
+def predict_volumes(seg, input_dir: Path, output_dir: Path, save_probs: bool, vectorize: bool, overwrite: bool,
+                    progress: bool) -> None:
+    """The volume path of `predict`: NIfTI cases in, NIfTI masks out; a failed case makes the exit code 1."""
+    from segkit import distributed
+    from segkit.errors import SegkitError
+    from segkit.infer_volumes import predict_volume_folder
+
+    if vectorize:
+        raise SegkitError("--vectorize: polygons are for georeferenced 2-D rasters; this checkpoint predicts NIfTI "
+                          "volumes. Fix: leave out --vectorize.")
+    summary = predict_volume_folder(seg, input_dir, output_dir, probs=save_probs, overwrite=overwrite,
+                                    progress=progress and distributed.rank() == 0)
+    for _, reason in summary.failed:
+        typer.echo(f"failed: {reason}", err=True)
+    if distributed.rank() == 0:
+        typer.echo(f"{summary.volumes} volumes ({summary.slices} slices) in {summary.seconds:.1f} s "
+                   f"({summary.seconds_per_volume:.2f} s/volume), {len(summary.failed)} failed; masks in {output_dir}")
+    if summary.failed:
+        raise typer.Exit(1)
+
+
 @app.command()
 def predict(
     checkpoint: Checkpoint,
-    input_dir: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    input_dir: Annotated[Path, typer.Argument(help="Folder of images (searched recursively), or of NIfTI volumes "
+                                                   "for a model trained on volume slices (nnU-Net: imagesTs/).")],
     output_dir: Annotated[Path, typer.Argument(help="Where masks go, mirroring the input tree.")],
     batch_size: BatchSize = 4,
     workers: Workers = 2,
     tile: Tile = 1024,
     overlap: Overlap = 128,
     tta: Tta = False,
-    save_probs: Annotated[bool, typer.Option("--save-probs", help="Also write probabilities: float16 .npy, or a "
-                                             "float32 GeoTIFF <stem>_probs.tif for georeferenced inputs.")] = False,
+    save_probs: Annotated[bool, typer.Option("--save-probs", help="Also write probabilities: float16 .npy, a "
+                                             "float32 GeoTIFF <stem>_probs.tif for georeferenced inputs, or "
+                                             "<case>_probs.nii.gz (X, Y, Z, class) for volumes.")] = False,
     vectorize: Annotated[bool, typer.Option("--vectorize", help="Georeferenced inputs: also write polygons per "
                                             "class as GeoJSON (<stem>.geojson) in the image's CRS.")] = False,
     threshold: Threshold = None,
@@ -56,12 +97,17 @@ def predict(
     nproc: Annotated[int, typer.Option(help="Processes to launch with torchrun (DDP / file shards).")] = 1,
 ) -> None:
     """Masks for every image in a folder: index masks (softmax) or one binary mask per class (sigmoid);
-    PNG for plain images, GeoTIFF on the input's grid for georeferenced rasters."""
+    PNG for plain images, GeoTIFF on the input's grid for georeferenced rasters, NIfTI on the input's grid
+    for volumes (<case>.nii.gz label map, or <class>/<case>.nii.gz per sigmoid class)."""
     from segkit import distributed
     from segkit.device import resolve_device
 
     rank_device = distributed.device_for_rank(resolve_device(device))  # under torchrun: this rank's own GPU
     seg = load_segmenter(checkpoint, str(rank_device), batch_size, tile, overlap, tta, threshold)
+    if is_volume_model(seg):
+        predict_volumes(seg, input_dir, output_dir, save_probs, vectorize, overwrite, progress)
+        return
+    refuse_volumes(input_dir)
     summary = seg.predict_folder(input_dir, output_dir, probs=save_probs, overwrite=overwrite, workers=workers,
                                  progress=progress and distributed.rank() == 0, vectorize=vectorize)
     for path, reason in summary.failed:

@@ -1,0 +1,291 @@
+"""Prediction on 3-D volumes with a model trained on their 2-D slices.
+
+A case is normalised with parameters of the whole volume (`VolumeNormalization.case_params`, as training
+computes them), cut into slices along the model's slice axis, predicted `batch_size` slices per forward pass
+and put back at the input's exact shape. Working memory is the raw volume, the outputs and one batch of
+normalised slices with its activations: the volume is never converted to float as a whole.
+
+Outputs are NIfTI files on the input's grid (its header copied, so its affine, qform/sform and their codes),
+so they overlay the image in a viewer (3D Slicer, ITK-SNAP):
+  softmax  OUT/<case>.nii.gz: label values (each class writes its first dataset label value), uint8/uint16
+  sigmoid  OUT/<class>/<case>.nii.gz: 0/1 uint8 per class; region models (nnU-Net `regions_class_order`) also
+           OUT/<case>.nii.gz, the regions painted into one label map by nnU-Net's rule
+  probs    OUT/<case>_probs.nii.gz: (X, Y, Z, K) probabilities, one volume per class along the 4th axis.
+           NIfTI-1 has no 16-bit float type, so the float16 probabilities are stored as float32 (same values).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from segkit import distributed as dist
+from segkit.data.io import atomic_path
+from segkit.data.volume_spec import VolumeSpec
+from segkit.data.volumes import NIFTI_ENDINGS, Volume, VolumeCase, combine_regions, folder_cases, is_volume_folder
+from segkit.errors import DataError, SegkitError
+from segkit.infer import Prediction, Segmenter
+
+log = logging.getLogger("segkit")
+
+OUT_ENDING = ".nii.gz"
+
+
+@dataclass
+class VolumePrediction:
+    """One case's result on its voxel grid (X, Y, Z).
+
+    labels: softmax -> label values; sigmoid region models -> the regions combined by `regions_class_order`;
+            otherwise None.
+    masks: sigmoid -> (K, X, Y, Z) bool, one per class; softmax -> None.
+    probs: (K, X, Y, Z) float16 probabilities when asked for.
+    """
+
+    labels: np.ndarray | None
+    masks: np.ndarray | None
+    probs: np.ndarray | None = None
+
+
+def volume_spec(seg: Segmenter) -> VolumeSpec:
+    """The checkpoint's volume section; a SegkitError for a model trained on 2-D images."""
+    spec = VolumeSpec.from_meta(seg.meta)
+    if spec is None:
+        raise SegkitError("this checkpoint was trained on 2-D images (its model.json has no data.volume), so it "
+                          "cannot predict NIfTI volumes. Fix: train on the volume dataset (data.root: its folder) "
+                          "and predict with that checkpoint.")
+    if list(spec.class_values) != seg.classes:
+        raise SegkitError(f"model.json: data.volume names the classes {list(spec.class_values)} but the head has "
+                          f"{seg.classes}. Fix: use the model.json written with the checkpoint.")
+    return spec
+
+
+def check_channels(volume: Volume, spec: VolumeSpec) -> None:
+    if volume.channels != len(spec.channel_names):
+        raise DataError(f"case {volume.case}: {volume.channels} channel(s) in {[str(p) for p in volume.paths]}, but "
+                        f"the model was trained on {len(spec.channel_names)} ({list(spec.channel_names)}). Fix: give "
+                        "the case the channels of the training data, in the same order"
+                        + (" (<case>_0000, <case>_0001, ...)." if spec.channel_files else "."))
+
+
+def label_dtype(values: Sequence[int]) -> np.dtype:
+    """The smallest unsigned type that holds every label value (uint8 for up to 255)."""
+    return np.dtype(np.min_scalar_type(max(int(v) for v in values)))
+
+
+def normalised_slices(spec: VolumeSpec, data: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(index of the first slice, (b, h, w, C) float32 network inputs) of a case's raw (X, Y, Z, C) voxels, a
+    batch at a time. Slice k is `np.take(data, k, slice_axis)`, as training cuts it, and the case's parameters
+    come from the whole volume, so each slice is the input training saw."""
+    params = spec.normalization.case_params(data)
+    stack = np.moveaxis(data, spec.slice_axis, 0)  # a view
+    for start in range(0, stack.shape[0], batch_size):
+        yield start, spec.normalization.apply(stack[start:start + batch_size], params)
+
+
+def _predict_slices(seg: Segmenter, batch: np.ndarray, probs: bool) -> list[Prediction]:
+    """One forward pass for slices that fit the tile; larger slices go through windows one by one."""
+    if seg.fits(batch[0]):
+        return seg.predict_batch(list(batch), probs)
+    return [seg.predict(image, probs) for image in batch]
+
+
+def predict_volume(seg: Segmenter, volume: Volume, probs: bool = False) -> VolumePrediction:
+    """Masks (and probabilities) of one case at its own shape; see VolumePrediction."""
+    spec = volume_spec(seg)
+    check_channels(volume, spec)
+    head, axis, shape = seg.head, spec.slice_axis, volume.shape
+    sigmoid = head.name == "sigmoid"
+    masks = labels = prob = None
+    if sigmoid:
+        masks = np.empty((head.channels, *shape), bool)
+        mask_stack = np.moveaxis(masks, axis + 1, 1)
+    else:
+        values = spec.index_values()
+        labels = np.empty(shape, label_dtype(values))
+        lut, label_stack = values.astype(labels.dtype), np.moveaxis(labels, axis, 0)
+    if probs:
+        prob = np.empty((head.channels, *shape), np.float16)
+        prob_stack = np.moveaxis(prob, axis + 1, 1)
+    for start, batch in normalised_slices(spec, volume.data, seg.batch_size):
+        for k, pred in enumerate(_predict_slices(seg, batch, probs), start):
+            if sigmoid:
+                mask_stack[:, k] = pred.mask
+            else:
+                label_stack[k] = lut[pred.mask]
+            if probs:
+                prob_stack[:, k] = pred.probs
+    if sigmoid and spec.regions_class_order is not None:
+        labels = combine_regions(masks, spec.class_values, spec.regions_class_order)
+    return VolumePrediction(labels, masks, prob)
+
+
+def output_files(seg: Segmenter, spec: VolumeSpec, case: str, probs: bool) -> list[Path]:
+    """The files (relative to OUT) one case writes, in the order `write_prediction` writes them."""
+    if seg.head.name == "sigmoid":
+        files = [Path(name) / (case + OUT_ENDING) for name in seg.classes]
+        if spec.regions_class_order is not None:
+            files.append(Path(case + OUT_ENDING))
+    else:
+        files = [Path(case + OUT_ENDING)]
+    return files + ([Path(f"{case}_probs{OUT_ENDING}")] if probs else [])
+
+
+def _arrays(pred: VolumePrediction) -> list[np.ndarray]:
+    """The arrays of `output_files`, in its order: per-class 0/1 volumes, label map, (X, Y, Z, K) probs."""
+    arrays = [mask.view(np.uint8) for mask in pred.masks] if pred.masks is not None else []
+    if pred.labels is not None:
+        arrays.append(pred.labels)
+    if pred.probs is not None:
+        arrays.append(np.moveaxis(pred.probs, 0, -1))
+    return arrays
+
+
+def save_nifti(array: np.ndarray, reference: Volume, path: Path) -> None:
+    """`array` on `reference`'s grid, written atomically as .nii.gz. The header is the reference's own (so the
+    affine, qform/sform and their codes are exactly the input's), with the array's type (float16 as float32,
+    which NIfTI-1 has) and no intensity scaling, so the values are stored as they are; the display window
+    (cal_min/cal_max) of the image is dropped, since it would hide small label values in a viewer."""
+    header = reference.header.copy()
+    header.set_data_dtype(np.float32 if array.dtype == np.float16 else array.dtype)
+    header.set_slope_inter(1, 0)
+    header["cal_min"] = header["cal_max"] = 0
+    kind = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    image = kind(array, None, header)  # no affine: the header's qform and sform stay as they are
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", compresslevel=1, fileobj=raw, mtime=0) as stream:
+        image.to_stream(stream)
+
+
+def write_prediction(volume: Volume, pred: VolumePrediction, files: Sequence[Path], output_dir: Path) -> None:
+    """Each output of one case (`output_files`) on the case's grid."""
+    arrays = _arrays(pred)
+    if len(arrays) != len(files):
+        raise ValueError(f"{len(arrays)} arrays for {len(files)} files")
+    for array, rel in zip(arrays, files):
+        save_nifti(array, volume, output_dir / rel)
+
+
+@dataclass
+class VolumeJob:
+    """A case to predict, the files it will write, and why it cannot be read (reported when its turn comes)."""
+
+    case: VolumeCase
+    files: list[Path]
+    unreadable: str | None = None
+
+
+@dataclass
+class VolumeSummary:
+    """What a folder prediction did: volumes and slices predicted, cases that failed (case, reason), time."""
+
+    volumes: int = 0
+    slices: int = 0
+    seconds: float = 0.0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def seconds_per_volume(self) -> float:
+        return self.seconds / self.volumes if self.volumes else 0.0
+
+
+def _input_problem(input_dir: Path) -> str | None:
+    if not input_dir.is_dir():
+        return f"{input_dir}: input folder not found."
+    if is_volume_folder(input_dir):
+        return None
+    hint = next((f" ({input_dir / d} holds them?)" for d in ("imagesTs", "imagesTr") if (input_dir / d).is_dir()), "")
+    return (f"{input_dir}: no NIfTI volumes ({', '.join(NIFTI_ENDINGS)}), and this checkpoint was trained on volume "
+            f"slices, so it predicts volumes. Fix: point to the folder of the cases' images{hint} (nnU-Net: "
+            "imagesTs/ with <case>_0000.nii.gz ...), or use a checkpoint trained on 2-D images.")
+
+
+def plan_volumes(seg: Segmenter, spec: VolumeSpec, input_dir: Path, output_dir: Path, probs: bool,
+                 overwrite: bool) -> list[VolumeJob]:
+    """The cases of `input_dir` and the files each will write, checked before anything is written: every case
+    complete and fitting the model (from the headers), every output a distinct file inside `output_dir`, none
+    an input, none existing unless `overwrite`."""
+    problem = _input_problem(input_dir)
+    if problem:
+        raise DataError(problem)
+    inp, out = input_dir.resolve(), output_dir.resolve()
+    if out == inp or inp in out.parents:
+        raise SegkitError(f"{output_dir}: the output folder is inside the input folder {input_dir}; predictions "
+                          "would mix with (and be read as) images. Fix: choose an output folder outside it.")
+    cases = folder_cases(input_dir, spec.channel_names, spec.channel_files)  # a missing channel file: refused here
+    inputs = {p.resolve() for case in cases for p in case.images}
+    jobs, misfits, owner = [], [], {}
+    for case in cases:
+        job = VolumeJob(case, output_files(seg, spec, case.name, probs))
+        try:
+            check_channels(Volume(case.name, case.images), spec)
+        except DataError as err:
+            if err.__cause__ is None:  # readable, but not a case of this model (channels, dimensions, grids)
+                misfits.append(str(err))
+            else:  # unreadable: reported and skipped in its turn, the other cases go on
+                job.unreadable = str(err)
+        for rel in job.files:
+            target = (output_dir / rel).resolve()
+            if out not in target.parents or target in inputs:
+                raise SegkitError(f"case {case.name}: its output {rel} would be written at {target}, "
+                                  f"{'over an input' if target in inputs else f'outside {output_dir}'}. "
+                                  "Fix: choose another output folder, or rename the case or class.")
+            if rel in owner:
+                raise SegkitError(f"cases {owner[rel]} and {case.name} would both write {output_dir / rel}. "
+                                  "Fix: rename one of them.")
+            owner[rel] = case.name
+        jobs.append(job)
+    if misfits:
+        more = f"\n  ... and {len(misfits) - 5} more" if len(misfits) > 5 else ""
+        raise DataError(f"{len(misfits)} of {len(cases)} cases do not fit the model:\n  " + "\n  ".join(misfits[:5])
+                        + more)
+    folders = {rel.parent for rel in owner if rel.parent != Path(".")}
+    clash = sorted(str(rel) for rel in owner if rel in folders)
+    if clash:
+        raise SegkitError(f"{output_dir / clash[0]}: a case's file and a class folder would have the same name. "
+                          "Fix: rename the case.")
+    if not overwrite:
+        existing = [output_dir / rel for rel in owner if (output_dir / rel).exists()]
+        if existing:
+            raise SegkitError(f"{output_dir}: {len(existing)} outputs exist already (e.g. {existing[0]}). "
+                              "Fix: --overwrite to replace them, or choose another output folder.")
+    return jobs
+
+
+def predict_volume_folder(seg: Segmenter, input_dir: str | Path, output_dir: str | Path, probs: bool = False,
+                          overwrite: bool = False, progress: bool = False) -> VolumeSummary:
+    """Masks of every case in `input_dir` (nnU-Net cases `<case>_0000.nii.gz, ...` grouped when the model was
+    trained on such a dataset) written under `output_dir` (see the module docstring). A case whose files cannot
+    be read is reported and skipped; the others are written. Under torchrun each rank takes a share of the cases."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    spec = volume_spec(seg)
+    jobs = plan_volumes(seg, spec, input_dir, output_dir, probs, overwrite)
+    dist.barrier()  # every rank has checked for existing outputs before any rank writes
+    summary = VolumeSummary()
+    began = time.perf_counter()
+    for job in tqdm(jobs[dist.rank()::dist.world_size()], desc="predict", unit="volume", disable=not progress,
+                    dynamic_ncols=True):
+        try:
+            if job.unreadable:
+                raise DataError(job.unreadable)
+            volume = Volume(job.case.name, job.case.images)
+            pred = predict_volume(seg, volume, probs)
+        except DataError as err:
+            log.error("skipped %s", err)
+            summary.failed.append((job.case.name, str(err)))
+            continue
+        write_prediction(volume, pred, job.files, output_dir)
+        summary.volumes += 1
+        summary.slices += volume.shape[spec.slice_axis]
+    summary.seconds = time.perf_counter() - began
+    if dist.active():
+        volumes, slices, seconds = dist.all_reduce_sum([summary.volumes, summary.slices, summary.seconds], seg.device)
+        summary.volumes, summary.slices, summary.seconds = int(volumes), int(slices), seconds / dist.world_size()
+    return summary
