@@ -1,0 +1,153 @@
+"""Scoring a model trained on volume slices against a volume dataset: per case and class Dice, IoU and HD95
+in mm (`segkit.metrics3d`), from the same predictions `predict` writes (`predict_volume`).
+
+Cases are scored one at a time and averaged over cases (a large scan must not hide a failed small one).
+Truth classes come from the dataset's label values (`VolumeDataset.layers`): sigmoid classes (nnU-Net
+regions overlap) are compared one binary mask per class; softmax classes as class index maps. Voxels of the
+ignore label are left out, and for softmax also voxels whose value is in no class (possible when
+data.classes selected classes without a background).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from segkit.data.volume_spec import VolumeSpec
+from segkit.data.volumes import VolumeCase, VolumeDataset, is_volume_root
+from segkit.errors import ConfigError, DataError
+from segkit.infer import Segmenter
+from segkit.infer_volumes import VolumePrediction, check_channels, predict_volume, volume_spec
+from segkit.metrics3d import EMPTY_RULE_3D, case_scores, summarize_cases
+
+log = logging.getLogger("segkit")
+
+SPLITS = ("test", "val", "train")
+
+
+def volume_cases(seg: Segmenter, root: Path | str, split: str) -> tuple[VolumeDataset, list[VolumeCase]]:
+    """The dataset at `root` read with the checkpoint's classes, and the labelled cases of `split`: test
+    (imagesTs + labelsTs; segkit layout test/), train (every training case), val (the segkit layout's val/,
+    else the seeded share of the training cases that training held back, from model.json's val_fraction and
+    seed)."""
+    spec, root = volume_spec(seg), Path(root)
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split}: a volume dataset has the splits {list(SPLITS)}. Fix: choose one.")
+    if not is_volume_root(root):
+        raise DataError(f"{root}: not a volume dataset (no dataset.json, no train/images/*.nii.gz), and this "
+                        "checkpoint was trained on volume slices. Fix: give the dataset's folder (nnU-Net: the one "
+                        "with dataset.json, imagesTr/, labelsTr/).")
+    ignore = None if (root / "dataset.json").is_file() else spec.ignore_label  # a dataset.json names its own
+    ds = VolumeDataset.from_root(root, seg.classes, ignore)
+    if ds.class_values != spec.class_values:
+        raise DataError(f"{root}: its classes are the label values {ds.class_values}, but the checkpoint was "
+                        f"trained on {spec.class_values}. Fix: evaluate on data labelled as the training data.")
+    if split == "val":
+        from segkit.data.volume_slices import train_val_cases
+
+        data = seg.meta.get("data") or {}
+        cases = train_val_cases(ds, float(data.get("val_fraction", 0.2)), int(data.get("seed", 0)))[1]
+        trained = data.get("val_cases")
+        if trained is not None and sorted(trained) != sorted(c.name for c in cases):
+            log.warning("the val cases of %s %s differ from the ones training held back %s (another dataset?)",
+                        root, [c.name for c in cases], trained)
+    else:
+        cases = ds.cases(split)
+    unlabelled = [case.name for case in cases if case.label is None]
+    if unlabelled:
+        raise DataError(f"{root}: --split {split} has cases without labels ({unlabelled[:5]}{' ...' if len(unlabelled) > 5 else ''}). "
+                        "Fix: add their label files (nnU-Net: labelsTs/<case>.nii.gz), or score another split.")
+    return ds, cases
+
+
+def _index_map(masks: Sequence[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """(X, Y, Z) uint8/uint16 class indices from exclusive per-class masks."""
+    index = np.zeros(shape, np.min_scalar_type(max(len(masks) - 1, 1)))
+    for k, mask in enumerate(masks):
+        index[mask] = k
+    return index
+
+
+def score_case(pred: VolumePrediction, label: np.ndarray, ds: VolumeDataset, spec: VolumeSpec,
+               spacing: tuple[float, ...]) -> dict[str, dict[str, float]]:
+    """`metrics3d.case_scores` of one case's prediction against its label map."""
+    layers, valid = ds.layers(label)
+    classes = list(spec.class_values)
+    if pred.masks is not None:
+        return case_scores(pred.masks, np.moveaxis(layers, -1, 0), classes, spacing, multilabel=True, valid=valid)
+    valid &= layers.any(axis=-1)
+    truth = _index_map([layers[..., k].view(bool) for k in range(len(classes))], label.shape)
+    predicted = _index_map([pred.labels == value for value in spec.index_values()], label.shape)
+    return case_scores(predicted, truth, classes, spacing, multilabel=False, valid=valid)
+
+
+def evaluate_volumes(seg: Segmenter, ds: VolumeDataset, cases: Sequence[VolumeCase], exclude: Sequence[str] = (),
+                     progress: bool = False) -> dict:
+    """Per-case and mean 3-D scores of `seg` on `cases`; `exclude`d classes stay out of the macro mean. Cases
+    that cannot be read are all reported together, and then nothing is scored."""
+    spec = volume_spec(seg)
+    per_case: dict[str, dict[str, dict[str, float]]] = {}
+    spacing: dict[str, list[float]] = {}
+    failed: list[str] = []
+    began = time.perf_counter()
+    for case in tqdm(cases, desc="evaluate", unit="volume", disable=not progress, dynamic_ncols=True):
+        try:
+            volume = ds.image(case)
+            check_channels(volume, spec)
+            label = ds.label_volume(case)
+            ds.check_labels(case, label)
+            pred = predict_volume(seg, volume)
+        except DataError as err:
+            failed.append(str(err))
+            continue
+        per_case[case.name] = score_case(pred, label, ds, spec, volume.spacing)
+        spacing[case.name] = list(volume.spacing)
+    if failed:
+        raise DataError(f"{len(failed)} of {len(cases)} cases could not be scored, no scores written:\n  "
+                        + "\n  ".join(failed[:10]))
+    in_mean = [c for c in seg.classes if c not in exclude]
+    result = summarize_cases(per_case, seg.classes)
+    result.update(mean=summarize_cases(per_case, in_mean)["mean"], classes_in_mean=in_mean,
+                  background_in_mean=any(c.lower() == "background" for c in in_mean), head=seg.head.name,
+                  seconds=time.perf_counter() - began, per_case=per_case, case_spacing_mm=spacing)
+    if seg.head.thresholds is not None:
+        result["thresholds"] = dict(zip(seg.classes, seg.head.thresholds))
+    return result
+
+
+def _fmt(v: float, width: int = 7) -> str:
+    return f"{'n/a':>{width}}" if math.isnan(v) else f"{v:{width}.4f}"
+
+
+def format_volume_scores(result: dict) -> str:
+    """The terminal table: per class the mean over cases, the macro mean, then every case's rows and the rules."""
+    classes = list(result["per_class"])
+    width = max(12, *(len(c) for c in classes))
+    head = f"{'Dice':>7}  {'IoU':>7}  {'HD95 mm':>9}"
+    lines = [f"{'class':<{width}}  {head}  {'Dice sd':>7}  {'HD95 sd':>9}  {'cases':>5}"]
+    for c in classes:
+        s = result["per_class"][c]
+        lines.append(f"{c:<{width}}  {_fmt(s['dice'])}  {_fmt(s['iou'])}  {_fmt(s['hd95'], 9)}  {_fmt(s['dice_std'])}  "
+                     f"{_fmt(s['hd95_std'], 9)}  {s['cases']:>5}")
+    m = result["mean"]
+    lines.append(f"{'mean (macro)':<{width}}  {_fmt(m['dice'])}  {_fmt(m['iou'])}  {_fmt(m['hd95'], 9)}")
+    names = list(result["per_case"])
+    cw = max(8, *(len(n) for n in names)) if names else 8
+    lines.append(f"\nper case:\n{'case':<{cw}}  {'class':<{width}}  {head}  {'truth ml':>10}  {'pred ml':>10}")
+    for name in names:
+        for c in classes:
+            s = result["per_case"][name][c]
+            lines.append(f"{name:<{cw}}  {c:<{width}}  {_fmt(s['dice'])}  {_fmt(s['iou'])}  {_fmt(s['hd95'], 9)}  "
+                         f"{s['truth_ml']:>10.4g}  {s['predicted_ml']:>10.4g}")
+    lines.append(f"\n{result['cases']} cases; a class's row is the mean (and sd) over the cases that score it; "
+                 f"mean (macro) = unweighted average over classes {result['classes_in_mean']} (background "
+                 f"{'included' if result['background_in_mean'] else 'not included'}). HD95 in mm from each case's "
+                 "voxel spacing.")
+    lines.append(f"empty-case rule: {EMPTY_RULE_3D}.")
+    return "\n".join(lines)
