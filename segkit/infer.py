@@ -8,6 +8,7 @@ working memory grows with the image width and the tile, not with the image area.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +28,7 @@ from segkit import distributed as dist
 from segkit.data.io import check_channels, image_bands, is_image
 from segkit.data.normalize import Normalization
 from segkit.data.readers import RASTER_EXTS, Geometry, Window, open_raster
+from segkit.data.readers.base import system_error
 from segkit.data.source import ImageSource
 from segkit.data.writers import MaskWriter, output_files, writer_for
 from segkit.device import amp_dtype, resolve_device
@@ -453,8 +455,42 @@ class FolderSummary:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Every image file under `folder`, recursively, in a stable order."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image(p))
+    """Every image file under `folder`, recursively, in a stable order.
+
+    Links to folders are followed (data is often linked in), but each real folder is read once, and
+    the folder's own subfolders before any link: a link loop (`loop -> .`, `a/b -> ..`) or a second
+    link to a folder already read is skipped with a warning naming it, so the walk ends and no image
+    is listed twice. A subfolder that cannot be read is skipped with a warning naming it and why;
+    the folder itself unreadable is a DataError.
+    """
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    folders: list[Path] = [folder]  # real subfolders: read first
+    links: list[Path] = []  # links to folders, in the order met: read once every real folder is
+    while folders or links:
+        current = folders.pop() if folders else links.pop(0)
+        try:
+            info = current.stat()
+            if (info.st_dev, info.st_ino) in seen:
+                log.warning("%s: skipped: a link to %s, a folder already read (a loop of links, or a second "
+                            "link to it); its images are listed once", current, current.resolve())
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            with os.scandir(current) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for entry in entries:
+                path = current / entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(path)
+                elif entry.is_dir():
+                    links.append(path)
+                elif entry.is_file() and is_image(path):
+                    found.append(path)
+        except OSError as err:
+            if current == folder:
+                raise system_error(folder, err) from None
+            log.warning("%s: skipped: cannot read this folder (%s)", current, err.strerror or err)
+    return sorted(found)
 
 
 def _header(path: Path, channels: int, bands: Sequence[int] | None) -> tuple[Geometry | None, str | None]:
