@@ -133,6 +133,24 @@ def image_size(path: Path) -> tuple[int, int]:
         return raster.shape
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once, at import (before any writer thread): os.umask can only be read by setting it
+
+
+def temp_beside(path: Path, suffix: str | None = None) -> Path:
+    """A new empty file beside `path` (same folder: renaming it onto `path` is atomic), with the
+    permissions of a plainly created file; mkstemp's own 0600 would hide outputs from everyone else."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                suffix=path.suffix if suffix is None else suffix)
+    os.close(fd)
+    try:
+        os.chmod(name, 0o666 & ~_UMASK)
+    except BaseException:
+        os.unlink(name)
+        raise
+    return Path(name)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds, so a
@@ -141,9 +159,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-        os.close(fd)
-        yield Path(tmp)
+        tmp = temp_beside(path)
+        yield tmp
         os.replace(tmp, path)
     except OSError as err:
         if err.errno is None:

@@ -5,16 +5,17 @@ mask, or one binary mask per class); a writer decides how a format stores it."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
-import tempfile
+import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from segkit.data.io import write_bytes, write_json, write_png
+from segkit.data.io import temp_beside, write_bytes, write_json, write_png
 from segkit.data.readers import Geometry
 from segkit.data.readers.base import system_error
 from segkit.errors import SegkitError
@@ -150,10 +151,9 @@ class GeoTiffWriter(MaskWriter):
 
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tif")
+            tmp = temp_beside(final, ".tif")
         except OSError as err:
             raise system_error(final, err, "write") from None
-        os.close(fd)
         try:
             ds = rasterio.open(tmp, "w", **profile)
         except rasterio.errors.RasterioError as err:
@@ -174,23 +174,20 @@ class GeoTiffWriter(MaskWriter):
             arr = layer.array.astype(ds.dtypes[0])
             if valid is not None:
                 arr = np.where(valid, arr, arr.dtype.type(ds.nodata))
-            ds.write(arr[None], window=win)
+            _gdal_write(final, lambda: ds.write(arr[None], window=win))
         if self.probs:
             p = probs.astype(np.float32)
             if valid is not None:
                 p = np.where(valid[None], p, np.nan)
-            self.files[-1][2].write(p, window=win)
+            final, _, ds = self.files[-1]
+            _gdal_write(final, lambda: ds.write(p, window=win))
 
     def close(self) -> None:
         """Finish every file, polygons included, under temporary names; then move them all into place."""
-        import rasterio
-
         try:
-            for final, _, ds in self.files:
-                try:
-                    ds.close()  # GDAL writes its last blocks here: a full disk shows now
-                except rasterio.errors.RasterioError as err:
-                    raise _write_failed(final, err) from None
+            for final, tmp, ds in self.files:
+                _gdal_write(final, ds.close)  # GDAL writes its last blocks here
+                _check_complete(final, tmp)
             if self.vectorize:
                 masks = [(tmp, layer) for (_, tmp, _), layer in zip(self.files, self.layers)]
                 write_json(output_path(self.out_dir, self.rel.with_suffix(".geojson")), polygons(masks, self.geometry))
@@ -210,10 +207,44 @@ class GeoTiffWriter(MaskWriter):
             tmp.unlink(missing_ok=True)
 
 
-def _write_failed(path: Path, err: Exception) -> SegkitError:
-    """GDAL's write errors do not carry an errno: name the file, GDAL's words, and the usual causes."""
+def _write_failed(path: Path, err: object) -> SegkitError:
+    """GDAL's write errors do not carry an errno: a nearly full disk is named as the cause (as the
+    system's own ENOSPC is), else GDAL's words and the usual causes; either names the file."""
+    if shutil.disk_usage(path.parent).free < FULL_DISK_BYTES:
+        return system_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "write")
     return SegkitError(f"{path}: cannot write it ({err}). Fix: check free space and write permission "
                        "in the output folder; the previous file, if any, is unchanged.")
+
+
+FULL_DISK_BYTES = 1 << 20
+"""Free space below which a failed GDAL write is reported as a full disk."""
+
+
+def _gdal_write(final: Path, write: Callable[[], object]) -> None:
+    """Run one GDAL write (a window, or the close that flushes the last blocks) for the file `final`."""
+    import rasterio
+
+    try:
+        write()
+    except rasterio.errors.RasterioError as err:
+        raise _write_failed(final, err) from None
+
+
+def _check_complete(final: Path, tmp: Path) -> None:
+    """A closed GeoTIFF must hold every block it lists: GDAL reports a write that failed while it
+    closes the file (a full disk) only on stderr, and rasterio's close() returns as if all went
+    well, leaving a truncated file that must never replace `final`."""
+    import tifffile
+
+    size = tmp.stat().st_size
+    try:
+        with tifffile.TiffFile(tmp) as tif:
+            complete = all(0 < n and o + n <= size for page in tif.pages
+                           for o, n in zip(page.dataoffsets, page.databytecounts))
+    except Exception as err:  # tifffile and its codecs raise many types on a damaged file
+        raise _write_failed(final, f"GDAL left an unreadable file: {type(err).__name__}: {err}") from None
+    if not complete:
+        raise _write_failed(final, "GDAL left an incomplete file")
 
 
 def writer_for(head: Head, rel: Path, out_dir: Path, geometry: Geometry, probs: bool,
