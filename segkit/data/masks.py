@@ -125,15 +125,15 @@ class IndexMasks(MaskFormat):
                             "with data.colors, or save class indices as a grey PNG.")
         valid = self._valid(px)
         n = len(self.classes)
-        bad = valid & (arr >= n)
+        labels = (arr[:, :, None] == np.arange(n, dtype=arr.dtype)).astype(np.uint8)
+        bad = valid & ~labels.any(axis=2)  # above the classes, negative (int16) or fractional (float): no class
         if bad.any():
-            values = sorted(int(v) for v in np.unique(arr[bad]))[:8]
+            values = np.unique(arr[bad])[:8].tolist()
             raise DataError(
                 f"{mask}: values {values} are outside the {n} classes 0..{n - 1} and not the ignore index "
                 f"({self.ignore_index}). Fix: set data.ignore_index, name more classes in data.classes, "
                 "or use `data.mask: binary` for 0/255 masks."
             )
-        labels = (arr[:, :, None] == np.arange(n, dtype=arr.dtype)).astype(np.uint8)
         return labels, valid
 
 
