@@ -34,9 +34,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.add_argument("--device", default="auto")
-    p.add_argument("--only", default="data,predict,train,huge,raster,windowed", help="comma-separated subset")
+    p.add_argument("--only", default="data,predict,train,huge,raster,windowed,volume", help="comma-separated subset")
     p.add_argument("--steps", type=int, default=300, help="training steps of the train comparison")
     p.add_argument("--raster-size", type=int, default=8192, help="side of the huge GeoTIFF (30000 in the notes)")
+    p.add_argument("--volume-depth", type=int, default=300, help="slices of the 512 x 512 int16 volume")
     a = p.parse_args()
     out = a.out.resolve()
     only = set(a.only.split(","))
@@ -71,6 +72,13 @@ def main() -> None:
         r = child("windowed_train", out, "windowed_train_4096_geotiff", "--size", "4096", "--count", "2")
         rows.append(("training crops from 4096^2 tiles, windowed vs whole", f"{r.get('speedup', 0):.1f}x", "> 1",
                      status(r.get("speedup", 0) > 1)))
+    if "volume" in only:
+        depth = str(a.volume_depth)
+        r = child("volume_predict", out, f"volume_predict_512x{depth}", "--depth", depth, "--device", a.device)
+        rows.append((f"predict a 512x512x{depth} int16 volume (resnet18)",
+                     f"{r['seconds_per_volume']:.0f} s/volume", "(reported)", "-"))
+        rows.append(("  its peak memory above the loaded model", f"{r['peak_rss_mib'] - r['rss_before_mib']:.0f} MiB",
+                     f"<= {r['target_peak_mib'] - r['rss_before_mib']:.0f} MiB", status(r["meets_target"])))
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     width = max(len(r[0]) for r in rows)
     print(f"\nsegkit benchmarks on {device} (JSON in {out})")

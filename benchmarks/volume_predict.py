@@ -1,0 +1,142 @@
+"""Predicting one CT-sized volume (512 x 512 x 300 int16 by default): seconds per volume and peak memory, with
+a random-weight resnet18 U-Net (speed and memory do not depend on the weights' values).
+
+The volume is built from real data: the 30 consecutive ISBI 2012 EM sections (512 x 512, ../shared/datasets/
+isbi2012-membrane) run forward and back until `depth` slices, their grey values mapped to a CT-like int16 range
+(-1000 .. 530), saved as .nii.gz with 0.7 x 0.7 x 2.5 mm voxels and predicted as a CT channel (clip + dataset
+statistics, fitted on the volume itself). Not a CT scan: what the benchmark measures (slices of that size and
+type through normalisation, network and writing) does not depend on what the voxels show.
+
+Run one volume per process (`make bench` does), so the peak (VmHWM) belongs to it: the peak is reset after the
+volume file is made, and `rss_before_mib` is the process once torch and the model are loaded, before any
+forward pass. The target: peak <= that + the raw volume + the outputs + 1 GiB (a batch of slices with its
+activations, and the per-case statistics' temporaries): the volume is never converted to float as a whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.common import ROOT, machine, write_result
+from benchmarks.huge_raster import own_peak_rss_mib
+from segkit import Segmenter
+from segkit.data.normalize import Normalization
+from segkit.data.volume_norm import VolumeNormalization, foreground_sample
+from segkit.data.volume_spec import VolumeSpec
+from segkit.data.volumes import Volume
+from segkit.heads import build_head
+from segkit.infer_volumes import output_files, predict_volume, write_prediction
+from segkit.model import build_model, checkpoint_meta, save_checkpoint
+
+ISBI = ROOT.parent / "shared" / "datasets" / "isbi2012-membrane"
+SPACING = (0.7, 0.7, 2.5)
+CLASSES = ["background", "liver", "tumour"]
+
+
+def ct_like_volume(path: Path, depth: int) -> Path:
+    """The volume file (made once): real EM sections as CT-like int16 slices."""
+    if path.is_file():
+        return path
+    sections = [np.asarray(Image.open(ISBI / "images" / f"{i}.png").convert("L")) for i in range(30)]
+    order = [i for _ in range(depth // 60 + 1) for i in (*range(30), *range(29, -1, -1))][:depth]
+    volume = np.stack([sections[i].astype(np.int16) * 6 - 1000 for i in order], axis=-1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(volume, np.diag([*SPACING, 1.0])), path)
+    return path
+
+
+def checkpoint(folder: Path, volume: np.ndarray) -> Path:
+    """A random-weight resnet18 U-Net trained 'on CT volume slices' (model.json data.volume)."""
+    torch.manual_seed(0)
+    head = build_head("softmax", CLASSES)
+    sample = foreground_sample(volume, volume[..., 0] > -500, np.random.default_rng(0))
+    norm = VolumeNormalization.fit(["ct"], [lambda: sample])
+    spec = VolumeSpec("nnunet", ("CT",), 2, norm, {name: (i,) for i, name in enumerate(CLASSES)})
+    model = build_model("Unet", "resnet18", head.channels, 1)
+    save_checkpoint(folder, model, checkpoint_meta(head, "Unet", "resnet18", 1, Normalization("none"),
+                                                   data={"mask": "volume", "volume": spec.to_meta()}))
+    return folder
+
+
+def _reset_peak() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return own_peak_rss_mib()
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(out: Path, size: int = 512, depth: int = 300, device: str = "cpu", batch_size: int = 4,
+        probs: bool = False) -> dict:
+    if size != 512:
+        raise SystemExit("--size: the ISBI sections are 512 x 512")
+    path = ct_like_volume(out / f"volume-{size}x{size}x{depth}_0000.nii.gz", depth)
+    ckpt = checkpoint(out / "volume-ckpt-resnet18", Volume("ct", [path]).data[..., :1])
+    gc.collect()
+    reset = _reset_peak()
+    seg = Segmenter.load(ckpt, device=device, batch_size=batch_size)
+    before, cpu0 = _rss_mib(), _cpu_s()
+    began = time.perf_counter()
+    volume = Volume("ct", [path])
+    raw = volume.data
+    read_s = time.perf_counter() - began
+    pred = predict_volume(seg, volume, probs)
+    predict_s = time.perf_counter() - began - read_s
+    target = out / "volume-pred"
+    write_prediction(volume, pred, output_files(seg, VolumeSpec.from_meta(seg.meta), "ct", probs), target)
+    seconds = time.perf_counter() - began
+    peak = own_peak_rss_mib()
+    raw_mib, out_mib = raw.nbytes / 2**20, sum(a.nbytes for a in (pred.labels, pred.probs) if a is not None) / 2**20
+    float_mib = raw.size * 4 / 2**20
+    result = {"benchmark": "volume prediction", **machine(seg.device), "shape": list(volume.shape),
+              "dtype": str(raw.dtype), "spacing_mm": list(SPACING), "encoder": "resnet18", "classes": len(CLASSES),
+              "batch_size": batch_size, "probs": probs, "slices": volume.shape[2],
+              "seconds_per_volume": seconds, "read_s": read_s, "predict_s": predict_s,
+              "write_s": seconds - read_s - predict_s, "slices_per_s": volume.shape[2] / predict_s,
+              "cpu_s": _cpu_s() - cpu0, "peak_reset": reset, "rss_before_mib": before, "peak_rss_mib": peak,
+              "raw_mib": raw_mib, "output_mib": out_mib, "float32_volume_mib": float_mib,
+              "working_mib": peak - before - raw_mib - out_mib,
+              "target_peak_mib": before + raw_mib + out_mib + 1024}
+    result["meets_target"] = peak <= result["target_peak_mib"]
+    if seg.device.type == "cuda":
+        result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("bench-out"))
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--depth", type=int, default=300)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--probs", action="store_true", help="also keep and write the probabilities")
+    a = p.parse_args()
+    result = run(a.out.resolve(), a.size, a.depth, a.device, a.batch_size, a.probs)
+    write_result(a.out, f"volume_predict_{a.size}x{a.depth}", result)
+
+
+if __name__ == "__main__":
+    main()
