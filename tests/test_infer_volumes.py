@@ -67,9 +67,10 @@ def oracle_checkpoint(monkeypatch, tmp_path: Path, head: str, class_values: dict
 
 
 def save(array: np.ndarray, like: nib.Nifti1Image, path: Path) -> Path:
-    """`array` with `like`'s header (its qform/sform and codes), as a real scan's file would carry them."""
+    """`array` with `like`'s header (its qform/sform and codes) and a display window, as a scan's file carries."""
     header = like.header.copy()
     header.set_data_dtype(array.dtype)
+    header["cal_min"], header["cal_max"] = 0, 1500
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(array, None, header), path)
     return path
@@ -90,6 +91,7 @@ def same_grid(out: Path, inp: Path) -> nib.Nifti1Image:
     np.testing.assert_array_equal(o.header.get_sform(), i.header.get_sform())
     assert o.header.get_zooms()[:3] == i.header.get_zooms()[:3]
     assert o.header.get_slope_inter() == (None, None)  # stored unscaled: the values are the file's values
+    assert o.header["cal_max"] == 0  # the image's display window would hide small label values in a viewer
     return o
 
 
@@ -167,15 +169,17 @@ def test_sigmoid_regions_write_one_volume_per_class_and_the_combined_map(cli, tm
         np.testing.assert_array_equal(probs[..., k], np.where(np.isin(value, values), on, off))
 
 
-def test_channel_files_of_a_case_are_grouped(cli, tmp_path, monkeypatch):
-    """nnU-Net cases: <case>_0000 and <case>_0001 are one 2-channel case, predicted once."""
+@pytest.mark.parametrize("options", [(), ("--tile", "32", "--overlap", "8"), ("--tta",)])
+def test_channel_files_of_a_case_are_grouped(cli, tmp_path, monkeypatch, options):
+    """nnU-Net cases: <case>_0000 and <case>_0001 are one 2-channel case, predicted once; slices larger than
+    the tile go through windows, and TTA flips, with the same result."""
     _, value = volumedata.membrane_volume(3)
     for case in ("a", "b"):
         volumedata.save_nifti(value, volumedata.EM_AFFINE, tmp_path / "in" / f"{case}_0000.nii.gz")
         volumedata.save_nifti(np.zeros_like(value), volumedata.EM_AFFINE, tmp_path / "in" / f"{case}_0001.nii.gz")
     ckpt = oracle_checkpoint(monkeypatch, tmp_path, "softmax", {"bg": (0,), "m": (1,), "r": (2,)},
                              channel_names=("EM", "EM2"))
-    result = cli("predict", ckpt, tmp_path / "in", tmp_path / "out", "--device", "cpu", "--no-progress")
+    result = cli("predict", ckpt, tmp_path / "in", tmp_path / "out", "--device", "cpu", "--no-progress", *options)
     assert result.code == 0, result.err
     assert files(tmp_path / "out") == {"a.nii.gz", "b.nii.gz"} and "2 volumes" in result.out
     np.testing.assert_array_equal(labels(tmp_path / "out" / "b.nii.gz"), value)
