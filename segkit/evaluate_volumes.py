@@ -61,7 +61,8 @@ def volume_cases(seg: Segmenter, root: Path | str, split: str) -> tuple[VolumeDa
         cases = ds.cases(split)
     unlabelled = [case.name for case in cases if case.label is None]
     if unlabelled:
-        raise DataError(f"{root}: --split {split} has cases without labels ({unlabelled[:5]}{' ...' if len(unlabelled) > 5 else ''}). "
+        more = " ..." if len(unlabelled) > 5 else ""
+        raise DataError(f"{root}: --split {split} has cases without labels ({unlabelled[:5]}{more}). "
                         "Fix: add their label files (nnU-Net: labelsTs/<case>.nii.gz), or score another split.")
     return ds, cases
 

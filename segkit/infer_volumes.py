@@ -68,6 +68,7 @@ def volume_spec(seg: Segmenter) -> VolumeSpec:
 
 
 def check_channels(volume: Volume, spec: VolumeSpec) -> None:
+    """A case must have the training channels: a missing or extra one would shift every channel's meaning."""
     if volume.channels != len(spec.channel_names):
         raise DataError(f"case {volume.case}: {volume.channels} channel(s) in {[str(p) for p in volume.paths]}, but "
                         f"the model was trained on {len(spec.channel_names)} ({list(spec.channel_names)}). Fix: give "

@@ -76,7 +76,8 @@ def test_softmax_scores_per_case_and_class_equal_hand_values(cli, tmp_path, monk
     assert (case_a["background"]["dice"], case_a["background"]["iou"]) == pytest.approx((1620 / 1656, 810 / 846))
     assert case_a["a"]["truth_ml"] == pytest.approx(32 * 0.75 / 1000)
     assert (case_b["a"]["dice"], case_b["a"]["hd95"]) == (0.0, pytest.approx(DIAGONAL))
-    assert (case_b["c"]["dice"], case_b["c"]["hd95"], case_b["c"]["predicted_voxels"]) == (0.0, pytest.approx(DIAGONAL), 1)
+    assert (case_b["c"]["dice"], case_b["c"]["hd95"], case_b["c"]["predicted_voxels"]) == \
+        (0.0, pytest.approx(DIAGONAL), 1)
     assert case_b["b"]["dice"] is None
     per_class = scores["per_class"]
     assert (per_class["a"]["dice"], per_class["a"]["hd95"], per_class["a"]["cases"]) == \
