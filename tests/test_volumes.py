@@ -15,6 +15,7 @@ import pytest
 import volumedata
 from conftest import DATASETS
 from segkit.data.volumes import (
+    Volume,
     VolumeCase,
     VolumeDataset,
     case_split,
@@ -412,3 +413,14 @@ def test_selected_regions_keep_their_order_entries(membrane_regions):
     label = np.array([0, 1, 2])
     layers, _ = VolumeDataset.from_root(membrane_regions).layers(label)
     assert layers.tolist() == [[0, 0], [1, 1], [1, 0]]
+
+
+def test_spacing_is_in_millimetres_whatever_the_header_unit(tmp_path):
+    image = nib.Nifti1Image(np.zeros((4, 5, 6), np.uint8), np.diag([4.0, 4.0, 50.0, 1.0]))
+    image.header.set_xyzt_units("micron")
+    path = tmp_path / "em.nii.gz"
+    nib.save(image, path)
+    assert Volume("em", [path]).spacing == pytest.approx((0.004, 0.004, 0.05))
+    image.header.set_xyzt_units("mm")
+    nib.save(image, path)
+    assert Volume("em", [path]).spacing == (4.0, 4.0, 50.0)

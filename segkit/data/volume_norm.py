@@ -99,13 +99,14 @@ class VolumeNormalization:
         """(C, 4) float64 = low, high, mean, std per channel for one whole case (X, Y, Z, C)."""
         if image.shape[-1] != len(self.channels):
             raise ValueError(f"{image.shape[-1]} channels, normalisation for {len(self.channels)}")
-        region = body(image)
+        zscore = [c for c, norm in enumerate(self.channels) if norm.scheme == "zscore"]
+        moments = body_moments(image, zscore)
         params = np.empty((len(self.channels), 4))
         for c, norm in enumerate(self.channels):
             if norm.scheme == "zscore":
-                values = image[..., c][region].astype(np.float64)
-                mean, std = (values.mean(), values.std()) if values.size else (0.0, 1.0)
-                params[c] = (-np.inf, np.inf, mean, max(std, 1e-8))
+                n, mean, m2 = moments[c]
+                std = float(np.sqrt(m2 / n)) if n else 1.0
+                params[c] = (-np.inf, np.inf, mean if n else 0.0, max(std, 1e-8))
             elif norm.scheme == "ct":
                 params[c] = (norm.low, norm.high, norm.mean, norm.std)
             else:
@@ -121,6 +122,33 @@ class VolumeNormalization:
         if zscore.any():
             out[..., zscore] = np.where(body(image)[..., None], out[..., zscore], np.float32(0))
         return out
+
+
+CHUNK_VOXELS = 1 << 22
+
+
+def body_moments(image: np.ndarray, channels: Sequence[int]) -> dict[int, tuple[int, float, float]]:
+    """Count, mean and sum of squared deviations of each of `channels` over the body (`body`) of an
+    (X, Y, Z, C) case, chunk by chunk along the first axis and merged exactly (Chan et al.), so a large
+    volume never needs a float64 copy of its voxels."""
+    moments = {c: (0, 0.0, 0.0) for c in channels}
+    if not channels:
+        return moments
+    step = max(1, CHUNK_VOXELS // max(1, int(np.prod(image.shape[1:-1]))))
+    for start in range(0, image.shape[0], step):
+        chunk = image[start:start + step]
+        inside = body(chunk)
+        for c in channels:
+            values = chunk[..., c][inside].astype(np.float64)
+            if not values.size:
+                continue
+            n, mean, m2 = moments[c]
+            nb, mb = values.size, float(values.mean())
+            m2b = float(((values - mb) ** 2).sum())
+            total = n + nb
+            delta = mb - mean
+            moments[c] = (total, mean + delta * nb / total, m2 + m2b + delta * delta * n * nb / total)
+    return moments
 
 
 def body(image: np.ndarray) -> np.ndarray:

@@ -39,6 +39,8 @@ SPACING_RTOL = 1e-3
 """Spacings within this relative tolerance tie in `slice_axis` (headers store float32: 7.499999 for 7.5)."""
 
 Layout = Literal["nnunet", "msd", "segkit"]
+MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}
+"""NIfTI xyzt_units of the voxel size -> millimetres: spacing (and HD95) is always in mm."""
 
 
 def _load(path: Path, case: str) -> nib.Nifti1Image:
@@ -61,7 +63,7 @@ class Volume:
     """One case's image. The header, affine and shape are read at once; the voxels on first use of `data`,
     since volumes can be large. `data` is (X, Y, Z, C): nnU-Net's one file per channel (`_0000`, `_0001`, ...)
     stacked on the last axis, or a 4-D (MSD) file's 4th axis, or C = 1. `header` and `affine` are the first
-    file's; every channel file is checked to share its grid."""
+    file's; every channel file is checked to share its grid. `spacing` is in mm whatever the header's unit."""
 
     def __init__(self, case: str, paths: Sequence[Path]):
         self.case = case
@@ -84,14 +86,17 @@ class Volume:
         self.header = first.header
         self.affine: np.ndarray = np.array(first.affine, dtype=float)
         self.shape: tuple[int, int, int] = tuple(int(n) for n in first.shape[:3])
-        self.spacing: tuple[float, float, float] = tuple(float(z) for z in first.header.get_zooms()[:3])
+        unit = MM_PER_UNIT.get(first.header.get_xyzt_units()[0], 1.0)  # "unknown" is read as mm, as nnU-Net does
+        self.spacing: tuple[float, float, float] = tuple(float(z) * unit for z in first.header.get_zooms()[:3])
         self.channels = len(self._images) if first.ndim == 3 else int(first.shape[3])
 
     @cached_property
     def data(self) -> np.ndarray:
         """(X, Y, Z, C) voxels in their stored (scaled) type."""
         arrays = [_voxels(image, path, self.case) for path, image in zip(self.paths, self._images)]
-        return arrays[0] if arrays[0].ndim == 4 else np.stack(arrays, axis=-1)
+        if arrays[0].ndim == 4:
+            return arrays[0]
+        return arrays[0][..., None] if len(arrays) == 1 else np.stack(arrays, axis=-1)  # one channel: a view
 
 
 @dataclass(frozen=True)
