@@ -198,8 +198,7 @@ class Head(ABC):
                 terms.append(smp.losses.DiceLoss(self.smp_mode, from_logits=True, ignore_index=IGNORE,
                                                  class_weights=class_weights))
             elif part == "focal":
-                terms.append(smp.losses.FocalLoss(self.smp_mode, ignore_index=IGNORE,
-                                                  class_weights=class_weights))
+                terms.append(self._focal_loss(weights))
             else:
                 terms.append(self._base_loss(weights))
         return SumLoss(terms)
@@ -207,6 +206,10 @@ class Head(ABC):
     @abstractmethod
     def _base_loss(self, weights: torch.Tensor | None) -> nn.Module:
         """Cross-entropy for softmax, BCE-with-logits for sigmoid."""
+
+    @abstractmethod
+    def _focal_loss(self, weights: torch.Tensor | None) -> nn.Module:
+        """The base loss with the focal factor (1 - p_t)^2, ignored pixels left out the same way."""
 
     # -- activation, decoding, counting --------------------------------------------------
 
@@ -295,6 +298,44 @@ class MaskedBCEWithLogits(nn.Module):
         return loss.sum() / valid.clamp_min(1)
 
 
+class MaskedSigmoidFocal(nn.Module):
+    """Focal loss on sigmoid logits, averaged like `MaskedBCEWithLogits` over the valid (pixel, class)
+    entries. Written here because smp's multilabel FocalLoss indexes a (N, H, W) target with a
+    (N, C, H, W) ignore mask and fails."""
+
+    def __init__(self, weights: torch.Tensor | None, gamma: float = 2.0) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weights", None if weights is None else weights.view(1, -1, 1, 1))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = target != IGNORE
+        bce = F.binary_cross_entropy_with_logits(logits, target.clamp_min(0), reduction="none")
+        loss = (1 - torch.exp(-bce)).pow(self.gamma) * bce
+        if self.weights is not None:
+            loss = loss * self.weights
+        return loss.masked_fill(~valid, 0).sum() / valid.sum().clamp_min(1)
+
+
+class MaskedSoftmaxFocal(nn.Module):
+    """Focal loss on softmax logits, -(1 - p_t)^gamma log p_t with p = softmax; weighted and averaged
+    over the valid pixels like `nn.CrossEntropyLoss` (which it equals at gamma = 0). smp's FocalLoss
+    would score each channel as an independent sigmoid, the other head's model."""
+
+    def __init__(self, weights: torch.Tensor | None, gamma: float = 2.0) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weights", weights)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = target != IGNORE
+        label = target.clamp_min(0)
+        logpt = F.log_softmax(logits, dim=1).gather(1, label[:, None])[:, 0]
+        loss = -(1 - logpt.exp()).pow(self.gamma) * logpt
+        weight = valid.to(loss.dtype) if self.weights is None else self.weights[label] * valid
+        return (loss * weight).masked_fill(~valid, 0).sum() / weight.sum().clamp_min(1e-12)
+
+
 class SoftmaxHead(Head):
     """N >= 2 mutually exclusive classes: every valid pixel has exactly one."""
 
@@ -352,6 +393,9 @@ class SoftmaxHead(Head):
 
     def _base_loss(self, weights: torch.Tensor | None) -> nn.Module:
         return nn.CrossEntropyLoss(weight=weights, ignore_index=IGNORE)
+
+    def _focal_loss(self, weights: torch.Tensor | None) -> nn.Module:
+        return MaskedSoftmaxFocal(weights)
 
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.softmax(dim=1)
@@ -449,6 +493,9 @@ class SigmoidHead(Head):
 
     def _base_loss(self, weights: torch.Tensor | None) -> nn.Module:
         return MaskedBCEWithLogits(weights)
+
+    def _focal_loss(self, weights: torch.Tensor | None) -> nn.Module:
+        return MaskedSigmoidFocal(weights)
 
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.sigmoid()
