@@ -34,7 +34,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.add_argument("--device", default="auto")
-    p.add_argument("--only", default="data,predict,train,huge,raster,windowed,volume", help="comma-separated subset")
+    p.add_argument("--only", default="data,predict,train,huge,raster,windowed,volume,soak",
+                   help="comma-separated subset")
     p.add_argument("--steps", type=int, default=300, help="training steps of the train comparison")
     p.add_argument("--raster-size", type=int, default=8192, help="side of the huge GeoTIFF (30000 in the notes)")
     p.add_argument("--volume-depth", type=int, default=300, help="slices of the 512 x 512 int16 volume")
@@ -79,6 +80,18 @@ def main() -> None:
                      f"{r['seconds_per_volume']:.0f} s/volume", "(reported)", "-"))
         rows.append(("  its peak memory above the loaded model", f"{r['peak_rss_mib'] - r['rss_before_mib']:.0f} MiB",
                      f"<= {r['target_peak_mib'] - r['rss_before_mib']:.0f} MiB", status(r["meets_target"])))
+    if "soak" in only:
+        r = child("soak", out, "soak", "--device", a.device)
+        pr, tr = r["predict"], r["train"]
+        target = f"growth <= {r['target_growth_mib']:.0f} MiB"
+        rows.append((f"predict {pr['images']} 64^2 images: RSS after 1000 / {pr['last_sampled_images']}",
+                     f"{pr['rss_tree_after_1000_mib']:.0f} / {pr['rss_tree_after_last_mib']:.0f} MiB, "
+                     f"floor {pr['growth_mib']:+.1f}", target,
+                     status(pr["meets_target"])))
+        rows.append((f"train {tr['epochs']} short epochs: RSS at epoch 10 / {tr['epochs']}",
+                     f"{tr['rss_tree_epoch_10_mib']:.0f} / {tr['rss_tree_epoch_last_mib']:.0f} MiB, "
+                     f"floor {tr['growth_mib']:+.1f}", target,
+                     status(tr["meets_target"])))
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     width = max(len(r[0]) for r in rows)
     print(f"\nsegkit benchmarks on {device} (JSON in {out})")

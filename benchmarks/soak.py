@@ -1,0 +1,202 @@
+"""Soak: does memory grow with the number of images predicted or epochs trained?
+
+`segkit predict` on 5000 small images (64x64 crops of the embedded nuclei data, made once) and
+`segkit train` for 50 short epochs (2 steps each, validation every epoch, checkpoints every epoch)
+run as a user runs them, the CLI in a child process, watched from outside: resident memory (RSS,
+psutil if installed, else /proc/PID/status VmRSS) of the command and of its whole process tree
+(loader workers included), sampled every 0.1 s with the count of masks written or the epoch printed.
+
+Reported: RSS after 1000 and after 5000 images, at epochs 10 and 50. Growth is measured between
+floors (the lowest sample over images 900-1000 and the last 100 images; over epochs 10 and 50):
+a checkpoint or a batch allocates and frees tens of MB within a second, which a single sample
+would catch at random, while a leak raises the floor. Target: growth <= 8 MiB each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from benchmarks.common import EMBEDDED, ROOT, checkpoint, write_result
+
+TARGET_GROWTH_MIB = 8.0
+SIZE = 64
+EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+)")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of one process (0 once it has gone)."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except ImportError:
+        pass
+    except Exception:  # psutil.NoSuchProcess: it has just exited
+        return 0.0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def descendants(pid: int) -> list[int]:
+    """Child processes, recursively (DataLoader workers), from /proc/PID/task/*/children."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def sample(pid: int) -> tuple[float, float]:
+    """(RSS of the process, RSS of it and all its descendants), MiB."""
+    own = rss_mib(pid)
+    return own, own + sum(rss_mib(k) for k in descendants(pid))
+
+
+def small_images(folder: Path, n: int, seed: int = 0) -> Path:
+    """`n` 64x64 PNG crops at seeded random places of the embedded real nuclei images (made once)."""
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == n:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    sources = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(EMBEDDED.glob("*/images/*.png"))]
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        src = sources[i % len(sources)]
+        y, x = rng.integers(0, src.shape[0] - SIZE + 1), rng.integers(0, src.shape[1] - SIZE + 1)
+        Image.fromarray(src[y:y + SIZE, x:x + SIZE]).save(folder / f"crop{i:05d}.png")
+    return folder
+
+
+def _floor(rows: list[dict], key: str, lo: float, hi: float, what: str = "rss_tree_mib") -> float:
+    picked = [r[what] for r in rows if lo <= r[key] <= hi and r[what] > 0]
+    return min(picked) if picked else float("nan")
+
+
+def _nearest(rows: list[dict], key: str, at: float) -> dict:
+    return min(rows, key=lambda r: (abs(r[key] - at), -r[key]))
+
+
+def soak_predict(out: Path, n: int, device: str, workers: int) -> dict:
+    images = small_images(out / "soak-in", n)
+    ckpt = checkpoint(out / "soak-ckpt", ["nucleus"], head="sigmoid", encoder="resnet18")
+    masks = out / "soak-masks"
+    shutil.rmtree(masks, ignore_errors=True)
+    cmd = [sys.executable, "-m", "cli", "predict", str(ckpt), str(images), str(masks), "--device", device,
+           "--workers", str(workers), "--no-progress"]
+    began = time.perf_counter()
+    log = (out / "soak-predict.log").open("w")
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    rows = []
+    while child.poll() is None:
+        written = sum(1 for e in os.scandir(masks / "nucleus") if not e.name.startswith(".")) \
+            if (masks / "nucleus").is_dir() else 0
+        own, tree = sample(child.pid)
+        if own:
+            rows.append({"seconds": time.perf_counter() - began, "images": written, "rss_mib": own,
+                         "rss_tree_mib": tree})
+        time.sleep(0.1)
+    log.close()
+    if child.returncode != 0:
+        raise SystemExit(f"segkit predict failed ({child.returncode}); see {out / 'soak-predict.log'}")
+    last = max(r["images"] for r in rows)
+    at_1000, at_end = _nearest(rows, "images", 1000), _nearest(rows, "images", last)
+    floor_1000 = _floor(rows, "images", 900, 1000)
+    floor_end = _floor(rows, "images", last - 100, last)
+    return {"images": n, "size": SIZE, "workers": workers, "seconds": time.perf_counter() - began,
+            "last_sampled_images": last,
+            "rss_after_1000_mib": at_1000["rss_mib"], "rss_tree_after_1000_mib": at_1000["rss_tree_mib"],
+            "rss_after_last_mib": at_end["rss_mib"], "rss_tree_after_last_mib": at_end["rss_tree_mib"],
+            "floor_tree_1000_mib": floor_1000, "floor_tree_last_mib": floor_end,
+            "growth_mib": floor_end - floor_1000, "peak_tree_mib": max(r["rss_tree_mib"] for r in rows),
+            "meets_target": floor_end - floor_1000 <= TARGET_GROWTH_MIB, "samples": rows[::10]}
+
+
+def soak_train(out: Path, epochs: int, device: str) -> dict:
+    run = out / "soak-train"
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [sys.executable, "-m", "cli", "train", str(ROOT / "configs" / "nuclei-sigmoid.yaml"), "--out", str(run),
+           "--epochs", str(epochs), "--device", device, "--no-progress", "--set", f"data.root={EMBEDDED}",
+           "--set", "train.steps_per_epoch=2", "--set", "train.crop=64", "--set", "train.batch_size=2",
+           "--set", "train.workers=0", "--set", "model.encoder=resnet18", "--set", "train.val_every=1"]
+    began = time.perf_counter()
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    rows, epoch, lines = [], 0, []
+
+    def watch() -> None:
+        while child.poll() is None:
+            own, tree = sample(child.pid)
+            if own:
+                rows.append({"seconds": time.perf_counter() - began, "epoch": epoch + 1, "rss_mib": own,
+                             "rss_tree_mib": tree})
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert child.stdout is not None
+    ends: dict[int, dict] = {}
+    for line in child.stdout:
+        lines.append(line)
+        hit = EPOCH_LINE.match(line)
+        if hit:
+            epoch = int(hit.group(1))
+            own, tree = sample(child.pid)
+            ends[epoch] = {"rss_mib": own, "rss_tree_mib": tree}
+    child.wait()
+    watcher.join()
+    (out / "soak-train.log").write_text("".join(lines))
+    if child.returncode != 0 or epochs not in ends:
+        raise SystemExit(f"segkit train failed ({child.returncode}); see {out / 'soak-train.log'}")
+    early = min(10, epochs)
+    floor_early = _floor(rows, "epoch", early, early)
+    floor_end = _floor(rows, "epoch", epochs, epochs)
+    return {"epochs": epochs, "seconds": time.perf_counter() - began,
+            "rss_epoch_10_mib": ends[early]["rss_mib"], "rss_tree_epoch_10_mib": ends[early]["rss_tree_mib"],
+            "rss_epoch_last_mib": ends[epochs]["rss_mib"], "rss_tree_epoch_last_mib": ends[epochs]["rss_tree_mib"],
+            "floor_tree_epoch_10_mib": floor_early, "floor_tree_epoch_last_mib": floor_end,
+            "growth_mib": floor_end - floor_early, "peak_tree_mib": max(r["rss_tree_mib"] for r in rows),
+            "meets_target": floor_end - floor_early <= TARGET_GROWTH_MIB,
+            "per_epoch": [{"epoch": e, **v} for e, v in sorted(ends.items())]}
+
+
+def run(out: Path, device: str = "auto", images: int = 5000, epochs: int = 50, workers: int = 2) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    return {"benchmark": "soak", "device": device, "target_growth_mib": TARGET_GROWTH_MIB,
+            "predict": soak_predict(out, images, device, workers), "train": soak_train(out, epochs, device)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("bench-out"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--images", type=int, default=5000)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--workers", type=int, default=2, help="predict's loader processes (its default)")
+    a = p.parse_args()
+    write_result(a.out.resolve(), "soak", run(a.out.resolve(), a.device, a.images, a.epochs, a.workers))
+
+
+if __name__ == "__main__":
+    main()
