@@ -1,12 +1,20 @@
 """Building the smp model, and checkpoints: a folder of model.safetensors + model.json.
 
-Loading a checkpoint reads tensors and JSON only; it never unpickles anything.
+Loading a checkpoint reads tensors and JSON only; it never unpickles anything. A training run's
+checkpoint folders are written as units (`write_unit`): a kill at any moment leaves the old folder
+or the new one, never a mix of the two.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
+import os
+import shutil
+import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,8 @@ log = logging.getLogger("segkit")
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
+META_KEYS = ("arch", "encoder", "in_channels", "head", "classes")
+"""What every model.json holds; a file without them is refused before it is used."""
 
 
 def _looks_like_file(value: str) -> bool:
@@ -161,9 +171,84 @@ def save_checkpoint(folder: Path, model: nn.Module, meta: dict[str, Any]) -> Non
 
 
 def save_state(folder: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """`save_checkpoint` for weights already copied to the CPU (written from a background thread)."""
-    write_bytes(folder / WEIGHTS, save(weights))
-    write_bytes(folder / META, json.dumps(meta, indent=2).encode())
+    """`save_checkpoint` for weights already copied to the CPU."""
+    for name, data in checkpoint_files(weights, meta).items():
+        write_bytes(folder / name, data)
+
+
+def checkpoint_files(weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, bytes]:
+    """The bytes of a checkpoint folder's two files, for `write_unit`."""
+    return {WEIGHTS: save(weights), META: json.dumps(meta, indent=2).encode()}
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or file system cannot, so the caller falls back to two renames."""
+    if sys.platform != "linux":
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _old(folder: Path) -> Path:
+    return folder.parent / f".{folder.name}.old"
+
+
+def write_unit(folder: Path, files: dict[str, bytes]) -> None:
+    """Replace `folder` by one holding exactly `files`, as a unit: the files are written (and synced)
+    into a new folder beside it, which then takes its place by an atomic exchange. Where the system
+    has no exchange, the old folder is first renamed to `.NAME.old`, and `recover_unit` puts it back
+    if a kill falls between the two renames."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    new = folder.parent / f".{folder.name}.new-{uuid.uuid4().hex[:12]}"
+    new.mkdir()
+    try:
+        for name, data in files.items():
+            with open(new / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        if not folder.exists():
+            os.rename(new, folder)
+        elif _exchange(new, folder):
+            shutil.rmtree(new)  # now the old content
+        else:
+            os.rename(folder, _old(folder))
+            os.rename(new, folder)
+            shutil.rmtree(_old(folder))
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+
+
+def recover_unit(folder: Path) -> None:
+    """Undo a `write_unit` that a kill interrupted: the old folder comes back if the new one never took
+    its place; leftover new or old folders are removed. Call only while no writer runs (the run lock)."""
+    if not folder.exists() and _old(folder).is_dir():
+        os.rename(_old(folder), folder)
+    shutil.rmtree(_old(folder), ignore_errors=True)
+    for stale in folder.parent.glob(f".{folder.name}.new-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing, unreadable, truncated or foreign file is a SegkitError naming it."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise SegkitError(f"{path}: missing. Fix: point at a complete checkpoint folder.") from None
+    except PermissionError:
+        raise SegkitError(f"{path}: permission denied. Fix: make the file readable for this user.") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SegkitError(f"{path}: not a segkit checkpoint, or damaged ({err}). "
+                          "Fix: use an intact copy of the checkpoint folder.") from None
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
@@ -172,9 +257,17 @@ def read_meta(folder: Path) -> dict[str, Any]:
         raise SegkitError(f"{folder}: not a segkit checkpoint (needs {WEIGHTS} and {META}). "
                           "Fix: point at a run's best/ or last/ folder.")
     try:
-        return json.loads((folder / META).read_text())
-    except json.JSONDecodeError as err:
-        raise SegkitError(f"{folder / META}: not valid JSON ({err}).") from None
+        meta = json.loads((folder / META).read_bytes())
+    except PermissionError:
+        raise SegkitError(f"{folder / META}: permission denied. Fix: make the file readable for this user.") from None
+    except ValueError as err:  # not JSON, or not UTF-8 text
+        raise SegkitError(f"{folder / META}: not valid JSON ({err}). "
+                          "Fix: use an intact copy of the checkpoint folder.") from None
+    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing:
+        raise SegkitError(f"{folder / META}: not a segkit checkpoint, or damaged (no {', '.join(missing)}). "
+                          "Fix: use an intact copy of the checkpoint folder.")
+    return meta
 
 
 def load_checkpoint(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Head, dict[str, Any]]:
@@ -183,8 +276,9 @@ def load_checkpoint(folder: Path, device: str | torch.device = "cpu") -> tuple[n
     meta = read_meta(folder)
     head = head_from_metadata(meta)
     model = build_model(meta["arch"], meta["encoder"], head.channels, meta["in_channels"])
+    weights = load_weights(folder / WEIGHTS)
     try:
-        model.load_state_dict(load_file(str(folder / WEIGHTS)))
-    except (SafetensorError, RuntimeError) as err:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
         raise SegkitError(f"{folder / WEIGHTS}: weights do not fit {meta['arch']}/{meta['encoder']} ({err}).") from None
     return model.to(device).eval(), head, meta
