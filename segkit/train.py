@@ -85,8 +85,10 @@ class Interrupted(KeyboardInterrupt):
 
 class StopSignals:
     """While active, SIGTERM and SIGINT ask the training loop to stop after its current step instead
-    of killing it; a second signal acts as usual (the default handlers are back after the first).
-    Signals can only be caught on the main thread; elsewhere this does nothing."""
+    of killing it. After the first, a Ctrl-C (SIGINT) interrupts at once, while further SIGTERMs are
+    absorbed: launchers and schedulers often send one to every process and another through torchrun,
+    and the grace period ends with SIGKILL anyway. Signals can only be caught on the main thread;
+    elsewhere this does nothing."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -95,11 +97,11 @@ class StopSignals:
         self.previous: dict[int, object] = {}
 
     def _handle(self, signum: int, _frame: object) -> None:
-        self.signum = signum
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        log.warning("%s: finishing the current step, then writing last/ (send it again to stop at once)",
-                    signal.Signals(signum).name)
+        first, self.signum = not self.signum, self.signum or signum
+        signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
+        if first:
+            log.warning("%s: finishing the current step, then writing last/ (Ctrl-C to stop at once)",
+                        signal.Signals(signum).name)
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -108,9 +110,8 @@ class StopSignals:
                 signal.signal(s, self._handle)
 
     def restore(self) -> None:
-        if not self.signum:
-            for s, handler in self.previous.items():
-                signal.signal(s, handler)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 class RunLock:

@@ -437,3 +437,22 @@ def test_the_lock_of_a_killed_process_does_not_block(reference, tiny_nuclei, tmp
     r = run_cli(*train_args(SIGMOID, tiny_nuclei, run, *EXTRA, "--resume", epochs=EPOCHS))
     assert r.code == 2 and f"already trained for {EPOCHS} epochs" in r.err, r.err  # ... and blocks nothing
     assert not (run / LOCK).exists()
+
+
+def test_after_the_first_signal_sigterms_are_absorbed_and_ctrl_c_interrupts_at_once():
+    """torchrun forwards SIGTERM to ranks that the scheduler already signalled: a second SIGTERM must
+    not kill a process that is writing last/; an impatient second Ctrl-C must still work."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signals = segkit.train.StopSignals()
+    signals.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.signum == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # absorbed: this process lives on
+        assert signals.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            [None for _ in range(1000)]  # the handler runs between bytecodes
+    finally:
+        signals.restore()
+    assert {s: signal.getsignal(s) for s in before} == before
