@@ -7,12 +7,11 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import tifffile
 
-from segkit.data.readers.base import Geometry, Raster, Window, system_error
+from segkit.data.readers.base import Geometry, Raster, Window, system_error, undecodable
 from segkit.errors import DataError
 
 PILLOW_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -30,35 +29,44 @@ def is_raster(path: Path) -> bool:
 def open_raster(path: str | Path) -> Raster:
     """Open `path` with the reader of its family; a DataError names the file and the fix."""
     path = Path(path)
-    suffix = path.suffix.lower()
     try:
-        if suffix in TIFF_EXTS:
-            from segkit.data.readers.tiff import TiffRaster, check_one_image
-
-            tif = tifffile.TiffFile(path)
-            try:
-                check_one_image(tif, path)  # GDAL would read a stack's first plane without a word
-                geo = tif.pages.first.is_geotiff
-            except BaseException:
-                tif.close()
-                raise
-            if geo:
-                tif.close()
-                from segkit.data.readers.gdal import GdalRaster
-
-                return GdalRaster(path)
-            return TiffRaster(path, tif)
-        if suffix in GDAL_EXTS:
-            from segkit.data.readers.gdal import GdalRaster
-
-            return GdalRaster(path)
-        from segkit.data.readers.pillow import PillowRaster
-
-        return PillowRaster(path)
+        raster = _open(path, path.suffix.lower())
+    except DataError:
+        raise
     except OSError as err:
         if err.errno is not None:  # the system refused (permission, missing, I/O): not the file's content
             raise system_error(path, err) from None
         raise DataError(f"{path}: cannot read this image ({err}). Fix: replace the file or remove it.") from None
-    except (tifffile.TiffFileError, ValueError, SyntaxError, IndexError, struct.error) as err:
-        raise DataError(f"{path}: cannot read this image ({type(err).__name__}: {err}). "
-                        "Fix: replace the file or remove it.") from None
+    except Exception as err:  # parsers raise anything on damaged or crafted headers
+        raise undecodable(path, err) from None
+    if min(raster.height, raster.width, raster.bands) < 1:
+        raster.close()
+        raise DataError(f"{path}: an image of {raster.width}x{raster.height} pixels and {raster.bands} band(s) "
+                        "holds nothing to segment. Fix: replace the file or remove it.")
+    return raster
+
+
+def _open(path: Path, suffix: str) -> Raster:
+    if suffix in TIFF_EXTS:
+        from segkit.data.readers.tiff import TiffRaster, check_one_image
+
+        tif = tifffile.TiffFile(path)
+        try:
+            check_one_image(tif, path)  # GDAL would read a stack's first plane without a word
+            geo = tif.pages.first.is_geotiff
+        except BaseException:
+            tif.close()
+            raise
+        if geo:
+            tif.close()
+            from segkit.data.readers.gdal import GdalRaster
+
+            return GdalRaster(path)
+        return TiffRaster(path, tif)
+    if suffix in GDAL_EXTS:
+        from segkit.data.readers.gdal import GdalRaster
+
+        return GdalRaster(path)
+    from segkit.data.readers.pillow import PillowRaster
+
+    return PillowRaster(path)

@@ -47,6 +47,16 @@ def system_error(path: Path, err: OSError, doing: str = "read") -> DataError:
     return DataError(f"{path}: cannot {doing} it: {what.format(user=user)}. Fix: {fix.format(fix_access=access)}.")
 
 
+def undecodable(path: Path, err: Exception, what: str = "cannot read this image") -> DataError:
+    """A DataError for a file a parser or codec failed on (they raise anything on damaged data: TypeError,
+    ZeroDivisionError, their own types); running out of memory is said as such."""
+    if isinstance(err, MemoryError):
+        return DataError(f"{path}: not enough memory to decode it (or a damaged header claims a huge size). "
+                         "Fix: free memory, or save it as a tiled TIFF, which is read by window.")
+    return DataError(f"{path}: {what} ({type(err).__name__}: {err}). "
+                     "Fix: replace the file (it may be damaged or truncated) or remove it.")
+
+
 def probe(path: Path) -> DataError | None:
     """Why the operating system will not let segkit read `path` (a DataError), or None when it can;
     for readers (GDAL) whose own errors do not say whether the file or the system is at fault."""
@@ -123,7 +133,12 @@ class Raster(ABC):
                 or window.top + window.height > self.height or window.left + window.width > self.width):
             raise ValueError(f"{self.path}: window {tuple(window)} outside the {self.width}x{self.height} raster")
         bands = list(range(self.bands)) if bands is None else list(bands)
-        return np.ascontiguousarray(self._read(window, bands))
+        arr = np.ascontiguousarray(self._read(window, bands))
+        if arr.shape != (window.height, window.width, len(bands)):  # a damaged file can decode to another size
+            raise DataError(f"{self.path}: decoded (rows, columns, bands) {arr.shape} where its header says "
+                            f"{(window.height, window.width, len(bands))}. "
+                            "Fix: replace the file (it may be damaged) or remove it.")
+        return arr
 
     @abstractmethod
     def _read(self, window: Window, bands: list[int]) -> np.ndarray:

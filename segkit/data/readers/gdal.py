@@ -13,7 +13,7 @@ from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window as RioWindow
 
-from segkit.data.readers.base import Raster, Window, probe
+from segkit.data.readers.base import Raster, Window, probe, undecodable
 from segkit.errors import DataError
 
 _LOSSY = {"jpeg", "webp", "jpeg2000", "jxl", "lerc"}
@@ -59,9 +59,8 @@ class GdalRaster(Raster):
         t, l, h, w = window
         try:
             arr = self._ds.read([b + 1 for b in bands], window=RioWindow(l, t, w, h))
-        except RasterioIOError as err:
-            raise probe(self.path) or DataError(f"{self.path}: cannot decode window {tuple(window)} ({err}). "
-                                                "Fix: replace the file (it may be truncated).") from None
+        except Exception as err:  # GDAL drivers raise their own types on damaged blocks
+            raise probe(self.path) or undecodable(self.path, err, f"cannot decode window {tuple(window)}") from None
         return arr.transpose(1, 2, 0)
 
     def close(self) -> None:

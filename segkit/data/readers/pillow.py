@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segkit.data.readers.base import Raster, Window, probe, system_error
+from segkit.data.readers.base import Raster, Window, probe, system_error, undecodable
 from segkit.errors import DataError
 
 Image.MAX_IMAGE_PIXELS = None  # aerial images are legitimately large; memory is planned for
@@ -48,6 +48,9 @@ class PillowRaster(Raster):
             if arr is None:  # OpenCV says nothing of why: a refused file, or a damaged one
                 raise probe(self.path) or DataError(f"{self.path}: cannot decode this 16-bit PNG. "
                                                     "Fix: replace the file or remove it.")
+            if arr.ndim != 3 or arr.shape[2] != self.bands:  # a damaged file decoded as something else
+                raise DataError(f"{self.path}: decoded {arr.shape} where its header says {self.bands} bands. "
+                                "Fix: replace the file (it may be damaged) or remove it.")
             order = [2, 1, 0, 3][:arr.shape[2]]  # OpenCV gives BGR(A)
             return np.ascontiguousarray(arr[:, :, order])
         try:
@@ -61,9 +64,8 @@ class PillowRaster(Raster):
                 raise system_error(self.path, err) from None
             raise DataError(f"{self.path}: cannot decode this image ({err}). "
                             "Fix: replace the file (it may be truncated) or remove it.") from None
-        except (ValueError, SyntaxError) as err:
-            raise DataError(f"{self.path}: cannot decode this image ({err}). "
-                            "Fix: replace the file (it may be truncated) or remove it.") from None
+        except Exception as err:  # decoders raise anything on damaged data
+            raise undecodable(self.path, err, "cannot decode this image") from None
         if arr.dtype == bool:
             arr = arr.astype(np.uint8) * 255
         arr = arr.astype(self.dtype, copy=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from segkit.data.readers.base import Raster, Window, system_error
+from segkit.data.readers.base import Raster, Window, system_error, undecodable
 from segkit.errors import DataError
 
 _BAND_AXES = "SC"  # samples (RGB, extra samples) and channels (planes of a multiplex image)
@@ -18,7 +18,16 @@ _LOSSY = {7, 6, 34712, 33003, 33005, 34892, 50001, 50002, 34933, 34934, 22610}  
 
 def check_one_image(tif: tifffile.TiffFile, path: Path) -> None:
     """Refuse a stack (Z, T, pages appended one by one): segkit reads one 2-D image, with bands, per file;
-    reduced-resolution pages (pyramids) are not planes."""
+    reduced-resolution pages (pyramids) are not planes. Refuse a damaged first page too: tifffile drops
+    tags it cannot read and carries on, so a truncated file could read as an image of another size."""
+    page = tif.pages.first
+    if not {256, 257} <= set(page.tags.keys()) or not {273, 324} & set(page.tags.keys()):
+        raise DataError(f"{path}: a TIFF page without its size or pixel-data tags (damaged or truncated). "
+                        "Fix: replace the file or remove it.")
+    ends = [int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts) if n]
+    if ends and max(ends) > tif.filehandle.size:
+        raise DataError(f"{path}: truncated: its pixel data runs to byte {max(ends)} of a "
+                        f"{tif.filehandle.size}-byte file. Fix: replace the file (copy it again) or remove it.")
     series = tif.series[0]
     full_pages = [p for p in tif.pages if not (int(getattr(p, "subfiletype", 0)) & 1)]
     axes, shape = series.axes, series.shape
@@ -47,6 +56,8 @@ class TiffRaster(Raster):
             self._band_axis = band_axes[0] if band_axes else None
             self.height, self.width = shape[axes.index("Y")], shape[axes.index("X")]
             self.bands = shape[axes.index(self._band_axis)] if self._band_axis else 1
+            if 0 in shape:  # a damaged header: the size check in open_raster names it
+                self.bands = 0
             self.dtype = np.dtype(np.uint8) if series.dtype == bool else np.dtype(series.dtype)
             extra = tuple(int(e) for e in (page.extrasamples or ()))
             first_extra = page.samplesperpixel - len(extra)
@@ -62,9 +73,9 @@ class TiffRaster(Raster):
         except DataError:
             self._tif.close()
             raise
-        except (ValueError, KeyError, IndexError, tifffile.TiffFileError) as err:
+        except Exception as err:  # tifffile raises anything on damaged tags
             self._tif.close()
-            raise DataError(f"{path}: not a readable TIFF ({err}). Fix: replace the file or remove it.") from None
+            raise undecodable(path, err, "not a readable TIFF") from None
 
     def _read(self, window: Window, bands: list[int]) -> np.ndarray:
         try:
@@ -72,8 +83,12 @@ class TiffRaster(Raster):
         except Exception as err:  # codecs raise their own types (DeflateError, LzwError, ...) on damaged data
             if isinstance(err, OSError) and err.errno is not None:  # the system refused: not the file's content
                 raise system_error(self.path, err) from None
-            raise DataError(f"{self.path}: cannot decode window {tuple(window)} ({type(err).__name__}: {err}). "
-                            "Fix: replace the file (it may be truncated) or remove it.") from None
+            raise undecodable(self.path, err, f"cannot decode window {tuple(window)}") from None
+        expected = tuple(window.height if a == "Y" else window.width if a == "X" else n
+                         for a, n in zip(self._axes, self._series.shape))
+        if arr.shape != expected:  # tifffile pads or gives up quietly on some damaged files
+            raise DataError(f"{self.path}: decoded shape {arr.shape} where its header says {expected}. "
+                            "Fix: replace the file (it may be damaged) or remove it.")
         keep = [a for a in self._axes if a in "YX" or a == self._band_axis]
         arr = arr.reshape([n for a, n in zip(self._axes, arr.shape) if a in keep])
         order = [keep.index("Y"), keep.index("X")] + ([keep.index(self._band_axis)] if self._band_axis else [])
