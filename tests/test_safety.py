@@ -104,6 +104,19 @@ def test_predict_with_a_crafted_checkpoint_class_exits_2_and_writes_nothing(tmp_
     assert not (tmp_path / "a").exists()
 
 
+def test_train_on_a_dataset_json_with_an_unsafe_label_exits_2_and_writes_nothing(tmp_path):
+    data = tmp_path / "hippo"
+    shutil.copytree(DATASETS / "nifti-samples" / "msd-hippocampus", data)
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "../../x": 1, "posterior": 2}
+    (data / "dataset.json").write_text(json.dumps(meta))
+    config = tmp_path / "hippo.yaml"
+    config.write_text(f"data: {{root: {data}}}\nmodel: {{head: softmax}}\n")
+    out = tmp_path / "run"
+    r = run_cli("train", config, "--out", out, "--epochs", "1", *TINY)
+    assert_refused(r, out, "'../../x'", "Fix: rename the class")
+
+
 def _escaping_head():
     """A sigmoid head whose class was changed after its checks: what the writers must still refuse."""
     head = build_head("sigmoid", ["nucleus"])
