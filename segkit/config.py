@@ -68,6 +68,8 @@ class ModelConfig(_Strict):
     arch: str = "Unet"
     encoder: str = "resnet34"
     encoder_weights: str | None = None
+    encoder_weights_strict: bool = Field(
+        True, description="false: load the encoder tensors of the file that fit, log the rest (else exit 2)")
     head: Literal["softmax", "sigmoid"]
     thresholds: float | list[float] | None = None
 

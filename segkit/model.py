@@ -67,7 +67,7 @@ def _first_conv(weight: torch.Tensor, channels: int) -> torch.Tensor:
     return weight[:, index] * (weight.shape[1] / channels)
 
 
-def load_encoder_weights(model: nn.Module, path: Path) -> None:
+def load_encoder_weights(model: nn.Module, path: Path, strict: bool = True) -> None:
     """Load a local encoder state dict (safetensors, or a tensors-only .pth) into `model.encoder`.
 
     Every encoder tensor must come from the file, with its shape, and every tensor of the file must
@@ -75,6 +75,7 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
     Allowed, and logged: an ImageNet classifier (ALLOWED_EXTRA), BatchNorm counters missing from old
     checkpoints, the decoder of a full smp/segkit model (its `encoder.` tensors are used), and an RGB
     first convolution when the model takes another number of channels (adapted as smp does).
+    `strict` False (model.encoder_weights_strict: false) loads the tensors that fit and logs the rest.
     """
     if not path.is_file():
         raise ConfigError(f"model.encoder_weights: {path} not found. Fix: give an existing weights file or null.")
@@ -113,7 +114,13 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
                      f"{own[first].shape[1]} input channels")
         tensors[first] = _first_conv(tensors[first], own[first].shape[1])
         wrong.remove(first)
-    if missing or extra or wrong:
+    if (missing or extra or wrong) and not strict:
+        log.warning("model.encoder_weights_strict: false: %s: %d encoder tensor(s) missing from the file (e.g. %s), "
+                    "%d not in the encoder (e.g. %s), %d of another shape (e.g. %s) left at their random start",
+                    path, len(missing), _examples(missing), len(extra), _examples(extra), len(wrong),
+                    _examples(wrong))
+        tensors = {k: v for k, v in tensors.items() if k not in wrong}
+    elif missing or extra or wrong:
         shapes = ", ".join(f"{k} {tuple(tensors[k].shape)} in the file, {tuple(own[k].shape)} in the encoder"
                            for k in wrong[:3])
         parts = [f"{len(missing)} tensor(s) of the encoder are missing from the file (e.g. {_examples(missing)})"
@@ -124,7 +131,7 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
         raise ConfigError(f"model.encoder_weights: {path} does not fit the encoder of this model: "
                           + "; ".join(p for p in parts if p) + ". Fix: use weights saved from the encoder that "
                           "model.encoder names (same architecture and size), or set model.encoder to the one "
-                          "these weights belong to.")
+                          "these weights belong to (model.encoder_weights_strict: false loads what fits).")
     if classifier:
         notes.append(f"{len(classifier)} classifier tensor(s) left out ({_examples(classifier)})")
     if counters:
@@ -135,7 +142,7 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
 
 
 def build_model(arch: str, encoder: str, channels: int, in_channels: int = 3,
-                encoder_weights: str | None = None) -> nn.Module:
+                encoder_weights: str | None = None, strict: bool = True) -> nn.Module:
     """Any smp architecture with `channels` raw-logit outputs (no activation in the model)."""
     hub = encoder_weights if encoder_weights and not _looks_like_file(encoder_weights) else None
     try:
@@ -148,7 +155,7 @@ def build_model(arch: str, encoder: str, channels: int, in_channels: int = 3,
         raise ConfigError(f"model.encoder_weights: '{encoder_weights}' could not be loaded ({err}). "
                           "Fix: use null, or a local weights file path.") from None
     if encoder_weights and _looks_like_file(encoder_weights):
-        load_encoder_weights(model, Path(encoder_weights))
+        load_encoder_weights(model, Path(encoder_weights), strict)
     return model
 
 

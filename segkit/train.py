@@ -549,7 +549,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) 
 
     torch.manual_seed(t.seed)
     model = build_model(cfg.model.arch, cfg.model.encoder, head.channels, cfg.data.channels,
-                        cfg.model.encoder_weights).to(device, memory_format=torch.channels_last)  # NHWC everywhere:
+                        cfg.model.encoder_weights, cfg.model.encoder_weights_strict
+                        ).to(device, memory_format=torch.channels_last)  # NHWC everywhere:
     if device.type == "cuda":  # measured ~30% faster per CPU step than NCHW (oneDNN), and cuDNN's fast path
         torch.backends.cudnn.benchmark = True
     loss_fn = head.loss(t.loss, t.class_weights).to(device)

@@ -399,6 +399,23 @@ def test_partly_matching_encoder_weights_are_refused(tmp_path, torchvision_resne
     assert says in str(err.value) and str(path) in str(err.value) and "Fix:" in str(err.value), str(err.value)
 
 
+def test_encoder_weights_strict_false_loads_what_fits(tmp_path, torchvision_resnet18, caplog):
+    """model.encoder_weights_strict: false: the tensors that fit are the file's, the others keep their start."""
+    path = tmp_path / "crafted.safetensors"
+    state = torchvision_resnet18[1]
+    save_file(_crafted(state, drop=["layer4.1.bn2.weight"], reshape={"layer1.0.conv1.weight": (64, 64, 1, 1)}),
+              str(path))
+    torch.manual_seed(0)
+    model = build_model("Unet", "resnet18", 1, 3, str(path), strict=False)
+    torch.manual_seed(0)
+    fresh = build_model("Unet", "resnet18", 1, 3)
+    got = model.encoder.state_dict()
+    assert torch.equal(got["layer4.0.conv1.weight"], state["layer4.0.conv1.weight"])
+    assert torch.equal(got["layer1.0.conv1.weight"], fresh.encoder.state_dict()["layer1.0.conv1.weight"])
+    assert torch.equal(got["layer4.1.bn2.weight"], fresh.encoder.state_dict()["layer4.1.bn2.weight"])
+    assert "encoder_weights_strict: false" in caplog.text and "layer4.1.bn2.weight" in caplog.text
+
+
 def test_weights_of_another_encoder_are_refused(tmp_path):
     path = tmp_path / "resnet34.safetensors"
     save_file(torchvision.models.resnet34().state_dict(), str(path))
