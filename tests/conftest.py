@@ -112,3 +112,44 @@ def assert_refused(result: Result, out: Path, *words: str) -> None:
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 """The default input normalisation (mean, std) of 3-channel configs, as written in model.json."""
+
+
+@pytest.fixture(scope="session")
+def content_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Untrained resnet18 U-Net checkpoints ({"sigmoid": [nucleus], "softmax": [background, nucleus]})
+    whose masks follow the image: batch-norm statistics taken from 4 real nuclei images (a fresh network's
+    statistics give an almost constant output), then logits scaled to mean 0, std 3 on those images.
+    About 30% of their pixels change under flip TTA; sigmoid probabilities spread over (0, 1)."""
+    import numpy as np
+    import torch
+
+    from segkit.data.normalize import Normalization
+    from segkit.heads import build_head
+    from segkit.model import build_model, checkpoint_meta, save_checkpoint
+
+    images = np.stack([np.asarray(Image.open(NUCLEI / "train" / "images" / f"{s}.png").convert("RGB"))
+                       for s in small_nuclei_stems(4)]).astype(np.float32)
+    x = torch.from_numpy((images - 255 * np.array(IMAGENET[0])) / (255 * np.array(IMAGENET[1])))
+    x = x.permute(0, 3, 1, 2).float()
+    root = tmp_path_factory.mktemp("content")
+    folders = {}
+    for head_name, classes in (("sigmoid", ["nucleus"]), ("softmax", ["background", "nucleus"])):
+        torch.manual_seed(0)
+        head = build_head(head_name, classes)
+        model = build_model("Unet", "resnet18", head.channels)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None  # a plain average over the batch
+        with torch.no_grad():
+            model.train()(x)
+            y = model.eval()(x)
+            conv = model.segmentation_head[0]
+            mean, std = y.mean((0, 2, 3)), y.std((0, 2, 3))
+            conv.weight.mul_((3 / std).view(-1, 1, 1, 1))
+            conv.bias.sub_(mean).mul_(3 / std)
+        folders[head_name] = root / head_name
+        save_checkpoint(folders[head_name], model, checkpoint_meta(head, "Unet", "resnet18", 3,
+                                                                   Normalization.unit(*IMAGENET),
+                                                                   data={"mask": "binary"}))
+    return folders
