@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import DATASETS, run_cli
 from segkit.evaluate import format_scores
 from segkit.heads import IGNORE, build_head
 from segkit.metrics import class_scores, summarize
@@ -317,6 +317,8 @@ def test_evaluate_user_errors_exit_2_with_a_message(capsys, tmp_path):
     assert code == 2 and err.startswith("error: ") and "background" in err and "Traceback" not in err
     code, _, err = run_cli("evaluate", ckpt, data, "--split", "train", *RUN)
     assert code == 2 and "train" in err and "test" in err and "Traceback" not in err
+    code, _, err = run_cli("evaluate", ckpt, data, "--split", "val", *RUN)  # val is held out of train/: none here
+    assert code == 2 and "no train split" in err and "test" in err and "Traceback" not in err
     (data / "test" / "images" / "im1.png").write_bytes(b"not a png at all")
     code, _, err = run_cli("evaluate", ckpt, data, *RUN)
     assert code == 2 and "im1.png" in err and "Traceback" not in err
@@ -324,3 +326,43 @@ def test_evaluate_user_errors_exit_2_with_a_message(capsys, tmp_path):
     (data / "test" / "images" / "im1.png").unlink()
     code, _, err = run_cli("evaluate", bad, data, *RUN)  # mask values 2 are outside 2 classes
     assert code == 2 and "outside" in err and "Traceback" not in err
+
+
+def test_evaluate_config_reads_the_masks_as_its_data_section_says(capsys, tmp_path, content_checkpoints):
+    """Real ISBI membrane masks mark the class with 0. The checkpoint was trained on masks whose
+    foreground is 255; `--config` with `foreground_value: 0` scores against the other reading."""
+    import yaml
+
+    root = tmp_path / "data"
+    for kind, resample in (("images", Image.BILINEAR), ("masks", Image.NEAREST)):
+        (root / "test" / kind).mkdir(parents=True)
+        for name in ("0.png", "1.png"):
+            with Image.open(DATASETS / "isbi2012-membrane" / kind / name) as im:
+                im.resize((256, 256), resample).save(root / "test" / kind / name)
+    config = tmp_path / "membrane.yaml"  # the class keeps the checkpoint's name; only the encoding differs
+    config.write_text(yaml.safe_dump({"data": {"root": "elsewhere", "classes": ["nucleus"], "mask": "binary",
+                                               "foreground_value": 0}, "model": {"head": "sigmoid"}}))
+    ckpt = content_checkpoints["sigmoid"]
+    code, _, err = run_cli("evaluate", ckpt, root, "--config", config, "--json", tmp_path / "config.json", *RUN)
+    assert code == 0, err
+    code, _, err = run_cli("evaluate", ckpt, root, "--json", tmp_path / "default.json", *RUN)
+    assert code == 0, err
+    code, _, err = run_cli("predict", ckpt, root / "test" / "images", tmp_path / "pred", *RUN)
+    assert code == 0, err
+    masks = {n: np.asarray(Image.open(root / "test" / "masks" / n)) for n in ("0.png", "1.png")}
+    assert all(set(np.unique(m).tolist()) == {0, 255} for m in masks.values())
+    for name, foreground in (("config", 0), ("default", 255)):
+        s = json.loads((tmp_path / f"{name}.json").read_text())
+        tp = fp = fn = 0
+        for n, mask in masks.items():
+            pred = np.asarray(Image.open(tmp_path / "pred" / "nucleus" / n)) == 255
+            truth = mask == foreground
+            tp, fp, fn = tp + int((pred & truth).sum()), fp + int((pred & ~truth).sum()), fn + int((~pred & truth).sum())
+        assert s["images"] == 2
+        got = s["per_class"]["nucleus"]
+        assert (got["tp"], got["fp"], got["fn"]) == (tp, fp, fn), name
+        assert got["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn), rel=1e-12)
+        assert got["iou"] == pytest.approx(tp / (tp + fp + fn), rel=1e-12)
+        assert got["truth_pixels"] == tp + fn
+    assert json.loads((tmp_path / "config.json").read_text())["per_class"]["nucleus"]["truth_pixels"] != \
+        json.loads((tmp_path / "default.json").read_text())["per_class"]["nucleus"]["truth_pixels"]
