@@ -16,7 +16,7 @@ from segkit.heads import build_head
 from segkit.data.normalize import Normalization
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
 from segkit.viz import ERROR_COLORS, error_map, overlay, panels_picture, sources_for, to_display
-from conftest import run_cli
+from conftest import DATASETS, run_cli
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 GREY = 100
@@ -45,11 +45,11 @@ def edges(m: np.ndarray) -> np.ndarray:
     return m & ~inner
 
 
-def expected_overlay(grey: int, masks: np.ndarray, colors, alpha: float) -> np.ndarray:
-    """Independent rendering of DESIGN's overlay on a flat grey image: tint with the mean
-    colour of a pixel's classes, then each class's outline in its colour (later classes on top)."""
+def expected_overlay(grey: int | np.ndarray, masks: np.ndarray, colors, alpha: float) -> np.ndarray:
+    """Independent rendering of DESIGN's overlay on a flat grey image (or on an RGB image): tint with
+    the mean colour of a pixel's classes, then each class's outline in its colour (later classes on top)."""
     painted = [i for i, c in enumerate(colors) if tuple(c) != (0, 0, 0)]
-    out = np.full(masks.shape[1:] + (3,), float(grey))
+    out = np.full(masks.shape[1:] + (3,), float(grey)) if np.isscalar(grey) else grey.astype(float)
     count = masks[painted].sum(0)
     tint = np.zeros_like(out)
     for i in painted:
@@ -58,7 +58,7 @@ def expected_overlay(grey: int, masks: np.ndarray, colors, alpha: float) -> np.n
     out[hit] = (1 - alpha) * out[hit] + alpha * tint[hit] / count[hit][:, None]
     for i in painted:
         out[edges(masks[i])] = colors[i]
-    return out
+    return np.round(out)
 
 
 def flat_image(folder: Path, stem: str = "x", h: int = H, w: int = W) -> np.ndarray:
@@ -339,3 +339,59 @@ def test_visualize_needs_exactly_one_source_of_classes(capsys, tmp_path):
     head, masks, truth = sources_for(tmp_path / "m", tmp_path / "ckpt", None, tmp_path / "t")
     assert head.classes == ["background", "a"] and masks.fmt.classes == ["background", "a"]
     assert truth is not None and truth.folder == tmp_path / "t"
+
+
+CAMVID = DATASETS / "camvid"
+CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+                  "Pedestrian", "Bicyclist"]
+CAMVID_COLORS = [(0, 0, 0), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+                 (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)]
+
+
+def test_visualize_config_reads_masks_in_its_data_format_with_its_colours(capsys, tmp_path):
+    """Real CamVid index masks (11 = ignored) read as a config's data section says, drawn in the config's
+    colours (Sky black: not painted); with --truth, the error panel marks exactly the changed pixels."""
+    import yaml
+
+    stem = "0016E5_07959"
+    image = np.asarray(Image.open(CAMVID / "images" / "val" / f"{stem}.png").convert("RGB"))
+    truth = np.asarray(Image.open(CAMVID / "masks" / "val" / f"{stem}.png"))
+    h, w = truth.shape
+    (tmp_path / "images").mkdir()
+    Image.fromarray(image).save(tmp_path / "images" / f"{stem}.png")
+    pred = truth.copy()
+    pred[(truth == 3) & (np.arange(h)[:, None] > 300)] = 4  # road drawn as pavement: a wrong class
+    pred[:40, 150:300] = 8  # a car in the sky (false positives: Sky is not drawn) and over buildings (wrong)
+    write_png(tmp_path / "pred" / f"{stem}.png", pred)
+    write_png(tmp_path / "truth" / f"{stem}.png", truth)
+    config = tmp_path / "camvid.yaml"
+    config.write_text(yaml.safe_dump({"data": {"root": str(CAMVID), "classes": CAMVID_CLASSES, "mask": "index",
+                                               "ignore_index": 11, "colors": [list(c) for c in CAMVID_COLORS]},
+                                      "model": {"head": "softmax"}}))
+    code, out, err = run_cli("visualize", tmp_path / "images", tmp_path / "pred", tmp_path / "out",
+                             "--config", config, "--alpha", "0.5")
+    assert code == 0, err
+    assert "1 pictures" in out
+    masks = np.stack([pred == k for k in range(len(CAMVID_CLASSES))])  # 11 is no class: left untinted
+    body = read_rgb(tmp_path / "out" / f"{stem}.png")[:h]
+    want = expected_overlay(image, masks, CAMVID_COLORS, 0.5)
+    assert np.array_equal(body, want)
+    unpainted = (pred == 11) | (pred == 0)
+    inside = unpainted & ~np.any([edges(m) for m in masks[1:]], axis=0)
+    assert inside.sum() > 1000 and np.array_equal(body[inside], image[inside])
+
+    code, _, err = run_cli("visualize", tmp_path / "images", tmp_path / "pred", tmp_path / "panels",
+                           "--config", config, "--truth", tmp_path / "truth")
+    assert code == 0, err
+    pic = read_rgb(tmp_path / "panels" / f"{stem}.png")
+    assert pic.shape[1] == 4 * w
+    top = next(y for y in range(pic.shape[0]) if np.array_equal(pic[y, :w], image[0]))
+    errors = pic[top:top + h, 3 * w:]
+    valid = truth != 11
+    wrong = valid & (pred != truth) & (truth != 0) & (pred != 0)
+    fp = valid & (pred != truth) & (truth == 0) & (pred != 0)  # Sky is not drawn: over it, only a false positive
+    assert wrong.sum() > 1000 and fp.sum() > 100
+    assert (errors[wrong] == ERROR_COLORS["wrong class"]).all()
+    assert (errors[fp] == ERROR_COLORS["false positive"]).all()
+    right = ~(wrong | fp)
+    assert np.array_equal(errors[right], (image[right].astype(np.float32) * 0.4).astype(np.uint8))
