@@ -29,7 +29,7 @@ from segkit.infer import (
 )
 from segkit.data.normalize import Normalization
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
-from conftest import run_cli
+from conftest import NUCLEI, run_cli
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 DATA = {"mask": "index", "ignore_index": None, "foreground_value": None, "colors": None,
@@ -196,6 +196,74 @@ def test_tiled_logits_equal_whole_image_logits_for_a_pointwise_model(head_name, 
     assert np.array_equal(pa.mask, pb.mask)
     assert pb.probs.shape == (len(classes), h, w) and pb.probs.dtype == np.float16
     assert np.allclose(pa.probs.astype(np.float32), pb.probs.astype(np.float32), atol=1e-3)
+
+
+class Brightness(nn.Module):
+    """Hand-set weights, output by content: the mean of a pixel's 9x9 neighbourhood over the bands (four
+    reflect-padded 3x3 box blurs, stride 1), compared with one level per class: sigmoid logits
+    scale * (m - level), softmax logits -scale * (m - level)^2 (the nearest level wins). Stride 1 and a
+    9x9 reach: inside a window, farther than 4 pixels from its edges, the window sees what the whole
+    image sees, so there tiling must give the whole-image logits exactly."""
+
+    def __init__(self, exclusive: bool, levels: list[float], scale: float) -> None:
+        super().__init__()
+        convs = [nn.Conv2d(3 if k == 0 else 1, 1, 3, padding=1, padding_mode="reflect", bias=False) for k in range(4)]
+        with torch.no_grad():
+            for conv in convs:
+                conv.weight.fill_(1 / conv.weight[0].numel())
+        self.blur = nn.Sequential(*convs)
+        self.register_buffer("levels", torch.tensor(levels).view(1, -1, 1, 1))
+        self.exclusive, self.scale = exclusive, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.blur(x) - self.levels
+        return -self.scale * d ** 2 if self.exclusive else self.scale * d
+
+
+def far_from_inner_edges(h: int, w: int, tile: int, overlap: int, reach: int) -> np.ndarray:
+    """Pixels farther than `reach` from every edge of every window covering them (image borders
+    excepted: whole image and windows both end there)."""
+    far = np.ones((h, w), bool)
+    for y in window_starts(h, tile, tile - overlap):
+        for x in window_starts(w, tile, tile - overlap):
+            window = np.zeros((h, w), bool)
+            window[y:y + tile, x:x + tile] = True
+            core = np.zeros((h, w), bool)
+            core[y + reach if y else 0: y + tile - reach if y + tile < h else h,
+                 x + reach if x else 0: x + tile - reach if x + tile < w else w] = True
+            far &= ~window | core
+    return far
+
+
+@pytest.mark.parametrize("head_name,classes", HEADS)
+def test_tiled_prediction_of_a_content_model_equals_the_whole_image_away_from_window_edges(head_name, classes):
+    """A real nuclei image (cropped to 352 x 320, multiples of 32: the whole image is not padded)
+    through 96-pixel windows: in single-window regions and wherever no window edge is within the
+    model's reach, the blended logits are the whole image's; elsewhere the masks agree on >= 99.9%."""
+    path = next(p for p in sorted((NUCLEI / "train" / "images").iterdir()) if Image.open(p).size == (360, 360))
+    image = np.ascontiguousarray(read_image(path, 3)[:352, :320])
+    h, w, tile, overlap = 352, 320, 96, 32
+    with torch.no_grad():
+        m = Brightness(False, [0.0], 1.0)(normalise(image)).flatten().numpy()
+    quantiles = (0.3, 0.6, 0.9) if head_name == "softmax" else (0.5, 0.8)
+    model = Brightness(head_name == "softmax", np.quantile(m, quantiles).tolist(), 4 / float(m.std()))
+    whole = make_seg(head_name, classes, model, tile=1024)
+    tiled = make_seg(head_name, classes, model, tile=tile, overlap=overlap, batch_size=3)
+    assert not tiled.fits(image) and whole.fits(image)
+    a, b = whole.logits(image), tiled.logits(image)
+    spread = float(a.abs().max())
+    single = coverage(h, w, tile, overlap) == 1
+    far = far_from_inner_edges(h, w, tile, overlap, reach=4)
+    assert single.sum() > 30000 and (far & ~single).sum() > 30000 and not (single & ~far).any()
+    assert float((a - b)[:, torch.from_numpy(far)].abs().max()) <= 1e-6 * spread
+    pa, pb = whole.predict(image).mask, tiled.predict(image).mask
+    same = pa == pb if head_name == "softmax" else (pa == pb).all(0)
+    assert same[single].all()
+    assert same[~single].mean() >= 0.999, same[~single].mean()
+    near = torch.from_numpy(~far)
+    assert float((a - b)[:, near].abs().max()) > 1e-2  # windows do see less near their edges: a real blend
+    labels = pa if head_name == "softmax" else pa.sum(0)
+    assert len(np.unique(labels)) == len(classes) + (head_name == "sigmoid")  # every class is drawn
 
 
 def test_tiled_logits_are_the_gaussian_weighted_mean_of_window_outputs():
