@@ -60,12 +60,31 @@ def _pop_nproc(args: list[str]) -> tuple[int, list[str]]:
 
 
 def launch(nproc: int, args: list[str]) -> int:
-    """Re-run this command under torchrun with `nproc` processes on this machine."""
+    """Re-run this command under torchrun with `nproc` processes on this machine, and wait for it.
+
+    A SIGTERM sent to this process alone (a scheduler pre-empting the job) is passed on to torchrun, which
+    passes it to the ranks: they finish the step and write last/. A terminal's Ctrl-C already reaches the
+    whole process group, so SIGINT is not sent twice."""
+    import signal
     import subprocess
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "cli", *args]
-    return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd)
+    stopped: list[int] = []
+
+    def forward(signum: int, _) -> None:
+        stopped.append(signum)
+        proc.send_signal(signum)
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    try:
+        code = proc.wait()
+        return 128 + signal.SIGTERM if stopped and code else code  # torchrun itself exits 1 on a signal
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None) -> None:
