@@ -65,12 +65,20 @@ def predict_volumes(seg, input_dir: Path, output_dir: Path, save_probs: bool, ve
                           "volumes. Fix: leave out --vectorize.")
     summary = predict_volume_folder(seg, input_dir, output_dir, probs=save_probs, overwrite=overwrite,
                                     progress=progress and distributed.rank() == 0)
-    for _, reason in summary.failed:
+    report(summary.failed, f"{summary.volumes} volumes ({summary.slices} slices) in {summary.seconds:.1f} s "
+                           f"({summary.seconds_per_volume:.2f} s/volume), {len(summary.failed)} failed; "
+                           f"masks in {output_dir}")
+
+
+def report(failed: list, line: str) -> None:
+    """Each failure on stderr, the summary line once (rank 0), and exit 1 when anything failed."""
+    from segkit import distributed
+
+    for _, reason in failed:
         typer.echo(f"failed: {reason}", err=True)
     if distributed.rank() == 0:
-        typer.echo(f"{summary.volumes} volumes ({summary.slices} slices) in {summary.seconds:.1f} s "
-                   f"({summary.seconds_per_volume:.2f} s/volume), {len(summary.failed)} failed; masks in {output_dir}")
-    if summary.failed:
+        typer.echo(line)
+    if failed:
         raise typer.Exit(1)
 
 
@@ -110,10 +118,5 @@ def predict(
     refuse_volumes(input_dir)
     summary = seg.predict_folder(input_dir, output_dir, probs=save_probs, overwrite=overwrite, workers=workers,
                                  progress=progress and distributed.rank() == 0, vectorize=vectorize)
-    for path, reason in summary.failed:
-        typer.echo(f"failed: {reason}", err=True)
-    if distributed.rank() == 0:
-        typer.echo(f"{summary.images} images in {summary.seconds:.1f} s ({summary.images_per_s:.2f} images/s), "
-                   f"{len(summary.failed)} failed; masks in {output_dir}")
-    if summary.failed:
-        raise typer.Exit(1)
+    report(summary.failed, f"{summary.images} images in {summary.seconds:.1f} s ({summary.images_per_s:.2f} "
+                           f"images/s), {len(summary.failed)} failed; masks in {output_dir}")
