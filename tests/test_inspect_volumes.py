@@ -12,9 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
-from scipy import ndimage
 
+import volumedata
 from conftest import DATASETS
 from segkit.config import load_config
 from segkit.data.inspect_volumes import inspect_volumes
@@ -22,7 +21,7 @@ from segkit.errors import ConfigError
 
 HIPPO = DATASETS / "nifti-samples" / "msd-hippocampus"
 CORD = DATASETS / "nifti-samples" / "sct-spinalcord"
-ISBI = DATASETS / "isbi2012-membrane"
+
 
 
 def _load(folder: Path) -> dict[str, nib.Nifti1Image]:
@@ -34,23 +33,8 @@ def _voxels(image: nib.Nifti1Image) -> np.ndarray:
 
 
 def membrane_regions(root: Path, depth: int = 4) -> Path:
-    """nnU-Net v2 regions from real EM sections: label 1 = membrane, 2 = a 2-pixel ring around it;
-    whole = {1, 2} and core = {1} nest (4 x 4 nm pixels, 50 nm sections, in µm)."""
-    affine = np.diag([0.004, 0.004, 0.05, 1.0])
-    for name, first in (("em_a", 0), ("em_b", depth)):
-        images, labels = [], []
-        for z in range(first, first + depth):
-            images.append(np.array(Image.open(ISBI / "images" / f"{z}.png"))[200:248, 240:280])
-            membrane = np.array(Image.open(ISBI / "masks" / f"{z}.png"))[200:248, 240:280] == 0
-            ring = ndimage.binary_dilation(membrane, iterations=2) & ~membrane
-            labels.append(np.where(membrane, 1, np.where(ring, 2, 0)).astype(np.uint8))
-        for folder, array, stem in (("imagesTr", images, f"{name}_0000"), ("labelsTr", labels, name)):
-            (root / folder).mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(np.stack(array, axis=-1), affine), root / folder / f"{stem}.nii.gz")
-    (root / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "EM"}, "labels": {"background": 0, "whole": [1, 2], "core": [1]},
-        "regions_class_order": [2, 1], "numTraining": 2, "file_ending": ".nii.gz"}))
-    return root
+    """nnU-Net v2 regions from real EM sections (tests/volumedata.py), 48 x 40 pixels, two cases of `depth`."""
+    return volumedata.membrane_regions(root, depth=depth, shape=(48, 40))
 
 
 # --- plain labels: the real hippocampus and spinal cord samples -------------------------------------------------

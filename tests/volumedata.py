@@ -27,23 +27,27 @@ def write_json(path: Path, spec: dict) -> None:
     path.write_text(json.dumps(spec, indent=1, sort_keys=False))  # key order matters for regions
 
 
-def membrane_volume(first: int, depth: int = 6, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """A size x size x depth crop of consecutive real EM sections: the image, and labels 1 = membrane (mask 0),
+def membrane_volume(first: int, depth: int = 6, shape: tuple[int, int] = (64, 64)) -> tuple[np.ndarray, np.ndarray]:
+    """An h x w x depth crop of consecutive real EM sections: the image, and labels 1 = membrane (mask 0),
     2 = a 2-pixel ring around it (in-plane dilation), 0 = the rest of the cell interiors."""
     images, labels = [], []
+    crop = np.s_[200:200 + shape[0], 240:240 + shape[1]]
     for z in range(first, first + depth):
-        image = np.array(Image.open(ISBI / "images" / f"{z}.png"))[200:200 + size, 240:240 + size]
-        membrane = np.array(Image.open(ISBI / "masks" / f"{z}.png"))[200:200 + size, 240:240 + size] == 0
+        image = np.array(Image.open(ISBI / "images" / f"{z}.png"))[crop]
+        membrane = np.array(Image.open(ISBI / "masks" / f"{z}.png"))[crop] == 0
         ring = ndimage.binary_dilation(membrane, iterations=2) & ~membrane
         images.append(image)
         labels.append(np.where(membrane, 1, np.where(ring, 2, 0)).astype(np.uint8))
     return np.stack(images, axis=-1), np.stack(labels, axis=-1)
 
 
-def membrane_regions(root: Path, cases: tuple[tuple[str, int], ...] = (("em_a", 0), ("em_b", 6))) -> Path:
-    """An nnU-Net v2 dataset with nested regions: whole = {1, 2} (membrane and its ring), core = {1}."""
+def membrane_regions(root: Path, cases: tuple[tuple[str, int], ...] | None = None, depth: int = 6,
+                     shape: tuple[int, int] = (64, 64)) -> Path:
+    """An nnU-Net v2 dataset with nested regions: whole = {1, 2} (membrane and its ring), core = {1};
+    by default two cases of `depth` consecutive sections."""
+    cases = cases or (("em_a", 0), ("em_b", depth))
     for name, first in cases:
-        image, label = membrane_volume(first)
+        image, label = membrane_volume(first, depth, shape)
         save_nifti(image, EM_AFFINE, root / "imagesTr" / f"{name}_0000.nii.gz")
         save_nifti(label, EM_AFFINE, root / "labelsTr" / f"{name}.nii.gz")
     write_json(root / "dataset.json", {
