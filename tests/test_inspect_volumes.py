@@ -23,7 +23,6 @@ HIPPO = DATASETS / "nifti-samples" / "msd-hippocampus"
 CORD = DATASETS / "nifti-samples" / "sct-spinalcord"
 
 
-
 def _load(folder: Path) -> dict[str, nib.Nifti1Image]:
     return {p.name[:-len(".nii.gz")]: nib.load(p) for p in sorted(folder.glob("*.nii.gz"))}
 
