@@ -157,9 +157,25 @@ def test_rng_state_round_trips_every_generator():
 # -- real processes: SIGTERM to the process group, SIGKILL while last/ is being written ------------------------
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_orphans():
+    """A failing test must not leave its training process group running (it would load the machine)."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _start(args: list) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    _STARTED.append(proc)
+    return proc
 
 
 def _wait_for(proc: subprocess.Popen, text: str) -> list[str]:
