@@ -93,7 +93,7 @@ def test_spaced_validation_rows_keep_their_columns_and_resume(tmp_path):
     """val_every 2: unvalidated epochs are NaN rows with every column; metrics.csv reads back on resume."""
     data = copy_nuclei(tmp_path / "data", 6)
     args = train_args(CONFIGS / "nuclei-sigmoid.yaml", data, tmp_path / "run", "--set", "train.val_every=2",
-                      epochs=3)
+                      "--set", "train.steps_per_epoch=1", epochs=3)
     r = run_cli(*args)
     assert r.code == 0, r.err
     with (tmp_path / "run" / "metrics.csv").open() as f:
@@ -101,7 +101,7 @@ def test_spaced_validation_rows_keep_their_columns_and_resume(tmp_path):
     assert [r["val_mean_dice"] == "nan" for r in rows] == [True, False, False]  # epochs 2 and the last
     assert all(r["dice_nucleus"] for r in rows)
     r = run_cli(*train_args(CONFIGS / "nuclei-sigmoid.yaml", data, tmp_path / "run", "--set", "train.val_every=2",
-                            "--resume", epochs=4))
+                            "--set", "train.steps_per_epoch=1", "--resume", epochs=4))
     assert r.code == 0, r.err
 
 
