@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := runs/demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-all bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The default tier, then long end-to-end runs, fuzzing at scale and the tests on $(SEGKIT_DATA)
+# (default ../shared/datasets).
+test-all: $(STAMP)
+	$(BIN)/python -m pytest --all
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

@@ -1,14 +1,19 @@
-"""Shared fixtures: run the CLI in-process, tiny real data subsets, tiny training settings.
+"""Fixtures: run the CLI in-process, tiny real data subsets, tiny training settings; the test tiers.
 
-Real data only: the embedded nuclei subset (data/nuclei) and the shared datasets in
-../shared/datasets (relative to the repository root). Subsets are copied into tmp folders;
+Real data only. The default tier reads only files inside the repository: the embedded nuclei subset
+(data/nuclei) and the samples in tests/data (see tests/samples.py). Subsets are copied into tmp folders;
 the originals are never written.
+
+Tiers: `make test` runs the default tier. Tests marked `slow` (long end-to-end runs, fuzzing at scale)
+and the modules in tests/extended (they read the larger datasets under $SEGKIT_DATA) run with
+`pytest --all` (`make test-all`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +23,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+EXTENDED = Path(os.environ.get("SEGKIT_DATA") or ROOT.parent / "shared" / "datasets")
 NUCLEI = ROOT / "data" / "nuclei"
 CONFIGS = ROOT / "configs"
 
@@ -29,6 +34,45 @@ TINY = ("--device", "cpu", "--no-progress",
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def extended_data(name: str) -> Path:
+    """The extended tier's dataset `name` under $SEGKIT_DATA; skips the calling module, in one line, where absent."""
+    path = EXTENDED / name
+    if not path.is_dir():
+        pytest.skip(f"extended tier: {path} not found (set SEGKIT_DATA to the datasets folder)",
+                    allow_module_level=True)
+    return path
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--all", action="store_true", help="also run the slow and extended tiers (make test-all)")
+    parser.addoption("--no-skips", action="store_true",
+                     help="a skipped test fails (CI's default tier: nothing may be skipped for missing data)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.config.getoption("--no-skips"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under --no-skips: {report.longrepr}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules under tests/extended are `extended`; without --all (or an explicit -m) only the default tier runs."""
+    extended = Path(__file__).parent / "extended"
+    for item in items:
+        if extended in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.extended)
+    if config.getoption("--all") or config.getoption("markexpr"):
+        return
+    keep = [i for i in items if not (i.get_closest_marker("slow") or i.get_closest_marker("extended"))]
+    dropped = [i for i in items if i not in keep]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 class Result(NamedTuple):
