@@ -1,6 +1,6 @@
 """`segkit evaluate` on volume datasets: per-case 3-D Dice, IoU and HD95 in mm against hand-computed values on
 small anisotropic volumes (through the oracle model of test_infer_volumes, whose prediction is its input),
-regions scored class by class, and a model trained with `segkit train` scored against an independent
+regions scored class by class, and a checkpoint written by `segkit train` scored against an independent
 computation from the files `segkit predict` writes."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from scipy.spatial import cKDTree
 
 import volumedata
-from conftest import TINY, assert_refused
+from conftest import assert_refused
 from test_infer_volumes import labels, oracle_checkpoint
 from segkit.metrics3d import EMPTY_RULE_3D
 
@@ -154,17 +154,16 @@ def _hd95(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...], diagonal: fl
     return max(np.percentile(cKDTree(pb).query(pa)[0], 95), np.percentile(cKDTree(pa).query(pb)[0], 95))
 
 
-def test_a_trained_region_model_scores_as_its_written_predictions(cli, tmp_path):
-    """`segkit train` (sigmoid, nested regions of real EM membranes) -> `predict` the validation case ->
-    `evaluate --split val`: the case is the one training held back, its scores equal Dice and HD95 computed
-    from the written files with numpy and a k-d tree, and the mean Dice is training's own validation Dice
-    (one case: pooled slice counts are the case's counts)."""
-    root = volumedata.membrane_regions(tmp_path / "Dataset901_Membrane", (("em_a", 0), ("em_b", 6), ("em_c", 12)))
-    config = tmp_path / "sigmoid.yaml"
-    config.write_text(f"data:\n  root: {root}\nmodel:\n  head: sigmoid\n")
-    assert cli("train", config, "--out", tmp_path / "run", "--epochs", "1", *TINY).code == 0
-    model = tmp_path / "run" / "best"
-    meta = json.loads((model / "model.json").read_text())
+def test_a_trained_region_model_scores_as_its_written_predictions(cli, tmp_path, tmp_path_factory):
+    """The session's sigmoid region run (real hippocampus regions on a 1 x 1 x 3 mm grid, tests/volumedata.py):
+    `evaluate --split val` scores the case training held back. With the checkpoint's weights made to follow the
+    image, its scores equal Dice and HD95 computed from the files `segkit predict` writes, with numpy and a k-d
+    tree; with the trained weights, its mean Dice is training's own validation Dice (one case: pooled slice
+    counts are the case's counts)."""
+    base = volumedata.region_run(tmp_path_factory)
+    root, trained = base / "data", base / "run" / "best"
+    model = volumedata.region_content(tmp_path_factory)
+    meta = json.loads((trained / "model.json").read_text())
     (case,) = meta["data"]["val_cases"]
     (tmp_path / "in").mkdir()
     shutil.copy(root / "imagesTr" / f"{case}_0000.nii.gz", tmp_path / "in")
@@ -177,13 +176,21 @@ def test_a_trained_region_model_scores_as_its_written_predictions(cli, tmp_path)
     assert list(scores["per_case"]) == [case]
     truth = labels(root / "labelsTr" / f"{case}.nii.gz")
     spacing = nib.load(root / "labelsTr" / f"{case}.nii.gz").header.get_zooms()
+    assert spacing == (1.0, 1.0, 3.0)
     diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(truth.shape, spacing)))
-    for name, values in (("whole", (1, 2)), ("core", (1,))):
+    for name, values in (("whole", (1, 2)), ("core", (2,))):
         predicted = labels(tmp_path / "out" / name / f"{case}.nii.gz").astype(bool)
         expected = np.isin(truth, values)
+        assert 0.1 < predicted.mean() < 0.9  # the masks follow the image: neither empty nor full
         dice = 2 * (predicted & expected).sum() / (predicted.sum() + expected.sum())
         got = scores["per_case"][case][name]
         assert got["dice"] == pytest.approx(dice, abs=1e-12)
         hd95 = _hd95(predicted, expected, spacing, diagonal)
         assert got["hd95"] == pytest.approx(hd95, abs=1e-6), name
-    assert scores["mean"]["dice"] == pytest.approx(meta["val"]["mean_dice"], abs=1e-3)
+        assert 0 < hd95 < diagonal  # both masks present: a distance, not the empty-case rule
+    result = cli("evaluate", trained, root, "--split", "val", "--device", "cpu", "--no-progress",
+                 "--json", tmp_path / "trained.json")
+    assert result.code == 0, result.err
+    trained_scores = json.loads((tmp_path / "trained.json").read_text())
+    assert list(trained_scores["per_case"]) == [case]
+    assert trained_scores["mean"]["dice"] == pytest.approx(meta["val"]["mean_dice"], abs=1e-3)

@@ -1,9 +1,10 @@
 """Prediction on NIfTI volumes: masks on the input's exact grid for both heads, label values and the regions'
 combined map, the same network input as training, and bad inputs refused by case.
 
-Two kinds of model: checkpoints trained with `segkit train` on real volumes, and an "oracle" whose output is
-known (class k wherever the input's value is one of class k's label values, with normalisation `none`), so a
-written volume can be compared voxel by voxel with what it must be."""
+Two kinds of model: an "oracle" whose output is known (class k wherever the input's value is one of class k's
+label values, with normalisation `none`), so a written volume can be compared voxel by voxel with what it must
+be; and a checkpoint written by `segkit train` on real volumes (tests/volumedata.py), its weights made to follow
+the image, whose written volumes are compared with the same network run by hand on slices normalised by hand."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 from torch import nn
 
 import volumedata
-from conftest import DATASETS, TINY, assert_refused, run_cli
+from conftest import NUCLEI, assert_refused
+from samples import CORD, HIPPO
 from segkit.config import load_config
 from segkit.data.normalize import Normalization
 from segkit.data.training_data import training_data
@@ -29,10 +31,7 @@ from segkit.data.volumes import Volume
 from segkit.heads import build_head
 from segkit.infer import Segmenter
 from segkit.infer_volumes import predict_volume
-from segkit.model import checkpoint_meta
-
-HIPPO = DATASETS / "nifti-samples" / "msd-hippocampus"
-CORD = DATASETS / "nifti-samples" / "sct-spinalcord"
+from segkit.model import checkpoint_meta, load_checkpoint
 
 
 class Oracle(nn.Module):
@@ -140,31 +139,32 @@ def test_label_values_above_255_are_uint16_and_probabilities_are_saved(cli, tmp_
         np.testing.assert_array_equal(labels(out / "h3_probs.nii.gz")[..., k], np.where(painted == value, on, off))
 
 
-REGIONS = {"whole": (1, 2), "core": (1,)}
+REGIONS = {"whole": (1, 2), "core": (2,)}
 
 
 @pytest.mark.parametrize("classes, order, combined", [
-    (REGIONS, (2, 1), lambda v: v),  # encompassing region first: core (1) paints over whole (2)
-    ({"core": (1,), "whole": (1, 2)}, (1, 2), lambda v: np.where(v > 0, 2, 0)),  # whole paints over core
+    (REGIONS, (1, 2), lambda v: v),  # encompassing region first: core (2) paints over whole (1)
+    ({"core": (2,), "whole": (1, 2)}, (2, 1), lambda v: np.where(v > 0, 1, 0)),  # whole paints over core
 ])
 def test_sigmoid_regions_write_one_volume_per_class_and_the_combined_map(cli, tmp_path, monkeypatch, classes,
                                                                         order, combined):
-    """Real EM membrane labels (1 = membrane, 2 = its ring) as nnU-Net regions; the combined map follows
-    regions_class_order: regions in class order, later ones painting over earlier ones."""
-    _, value = volumedata.membrane_volume(0)
-    inp = volumedata.save_nifti(value, volumedata.EM_AFFINE, tmp_path / "in" / "em_0000.nii.gz")
+    """Real hippocampus labels (1 = anterior, 2 = posterior) on the 1 x 1 x 3 mm grid as nnU-Net regions; the
+    combined map follows regions_class_order: regions in class order, later ones painting over earlier ones."""
+    _, value, affine = volumedata.thick_volume("hippocampus_003")
+    inp = volumedata.save_nifti(value, affine, tmp_path / "in" / "hippo_0000.nii.gz")
     ckpt = oracle_checkpoint(monkeypatch, tmp_path, "sigmoid", classes, order)
     out = tmp_path / "out"
     result = cli("predict", ckpt, tmp_path / "in", out, "--device", "cpu", "--no-progress", "--save-probs")
     assert result.code == 0, result.err
-    assert files(out) == {"core/em.nii.gz", "whole/em.nii.gz", "em.nii.gz", "em_probs.nii.gz"}
-    np.testing.assert_array_equal(labels(out / "whole" / "em.nii.gz"), np.isin(value, (1, 2)).astype(np.uint8))
-    np.testing.assert_array_equal(labels(out / "core" / "em.nii.gz"), (value == 1).astype(np.uint8))
-    np.testing.assert_array_equal(labels(out / "em.nii.gz"), combined(value))
-    for name in ("core/em.nii.gz", "whole/em.nii.gz", "em.nii.gz"):
+    assert files(out) == {"core/hippo.nii.gz", "whole/hippo.nii.gz", "hippo.nii.gz", "hippo_probs.nii.gz"}
+    np.testing.assert_array_equal(labels(out / "whole" / "hippo.nii.gz"), np.isin(value, (1, 2)).astype(np.uint8))
+    np.testing.assert_array_equal(labels(out / "core" / "hippo.nii.gz"), (value == 2).astype(np.uint8))
+    np.testing.assert_array_equal(labels(out / "hippo.nii.gz"), combined(value))
+    assert set(np.unique(combined(value)).tolist()) == ({0, 1, 2} if order == (1, 2) else {0, 1})
+    for name in ("core/hippo.nii.gz", "whole/hippo.nii.gz", "hippo.nii.gz"):
         assert same_grid(out / name, inp).get_data_dtype() == np.uint8
     on, off = torch.sigmoid(torch.tensor([10.0, -10.0])).half().float().numpy()
-    probs = labels(out / "em_probs.nii.gz")
+    probs = labels(out / "hippo_probs.nii.gz")
     for k, values in enumerate(classes.values()):
         np.testing.assert_array_equal(probs[..., k], np.where(np.isin(value, values), on, off))
 
@@ -172,13 +172,13 @@ def test_sigmoid_regions_write_one_volume_per_class_and_the_combined_map(cli, tm
 @pytest.mark.parametrize("options", [(), ("--tile", "32", "--overlap", "8"), ("--tta",)])
 def test_channel_files_of_a_case_are_grouped(cli, tmp_path, monkeypatch, options):
     """nnU-Net cases: <case>_0000 and <case>_0001 are one 2-channel case, predicted once; slices larger than
-    the tile go through windows, and TTA flips, with the same result."""
-    _, value = volumedata.membrane_volume(3)
+    the tile (35 x 51) go through windows, and TTA flips, with the same result."""
+    _, value, affine = volumedata.thick_volume("hippocampus_001")
     for case in ("a", "b"):
-        volumedata.save_nifti(value, volumedata.EM_AFFINE, tmp_path / "in" / f"{case}_0000.nii.gz")
-        volumedata.save_nifti(np.zeros_like(value), volumedata.EM_AFFINE, tmp_path / "in" / f"{case}_0001.nii.gz")
-    ckpt = oracle_checkpoint(monkeypatch, tmp_path, "softmax", {"bg": (0,), "m": (1,), "r": (2,)},
-                             channel_names=("EM", "EM2"))
+        volumedata.save_nifti(value, affine, tmp_path / "in" / f"{case}_0000.nii.gz")
+        volumedata.save_nifti(np.zeros_like(value), affine, tmp_path / "in" / f"{case}_0001.nii.gz")
+    ckpt = oracle_checkpoint(monkeypatch, tmp_path, "softmax", {"bg": (0,), "a": (1,), "p": (2,)},
+                             channel_names=("MRI", "MRI2"))
     result = cli("predict", ckpt, tmp_path / "in", tmp_path / "out", "--device", "cpu", "--no-progress", *options)
     assert result.code == 0, result.err
     assert files(tmp_path / "out") == {"a.nii.gz", "b.nii.gz"} and "2 volumes" in result.out
@@ -187,22 +187,23 @@ def test_channel_files_of_a_case_are_grouped(cli, tmp_path, monkeypatch, options
 
 # -- refusals ----------------------------------------------------------------------------------------------
 
-def _em_case(folder: Path, name: str, channels: int = 1) -> None:
-    image, _ = volumedata.membrane_volume(0)
+def _mri_case(folder: Path, name: str, channels: int = 1) -> None:
+    """A real thick-slice hippocampus image (35 x 51 x 12) as FOLDER/NAME, with `channels` copies of it."""
+    image, _, affine = volumedata.thick_volume("hippocampus_001")
     data = image if channels == 1 else np.stack([image] * channels, axis=-1)
-    volumedata.save_nifti(data, volumedata.EM_AFFINE, folder / name)
+    volumedata.save_nifti(data, affine, folder / name)
 
 
 @pytest.mark.parametrize("layout, names, channels, words", [
-    ("nnunet", ["a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz"], ("EM", "EM2"), ["case b", "b_0001.nii.gz"]),
-    ("nnunet", ["a_0000.nii.gz", "b_0000.nii.gz", "b_0001.nii.gz"], ("EM",), ["case b", "channel 1"]),
-    ("segkit", ["a.nii.gz", "b.nii.gz:2"], ("EM",), ["case b", "2 channel(s)", "1 (['EM'])"]),
+    ("nnunet", ["a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz"], ("MRI", "MRI2"), ["case b", "b_0001.nii.gz"]),
+    ("nnunet", ["a_0000.nii.gz", "b_0000.nii.gz", "b_0001.nii.gz"], ("MRI",), ["case b", "channel 1"]),
+    ("segkit", ["a.nii.gz", "b.nii.gz:2"], ("MRI",), ["case b", "2 channel(s)", "1 (['MRI'])"]),
 ])
 def test_missing_or_extra_channels_are_refused_naming_the_case(cli, tmp_path, monkeypatch, layout, names,
                                                                  channels, words):
     for name in names:
         file, _, n = name.partition(":")
-        _em_case(tmp_path / "in", file, int(n or 1))
+        _mri_case(tmp_path / "in", file, int(n or 1))
     ckpt = oracle_checkpoint(monkeypatch, tmp_path, "softmax", {"bg": (0,), "fg": (1,)}, layout=layout,
                              channel_names=channels)
     out = tmp_path / "out"
@@ -211,12 +212,12 @@ def test_missing_or_extra_channels_are_refused_naming_the_case(cli, tmp_path, mo
 
 @pytest.mark.parametrize("damage", ["not nifti", "truncated"])
 def test_an_unreadable_case_is_reported_and_the_others_written(cli, tmp_path, monkeypatch, damage):
-    _em_case(tmp_path / "in", "good_0000.nii.gz")
+    _mri_case(tmp_path / "in", "good_0000.nii.gz")
     bad = tmp_path / "in" / "bad_0000.nii.gz"
     if damage == "not nifti":
         bad.write_bytes(gzip.compress(b"this is no NIfTI header" * 40))
     else:
-        _em_case(tmp_path / "in", bad.name)
+        _mri_case(tmp_path / "in", bad.name)
         bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
     ckpt = oracle_checkpoint(monkeypatch, tmp_path, "softmax", {"bg": (0,), "fg": (255,)})
     out = tmp_path / "out"
@@ -227,7 +228,7 @@ def test_an_unreadable_case_is_reported_and_the_others_written(cli, tmp_path, mo
 
 
 def test_existing_outputs_need_overwrite_and_the_output_may_not_be_inside_the_input(cli, tmp_path, monkeypatch):
-    _em_case(tmp_path / "in", "a_0000.nii.gz")
+    _mri_case(tmp_path / "in", "a_0000.nii.gz")
     ckpt = oracle_checkpoint(monkeypatch, tmp_path, "sigmoid", {"fg": (255,)})
     out = tmp_path / "out"
     (out / "fg").mkdir(parents=True)
@@ -237,15 +238,15 @@ def test_existing_outputs_need_overwrite_and_the_output_may_not_be_inside_the_in
     assert (out / "fg" / "a.nii.gz").read_bytes() == b"keep"
     result = cli("predict", ckpt, tmp_path / "in", out, "--device", "cpu", "--no-progress", "--overwrite")
     assert result.code == 0, result.err
-    assert nib.load(out / "fg" / "a.nii.gz").shape == (64, 64, 6)
+    assert nib.load(out / "fg" / "a.nii.gz").shape == (35, 51, 12)
     inside = tmp_path / "in" / "pred"
     assert_refused(cli("predict", ckpt, tmp_path / "in", inside, "--device", "cpu"), inside, "inside the input")
 
 
 def test_volumes_and_2d_models_refuse_each_others_inputs(cli, tmp_path, monkeypatch):
-    _em_case(tmp_path / "nifti", "a_0000.nii.gz")
+    _mri_case(tmp_path / "nifti", "a_0000.nii.gz")
     (tmp_path / "png").mkdir()
-    shutil.copy(volumedata.ISBI / "images" / "0.png", tmp_path / "png" / "0.png")
+    shutil.copy(sorted((NUCLEI / "test" / "images").iterdir())[0], tmp_path / "png" / "cells.png")  # a real PNG
     ckpt = oracle_checkpoint(monkeypatch, tmp_path, "softmax", {"bg": (0,), "fg": (255,)})
     out = tmp_path / "out"
     assert_refused(cli("predict", ckpt, tmp_path / "png", out, "--device", "cpu"), out, "no NIfTI volumes",
@@ -255,40 +256,57 @@ def test_volumes_and_2d_models_refuse_each_others_inputs(cli, tmp_path, monkeypa
                    "Fix:")
 
 
-# -- models trained with `segkit train` on real volumes ----------------------------------------------------
+# -- a checkpoint written by `segkit train` on real volumes --------------------------------------------------
 
-def train(tmp: Path, root: Path, head: str) -> Path:
-    config = tmp / f"{head}.yaml"
-    config.write_text(f"data:\n  root: {root}\nmodel:\n  head: {head}\n")
-    result = run_cli("train", config, "--out", tmp / "run", "--epochs", "1", *TINY)
-    assert result.code == 0, result.err
-    return tmp / "run" / "best"
-
-
-@pytest.fixture(scope="module")
-def hippo_model(tmp_path_factory) -> Path:
-    return train(tmp_path_factory.mktemp("hippo"), HIPPO, "softmax")
-
-
-def test_trained_softmax_model_writes_label_volumes_on_the_input_grid(cli, tmp_path, hippo_model):
-    cases = ("hippocampus_001", "hippocampus_004")  # uint8 and float32 images
-    (tmp_path / "in").mkdir()
-    for case in cases:
-        shutil.copy(HIPPO / "imagesTr" / f"{case}_0000.nii.gz", tmp_path / "in" / f"{case}_0000.nii.gz")
+def test_trained_region_model_writes_what_its_network_gives_on_the_input_grid(cli, tmp_path, tmp_path_factory):
+    """The session's sigmoid region checkpoint (model.json from `segkit train`), its weights made to follow the
+    image: the masks written for two real cases (uint8 and float32 images, cut as the training cases to
+    32 x 32 x depth, so no padding to the stride) equal the network run by hand on their axial slices z-scored
+    by hand, thresholded at logit 0, and painted by regions_class_order [1, 2]; voxels may differ only where a
+    logit is within 1e-3 of 0 (a tie)."""
+    ckpt = volumedata.region_content(tmp_path_factory)
+    model, _, _ = load_checkpoint(ckpt)
+    cases = {}
+    for case in ("hippocampus_001", "hippocampus_004"):
+        crop, _, affine = volumedata.thick_volume(case, crop=volumedata.CROP)
+        cases[case] = (crop, volumedata.save_nifti(crop, affine, tmp_path / "in" / f"{case}_0000.nii.gz"))
     out = tmp_path / "out"
-    result = cli("predict", hippo_model, tmp_path / "in", out, "--device", "cpu", "--no-progress")
+    result = cli("predict", ckpt, tmp_path / "in", out, "--device", "cpu", "--no-progress")
     assert result.code == 0, result.err
-    assert files(out) == {f"{case}.nii.gz" for case in cases}
-    for case in cases:
-        image = same_grid(out / f"{case}.nii.gz", HIPPO / "imagesTr" / f"{case}_0000.nii.gz")
-        assert image.get_data_dtype() == np.uint8
-        assert set(np.unique(labels(out / f"{case}.nii.gz"))) <= {0, 1, 2}
+    assert files(out) == {f"{folder}{case}.nii.gz" for case in cases for folder in ("whole/", "core/", "")}
+    for case, (crop, inp) in cases.items():
+        x = torch.from_numpy(np.moveaxis(volumedata.zscore(crop), 2, 0)[:, None].astype(np.float32))
+        with torch.no_grad():
+            logits = np.moveaxis(model(x).numpy(), 0, -1)  # (2, 32, 32, depth): whole, core
+        tie = np.abs(logits) < 1e-3
+        for k, name in enumerate(("whole", "core")):
+            written = same_grid(out / name / f"{case}.nii.gz", inp)
+            assert written.get_data_dtype() == np.uint8
+            mask = labels(out / name / f"{case}.nii.gz").astype(bool)
+            assert 0.1 < mask.mean() < 0.9, (name, mask.mean())  # the masks follow the image
+            assert tie[k][mask != (logits[k] > 0)].all(), (case, name)
+        combined = np.zeros(crop.shape, np.uint8)
+        combined[logits[0] > 0] = 1
+        combined[logits[1] > 0] = 2
+        assert same_grid(out / f"{case}.nii.gz", inp).get_data_dtype() == np.uint8
+        differ = labels(out / f"{case}.nii.gz") != combined
+        assert tie.any(axis=0)[differ].all(), case
+
+
+def _ct_by_hand(root: Path, train_cases: list[str]) -> tuple[float, float, float, float]:
+    """The ct scheme's numbers by hand: 0.5/99.5 percentiles, mean and std of every training foreground voxel
+    (each case has fewer than the 100 000 a case may contribute)."""
+    fg = np.concatenate([labels(root / "imagesTr" / f"{c}_0000.nii.gz")[labels(root / "labelsTr" / f"{c}.nii.gz") > 0]
+                         for c in train_cases]).astype(np.float64)
+    low, high = np.percentile(fg, (0.5, 99.5))
+    return low, high, fg.mean(), fg.std()
 
 
 @pytest.mark.parametrize("modality, scheme", [("MRI", "zscore"), ("CT", "ct")])
 def test_a_case_is_the_same_network_input_in_training_and_prediction(tmp_path, modality, scheme):
     """The float32 slices the network gets in prediction equal the training samples of the same case (no
-    augmentation), for the per-case z-score and for the CT clip + dataset statistics fitted in training."""
+    augmentation), and both equal the normalisation computed by hand: the per-case z-score over the nonzero
+    voxels, and the CT clip + dataset statistics of the training cases' foreground."""
     root = Path(shutil.copytree(HIPPO, tmp_path / "hippo"))
     meta = json.loads((root / "dataset.json").read_text())
     (root / "dataset.json").write_text(json.dumps({**meta, "channel_names": {"0": modality}}))
@@ -303,12 +321,19 @@ def test_a_case_is_the_same_network_input_in_training_and_prediction(tmp_path, m
     seen = []  # what reaches the network; the logits do not matter here
     seg.forward = lambda x: (seen.append(x.clone()), torch.zeros(len(x), head.channels, *x.shape[2:]))[1]
     assert data.val[0].sample.case != "hippocampus_003"
+    axis = data.meta["volume"]["slice_axis"]
+    if scheme == "ct":
+        low, high, mean, std = _ct_by_hand(root, data.meta["train_cases"])
     for case in ("hippocampus_003", data.val[0].sample.case):  # a float32 training case, the validation case
         seen.clear()
         volume = Volume(case, [root / "imagesTr" / f"{case}_0000.nii.gz"])
         predict_volume(seg, volume)
         inputs = torch.cat(seen).permute(0, 2, 3, 1).numpy()
         records = [r for r in data.train + data.val if r.sample.case == case]
-        assert len(inputs) == len(records) == volume.shape[data.meta["volume"]["slice_axis"]]
+        raw = np.asanyarray(nib.load(root / "imagesTr" / f"{case}_0000.nii.gz").dataobj)
+        expected = volumedata.zscore(raw) if scheme == "zscore" else (np.clip(raw, low, high) - mean) / std
+        assert len(inputs) == len(records) == volume.shape[axis]
         for record in records:
             np.testing.assert_array_equal(inputs[record.sample.index], record.cached.image)
+            np.testing.assert_allclose(inputs[record.sample.index][..., 0],
+                                       np.take(expected, record.sample.index, axis), rtol=1e-5, atol=1e-5)

@@ -1,6 +1,6 @@
 """`segkit inspect` on volume datasets: numbers checked against nibabel reads of the real NIfTI samples, nested
-regions built from real ISBI 2012 membrane masks, the advised head checked against the config validation, and
-broken cases refused by name."""
+regions (the hippocampus labels as whole = {1, 2}, core = {2} on a 1 x 1 x 3 mm grid, tests/volumedata.py), the
+advised head checked against the config validation, and broken cases refused by name."""
 
 from __future__ import annotations
 
@@ -14,13 +14,10 @@ import pytest
 import yaml
 
 import volumedata
-from conftest import DATASETS
+from samples import CORD, HIPPO
 from segkit.config import load_config
 from segkit.data.inspect_volumes import inspect_volumes
 from segkit.errors import ConfigError
-
-HIPPO = DATASETS / "nifti-samples" / "msd-hippocampus"
-CORD = DATASETS / "nifti-samples" / "sct-spinalcord"
 
 
 def _load(folder: Path) -> dict[str, nib.Nifti1Image]:
@@ -29,11 +26,6 @@ def _load(folder: Path) -> dict[str, nib.Nifti1Image]:
 
 def _voxels(image: nib.Nifti1Image) -> np.ndarray:
     return np.asanyarray(image.dataobj)
-
-
-def membrane_regions(root: Path, depth: int = 4) -> Path:
-    """nnU-Net v2 regions from real EM sections (tests/volumedata.py), 48 x 40 pixels, two cases of `depth`."""
-    return volumedata.membrane_regions(root, depth=depth, shape=(48, 40))
 
 
 # --- plain labels: the real hippocampus and spinal cord samples -------------------------------------------------
@@ -87,16 +79,17 @@ def test_spinal_cord_geometry_and_its_oblique_anisotropic_case():
 # --- nested regions: sigmoid, and the config it advises validates -------------------------------------------
 
 def test_regions_overlap_and_the_advice_is_what_the_config_accepts(cli, tmp_path):
-    root = membrane_regions(tmp_path / "Dataset901_Membrane")
-    labels = np.concatenate([_voxels(image).ravel() for image in _load(root / "labelsTr").values()])
+    cases = ("hippocampus_001", "hippocampus_006")
+    root = volumedata.thick_regions(tmp_path / "Dataset901_Hippocampus", cases)
+    labels = np.concatenate([volumedata.thick_volume(case, crop=volumedata.CROP)[1].ravel() for case in cases])
     report = inspect_volumes(root)
     assert report.dataset.overlapping() == [("whole", "core")]
-    assert report.class_voxels() == {"whole": int(np.isin(labels, [1, 2]).sum()), "core": int((labels == 1).sum())}
-    assert 0 < report.overlap_share == pytest.approx((labels == 1).mean(), rel=1e-12)
+    assert report.class_voxels() == {"whole": int(np.isin(labels, [1, 2]).sum()), "core": int((labels == 2).sum())}
+    assert 0 < report.overlap_share == pytest.approx((labels == 2).mean(), rel=1e-12)
     assert 0 < report.unlabeled_share == pytest.approx((labels == 0).mean(), rel=1e-12)
     head, why = report.advice()
-    assert head == "sigmoid" and "whole [1, 2] and core [1]" in why and "softmax" in why
-    assert report.slice_axis == 2 and report.anisotropy == pytest.approx(12.5, rel=1e-6)  # 50 nm over 4 nm
+    assert head == "sigmoid" and "whole [1, 2] and core [2]" in why and "softmax" in why
+    assert report.slice_axis == 2 and report.anisotropy == pytest.approx(3.0, rel=1e-6)  # 3 mm over 1 mm
 
     config = tmp_path / "advised.yaml"
     config.write_text(yaml.safe_dump(report.config()))
@@ -107,7 +100,7 @@ def test_regions_overlap_and_the_advice_is_what_the_config_accepts(cli, tmp_path
 
     r = cli("inspect", root)
     assert r.code == 0, r.err
-    assert "regions (from dataset.json): whole = [1, 2], core = 1" in r.out
+    assert "regions (from dataset.json): whole = [1, 2], core = 2" in r.out
     assert "overlapping classes: whole & core" in r.out and "\nhead: sigmoid" in r.out
 
 

@@ -125,7 +125,7 @@ def test_2d_square_shift():
     # 2-D works too: 4x4 squares moved by 3 pixels along axis 1 (spacing 0.25 mm there).
     # Surface of A = 16 - 4 = 12. A -> B: the column 3 away (4 pixels) -> 0.75 mm, the column 2
     # away (its 2 boundary pixels) -> 0.5, the column 1 away (2 boundary pixels) -> 0.25,
-    # the shared column (4) -> 0: sorted 0 x 4, 0.25 x 2, 0.5 x 2, 0.75 x 4; P95 position
+    # the column both squares cover (4) -> 0: sorted 0 x 4, 0.25 x 2, 0.5 x 2, 0.75 x 4; P95 position
     # 0.95 * 11 = 10.45 -> 0.75. Symmetric -> HD95 = 0.75 = 3 * 0.25.
     truth = np.zeros((8, 10), dtype=bool)
     truth[2:6, 1:5] = True

@@ -1,6 +1,7 @@
 """Training on slices of real NIfTI volumes: the data section from dataset.json, the split by case, one
-normalisation of a case whether its slices are cached or read from the files, foreground oversampling,
-nested regions refused by softmax and trained by sigmoid, and broken cases refused by name."""
+normalisation of a case whether its slices are cached or read from the files, nested regions refused by softmax
+and trained by sigmoid, segkit's own layout, and broken cases refused by name. (Foreground oversampling and the
+other volume options: test_volume_options.py.)"""
 
 from __future__ import annotations
 
@@ -13,14 +14,12 @@ import numpy as np
 import pytest
 
 import volumedata
-from conftest import DATASETS, TINY, assert_refused
+from conftest import TINY, assert_refused
+from samples import HIPPO
 from segkit.config import load_config
-from segkit.data.dataset import SegmentationDataset
+from segkit.data.dataset import unpack
 from segkit.data.training_data import training_data
-from segkit.data.transforms import eval_transform
 from segkit.errors import ConfigError
-
-HIPPO = DATASETS / "nifti-samples" / "msd-hippocampus"
 
 
 def _config(tmp_path: Path, root: Path, head: str, *extra: str) -> Path:
@@ -93,52 +92,45 @@ def test_a_case_normalises_the_same_cached_or_read_slice_by_slice(tmp_path):
         np.testing.assert_array_equal(px.labels.argmax(-1), labels)
 
 
-def test_foreground_oversampling_centres_crops_on_foreground(tmp_path):
-    cfg = load_config(_config(tmp_path, HIPPO, "softmax"))
-    head = cfg.head()
-    data = training_data(cfg, head, 1 << 30)
-    records = data.train
-
-    def with_foreground(share: float) -> float:
-        ds = SegmentationDataset(records, data.reader, head, eval_transform(), data.norm, crop=16, foreground=share)
-        hits = []
-        for i in range(0, len(records), 3):
-            target = ds[i].target.numpy()  # compact softmax target: the class index, 255 ignored
-            hits.append(np.isin(target, (1, 2)).any())
-        return float(np.mean(hits))
-
-    assert with_foreground(1.0) == 1.0  # every crop holds hippocampus (centred on it, shifted inside the slice)
-    assert with_foreground(0.0) < 0.6  # uniform 16-pixel crops of the slices often miss it
-
-
-def test_regions_refuse_softmax_naming_them_and_train_with_sigmoid(cli, tmp_path):
-    root = volumedata.membrane_regions(tmp_path / "Dataset901_Membrane",
-                                       (("em_a", 0), ("em_b", 6), ("em_c", 12)))
+def test_regions_refuse_softmax_naming_them_and_train_with_sigmoid(cli, tmp_path, tmp_path_factory):
+    """The hippocampus labels as nested regions on a 1 x 1 x 3 mm grid: softmax is refused before anything is
+    written; sigmoid trains (the session's one region run, tests/volumedata.py) and records the regions."""
+    base = volumedata.region_run(tmp_path_factory)
     out = tmp_path / "run"
-    result = _train(cli, _config(tmp_path, root, "softmax"), out)
-    assert_refused(result, out, "whole", "core", "model.head: sigmoid")
-    result = _train(cli, _config(tmp_path, root, "sigmoid"), out)
-    assert result.code == 0, result.err
-    meta = json.loads((out / "best" / "model.json").read_text())
+    assert_refused(_train(cli, _config(tmp_path, base / "data", "softmax"), out), out, "whole", "core",
+                   "model.head: sigmoid")
+    meta = json.loads((base / "run" / "best" / "model.json").read_text())
     assert meta["classes"] == ["whole", "core"] and meta["head"] == "sigmoid"
     volume = meta["data"]["volume"]
-    assert volume["slice_axis"] == 2  # the 50 nm axis, not the 4 nm ones
-    assert volume["class_values"] == {"whole": [1, 2], "core": [1]} and volume["regions_class_order"] == [2, 1]
+    assert volume["slice_axis"] == 2  # the 3 mm axis, not the 1 mm ones
+    assert volume["class_values"] == {"whole": [1, 2], "core": [2]} and volume["regions_class_order"] == [1, 2]
+    assert sorted(meta["data"]["train_cases"] + meta["data"]["val_cases"]) == list(volumedata.REGION_CASES)
 
 
-def test_segkit_layout_of_an_anisotropic_em_stack(cli, tmp_path):
-    """ISBI 2012's 30 consecutive sections as two volumes in segkit's layout (label value = class index)."""
-    root = tmp_path / "em"
-    for split, first in (("train", 0), ("val", 15)):
-        image, label = volumedata.membrane_volume(first, depth=15)
-        volumedata.save_nifti(image, volumedata.EM_AFFINE, root / split / "images" / "stack.nii.gz")
-        volumedata.save_nifti((label == 1).astype(np.uint8), volumedata.EM_AFFINE, root / split / "masks" / "stack.nii.gz")
-    out = tmp_path / "run"
-    result = _train(cli, _config(tmp_path, root, "softmax", "  classes: [cell, membrane]"), out)
-    assert result.code == 0, result.err
-    meta = json.loads((out / "best" / "model.json").read_text())
-    assert meta["data"]["volume"]["slice_axis"] == 2 and meta["data"]["val_cases"] == ["stack"]
-    assert_refused(_train(cli, _config(tmp_path, root, "softmax"), tmp_path / "run2"), tmp_path / "run2",
+def test_segkit_layout_of_an_anisotropic_stack(cli, tmp_path):
+    """Two thick-slice hippocampus cases (1 x 1 x 3 mm) in segkit's layout, both named `stack` (label value =
+    class index): train/ and val/ are the split, each case cut along its 3 mm axis into every one of its slices,
+    and the labels are read as the classes `data.classes` names; without them training is refused."""
+    root = tmp_path / "stacks"
+    truth = {}
+    for split, case in (("train", "hippocampus_001"), ("val", "hippocampus_004")):
+        image, label, affine = volumedata.thick_volume(case)
+        truth[split] = (label > 0).astype(np.uint8)
+        volumedata.save_nifti(image, affine, root / split / "images" / "stack.nii.gz")
+        volumedata.save_nifti(truth[split], affine, root / split / "masks" / "stack.nii.gz")
+    cfg = load_config(_config(tmp_path, root, "softmax", "  classes: [background, hippocampus]"))
+    data = training_data(cfg, cfg.head(), 1 << 30)
+    assert data.meta["volume"]["slice_axis"] == 2 and data.meta["volume"]["layout"] == "segkit"
+    assert data.meta["train_cases"] == data.meta["val_cases"] == ["stack"]
+    assert data.meta["volume"]["class_values"] == {"background": [0], "hippocampus": [1]}
+    for split, records in (("train", data.train), ("val", data.val)):
+        assert [r.sample.index for r in records] == list(range(truth[split].shape[2]))  # 12 and 13 slices
+        assert all(r.sample.image.parent.parent.name == split for r in records)
+        for r in records:
+            assert r.cached.image.shape == (*truth[split].shape[:2], 1)
+            labels, _, _ = unpack(r.cached.bits, 2)
+            np.testing.assert_array_equal(labels[..., 1], truth[split][:, :, r.sample.index])
+    assert_refused(_train(cli, _config(tmp_path, root, "softmax"), tmp_path / "run"), tmp_path / "run",
                    "data.classes")
 
 

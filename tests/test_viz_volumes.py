@@ -14,16 +14,14 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from conftest import DATASETS
+import volumedata
+from samples import CORD, HIPPO
 from segkit.data.volume_norm import ChannelNorm, VolumeNormalization
 from segkit.data.volume_spec import VolumeSpec
 from segkit.heads import build_head, default_colors
 from segkit.viz import ERROR_COLORS
 from segkit.viz_volumes import VolumeClasses, shown_slices, visualize_volumes
-from test_inspect_volumes import membrane_regions
 
-HIPPO = DATASETS / "nifti-samples" / "msd-hippocampus"
-CORD = DATASETS / "nifti-samples" / "sct-spinalcord"
 MISSED, FALSE_POSITIVE = ERROR_COLORS["missed (false negative)"], ERROR_COLORS["false positive"]
 
 
@@ -63,7 +61,7 @@ def _blend(grey: float, color) -> np.ndarray:
 def _checkpoint(folder: Path, head: str, classes: list[str], class_values: dict, axis: int,
                 order: tuple[int, ...] | None = None, layout: str = "nnunet") -> Path:
     """A checkpoint folder whose model.json is what volume training writes (the weights are not read)."""
-    spec = VolumeSpec(layout, ("EM",), axis, VolumeNormalization((ChannelNorm("zscore"),)), class_values, order)
+    spec = VolumeSpec(layout, ("MRI",), axis, VolumeNormalization((ChannelNorm("zscore"),)), class_values, order)
     meta = {"arch": "Unet", "encoder": "resnet18", "in_channels": 1, **build_head(head, classes).metadata(),
             "data": {"mask": "volume", "volume": spec.to_meta()}}
     folder.mkdir(parents=True)
@@ -116,45 +114,54 @@ def test_hippocampus_montage_slices_and_error_colours(tmp_path):
 # --- sigmoid region model: class folders win over the combined map; checkpoint classes and axis -----------
 
 def test_region_class_folders_with_checkpoint(cli, tmp_path):
-    root = membrane_regions(tmp_path / "Dataset901_Membrane", depth=14)
-    ckpt = _checkpoint(tmp_path / "best", "sigmoid", ["whole", "core"], {"whole": (1, 2), "core": (1,)}, 2, (2, 1))
+    """Hippocampus regions on the 1 x 1 x 3 mm grid (whole = anterior + posterior, core = posterior): whole is
+    predicted except in the first two sections that hold it, core exactly."""
+    root = volumedata.thick_regions(tmp_path / "Dataset901_Hippocampus", ("hippocampus_001", "hippocampus_004"))
+    ckpt = _checkpoint(tmp_path / "best", "sigmoid", ["whole", "core"], {"whole": (1, 2), "core": (2,)}, 2, (1, 2))
     predicted = tmp_path / "pred"
-    truths = {}
-    for case in ("em_a", "em_b"):
+    truths, missed = {}, {}
+    for case in ("hippocampus_001", "hippocampus_004"):
         label_file = root / "labelsTr" / f"{case}.nii.gz"
         truth = truths[case] = _voxels(label_file)
         whole = np.isin(truth, [1, 2]).astype(np.uint8)
-        whole[:, :, :3] = 0  # "whole" missed in the first three sections
+        missed[case] = np.flatnonzero(whole.any(axis=(0, 1)))[:2]
+        whole[:, :, missed[case]] = 0
         _save_like(whole, label_file, predicted / "whole" / f"{case}.nii.gz")
-        _save_like((truth == 1).astype(np.uint8), label_file, predicted / "core" / f"{case}.nii.gz")
+        _save_like((truth == 2).astype(np.uint8), label_file, predicted / "core" / f"{case}.nii.gz")
         _save_like(np.zeros_like(truth), label_file, predicted / f"{case}.nii.gz")  # must not be read
     r = cli("visualize", root / "imagesTr", predicted, tmp_path / "cli", "--checkpoint", ckpt,
             "--truth", root / "labelsTr")
     assert r.code == 0, r.err
-    expected = _expected_slices(np.isin(truths["em_a"], [1, 2]), 2)
-    assert expected == list(range(0, 14, 2))  # membranes in every section: every 2nd of 14 keeps 7 <= 12 tiles
-    assert f"em_a: slices {expected} along axis 2 (14 of 14 with foreground)" in r.out
+    truth = truths["hippocampus_001"]
+    expected = _expected_slices(np.isin(truth, [1, 2]), 2)
+    assert expected == list(range(2, 10))  # sections 2..9 of 12 hold hippocampus: all of them, <= 12 tiles
+    assert f"hippocampus_001: slices {expected} along axis 2 (8 of 12 with foreground)" in r.out
     assert "2 montages in" in r.out
 
     spec = VolumeClasses.from_checkpoint(ckpt)
     montages, _ = visualize_volumes(root / "imagesTr", predicted, tmp_path / "api", spec, root / "labelsTr")
     colors = build_head("sigmoid", ["whole", "core"]).colors
+    both = (np.asarray(colors[0], float) + np.asarray(colors[1], float)) / 2
     for m in montages:
         truth = truths[m.case]
         picture = np.asarray(Image.open(m.path).convert("RGB"))
         grey = _grey(_voxels(root / "imagesTr" / f"{m.case}_0000.nii.gz"))
-        assert m.axis == 2 and m.slices == expected and m.scale == math.ceil(160 / 48)
-        ring0 = list(zip(*np.nonzero(truth[:, :, 0] == 2)))
-        ring4 = list(zip(*np.nonzero(truth[:, :, 4] == 2)))
-        core4 = list(zip(*np.nonzero(truth[:, :, 4] == 1)))
-        assert ring0 and ring4 and core4
-        for i, j in ring0[::10]:  # ring = whole only, missed in section 0
-            assert _pixel(picture, m, 0, 2, i, j).tolist() == list(MISSED)
-        for i, j in ring4[::10]:  # found in section 4: dimmed image
-            assert _pixel(picture, m, 4, 2, i, j).tolist() == [int(np.float32(grey[i, j, 4]) * np.float32(0.4))] * 3
-        for i, j in core4[::10]:  # membrane: in both regions, tinted with their mean colour
-            both = (np.asarray(colors[0], float) + np.asarray(colors[1], float)) / 2
-            assert np.abs(_pixel(picture, m, 4, 1, i, j) - _blend(grey[i, j, 4], both)).max() <= 1
+        assert m.axis == 2 and m.slices == _expected_slices(np.isin(truth, [1, 2]), 2)
+        assert m.scale == math.ceil(160 / max(truth.shape[:2]))
+        lost = missed[m.case][0]
+        found = max((k for k in m.slices if k not in missed[m.case]),  # the section richest in both labels
+                    key=lambda k: min((truth[:, :, k] == 1).sum(), (truth[:, :, k] == 2).sum()))
+        anterior_lost = list(zip(*np.nonzero(truth[:, :, lost] == 1)))
+        anterior = list(zip(*np.nonzero(truth[:, :, found] == 1)))
+        posterior = list(zip(*np.nonzero(truth[:, :, found] == 2)))
+        assert anterior_lost and anterior and posterior
+        for i, j in anterior_lost[::5]:  # anterior = whole only, missed in that section
+            assert _pixel(picture, m, lost, 2, i, j).tolist() == list(MISSED)
+        for i, j in anterior[::5]:  # found: dimmed image
+            assert _pixel(picture, m, found, 2, i, j).tolist() == [int(np.float32(grey[i, j, found]) *
+                                                                    np.float32(0.4))] * 3
+        for i, j in posterior[::5]:  # posterior: in both regions, tinted with their mean colour
+            assert np.abs(_pixel(picture, m, found, 1, i, j) - _blend(grey[i, j, found], both)).max() <= 1
 
 
 # --- one axis per case without a checkpoint: the spinal cord's oblique 7.5 mm case --------------------------

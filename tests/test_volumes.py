@@ -1,11 +1,15 @@
-"""Medical volumes on real NIfTI data: nnU-Net v2 / MSD / segkit layouts, geometry as nibabel reads it,
-the slice axis, the by-case split, broken copies refused by case, and nnU-Net region labels built from
-real ISBI 2012 membrane masks."""
+"""Medical volumes on real NIfTI data: nnU-Net v2 / MSD / segkit layouts, geometry and voxels checked against
+the files' bytes read by hand and their recorded provenance (SOURCE.json), voxel order kept as stored, the slice
+axis, the by-case split, broken copies refused by case, and nnU-Net region labels (the hippocampus labels as
+nested regions on a thick-slice grid, tests/volumedata.py)."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import math
 import shutil
+import struct
 from pathlib import Path
 
 import nibabel as nib
@@ -13,7 +17,7 @@ import numpy as np
 import pytest
 
 import volumedata
-from conftest import DATASETS
+from samples import CORD, DATA, HIPPO, HIPPO_CASES
 from segkit.data.volumes import (
     Volume,
     VolumeCase,
@@ -25,11 +29,9 @@ from segkit.data.volumes import (
 )
 from segkit.errors import ConfigError, DataError
 
-NIFTI = DATASETS / "nifti-samples"
-HIPPO = NIFTI / "msd-hippocampus"
-CORD = NIFTI / "sct-spinalcord"
-HIPPO_CASES = ["hippocampus_001", "hippocampus_003", "hippocampus_004",
-               "hippocampus_006", "hippocampus_007", "hippocampus_033"]
+SOURCE = {s["case"]: s for s in json.loads((DATA / "nifti" / "SOURCE.json").read_text())["samples"]}
+NIFTI_TYPES = {2: np.uint8, 4: np.int16, 8: np.int32, 16: np.float32, 64: np.float64, 512: np.uint16}
+MM = {1: 1000.0, 2: 1.0, 3: 0.001, 0: 1.0}  # NIfTI xyzt_units (space bits) -> mm; 0 (unknown) read as mm
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -77,22 +79,72 @@ def test_classes_and_channels_come_from_dataset_json(root, classes, n):
     assert VolumeDataset.from_root(root, classes=classes).classes == classes
 
 
+def read_by_hand(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """(voxels, affine, spacing in mm) of a single-file NIfTI-1 .nii.gz, parsed from its bytes by the NIfTI-1
+    header layout with struct and numpy (no nibabel): dim at byte 40, datatype 70, pixdim 76, vox_offset 108,
+    scl_slope/scl_inter 112, xyzt_units 123, sform_code 254, srow_x/y/z 280; voxels in Fortran order."""
+    raw = gzip.decompress(path.read_bytes())
+    assert struct.unpack_from("<i", raw, 0) == (348,) and raw[344:348] == b"n+1\0", path
+    dim = struct.unpack_from("<8h", raw, 40)
+    shape = dim[1:1 + dim[0]]
+    (datatype,) = struct.unpack_from("<h", raw, 70)
+    pixdim = struct.unpack_from("<8f", raw, 76)
+    (offset,) = struct.unpack_from("<f", raw, 108)
+    assert struct.unpack_from("<2f", raw, 112) == (1.0, 0.0), path  # stored unscaled: the voxels are the values
+    (sform_code,) = struct.unpack_from("<h", raw, 254)
+    assert sform_code > 0, path  # the sform is then the affine
+    affine = np.vstack([np.array(struct.unpack_from("<12f", raw, 280), np.float64).reshape(3, 4), [0, 0, 0, 1]])
+    voxels = np.frombuffer(raw, NIFTI_TYPES[datatype], math.prod(shape), int(offset)).reshape(shape, order="F")
+    unit = MM[raw[123] & 0x07]
+    return voxels, affine, tuple(float(z) * unit for z in pixdim[1:4])
+
+
 @pytest.mark.parametrize("root", [HIPPO, CORD], ids=["hippocampus", "spinalcord"])
-def test_geometry_and_voxels_equal_nibabels(root):
+def test_geometry_and_voxels_equal_the_files_read_by_hand(root):
+    """Every case against its bytes parsed by hand and against SOURCE.json (shape, type, orientation, value
+    range and voxels per label recorded when the samples were collected)."""
     ds = VolumeDataset.from_root(root)
     for case in ds.cases("train"):
-        ref = nib.load(case.images[0])
+        voxels, affine, spacing = read_by_hand(case.images[0])
+        known = SOURCE[case.name]
         volume = ds.image(case)
-        assert volume.shape == ref.shape and volume.channels == 1
-        np.testing.assert_array_equal(volume.affine, ref.affine)
-        assert volume.spacing == tuple(float(z) for z in ref.header.get_zooms()[:3])
-        assert volume.header["sform_code"] == ref.header["sform_code"]
-        assert volume.data.shape == (*ref.shape, 1)
-        np.testing.assert_array_equal(volume.data[..., 0], np.asanyarray(ref.dataobj))
+        assert volume.shape == tuple(known["image"]["shape"]) == voxels.shape and volume.channels == 1
+        np.testing.assert_array_equal(volume.affine, affine)
+        np.testing.assert_allclose(volume.affine, known["image"]["affine"], atol=1e-5)
+        assert "".join(nib.aff2axcodes(volume.affine)) == known["image"]["orientation"]
+        assert volume.spacing == spacing
+        assert volume.data.shape == (*voxels.shape, 1) and volume.data.dtype == np.dtype(known["image"]["dtype"])
+        np.testing.assert_array_equal(volume.data[..., 0], voxels)
+        assert [volume.data.min(), volume.data.max()] == pytest.approx(known["image"]["value_range"])
         label = ds.label_volume(case)
         assert np.issubdtype(label.dtype, np.integer) and label.shape == volume.shape
-        np.testing.assert_array_equal(label, np.asanyarray(nib.load(case.label).dataobj))
+        np.testing.assert_array_equal(label, read_by_hand(case.label)[0])
+        values, counts = np.unique(label, return_counts=True)
+        assert dict(zip(map(str, values.tolist()), counts.tolist())) == known["label"]["voxels_per_label"]
         ds.check_labels(case)  # the real labels use only declared values
+
+
+def test_voxels_keep_their_stored_order_in_a_permuted_copy(tmp_path):
+    """A thick-slice hippocampus case (1 x 1 x 3 mm) saved with its axes permuted (3, 1, 1 mm; the affine's
+    columns permuted with them, so every voxel keeps its place in the scanner): the volume is the stored
+    array, not reoriented, its spacing and slice axis follow the stored axes."""
+    image, labels, affine = volumedata.thick_volume("hippocampus_004")
+    order = (2, 0, 1)
+    permuted = affine.copy()
+    permuted[:3, :3] = affine[:3, list(order)]
+    for folder, name, array in (("imagesTr", "p_0000.nii.gz", image), ("labelsTr", "p.nii.gz", labels)):
+        volumedata.save_nifti(np.transpose(array, order), permuted, tmp_path / folder / name)
+    volumedata.write_json(tmp_path / "dataset.json", {"channel_names": {"0": "MRI"}, "file_ending": ".nii.gz",
+                                                      "labels": {"background": 0, "anterior": 1, "posterior": 2}})
+    ds = VolumeDataset.from_root(tmp_path)
+    volume = ds.image(_case(ds, "p"))
+    assert volume.shape == (13, 36, 52) and volume.spacing == (3.0, 1.0, 1.0)
+    np.testing.assert_array_equal(volume.data[..., 0], image.transpose(order))
+    np.testing.assert_array_equal(ds.label_volume(_case(ds, "p")), labels.transpose(order))
+    k, i, j = 5, 20, 30  # one voxel: the same place in the scanner in both files
+    np.testing.assert_array_equal(volume.affine @ [k, i, j, 1], affine @ [i, j, k, 1])
+    assert volume.data[k, i, j, 0] == image[i, j, k]
+    assert slice_axis(volume.spacing, volume.shape) == 0
 
 
 def test_slice_axis_is_the_coarse_axis_of_the_oblique_case():
@@ -296,48 +348,50 @@ def test_msd_layout_with_a_4d_image(tmp_path):
         VolumeDataset.from_root(root)
 
 
-# --- nnU-Net region labels, from real ISBI 2012 membrane masks ------------------------------------------------
+# --- nnU-Net region labels: the hippocampus labels as nested regions, whole = {1, 2}, core = {2} -----------------
 
 @pytest.fixture
-def membrane_regions(tmp_path) -> Path:
-    return volumedata.membrane_regions(tmp_path / "Dataset901_Membrane")
+def hippo_regions(tmp_path) -> Path:
+    return volumedata.thick_regions(tmp_path / "Dataset901_Hippocampus")
 
 
-def test_regions_nest_and_combine_back_to_the_label_map(membrane_regions):
-    ds = VolumeDataset.from_root(membrane_regions)
+def test_regions_nest_and_combine_back_to_the_label_map(hippo_regions):
+    ds = VolumeDataset.from_root(hippo_regions)
     assert ds.multilabel and ds.classes == ["whole", "core"]
-    assert ds.regions == {"whole": (1, 2), "core": (1,)} and ds.regions_class_order == (2, 1)
+    assert ds.regions == {"whole": (1, 2), "core": (2,)} and ds.regions_class_order == (1, 2)
     for case in ds.cases("train"):
         ds.check_labels(case)
         volume = ds.image(case)
-        assert volume.shape == (64, 64, 6) and slice_axis(volume.spacing, volume.shape) == 2
-        label = ds.label_volume(case)
-        assert set(np.unique(label).tolist()) == {0, 1, 2}
+        _, label, _ = volumedata.thick_volume(case.name, crop=volumedata.CROP)
+        assert volume.shape == label.shape and volume.spacing == (1.0, 1.0, 3.0)
+        assert slice_axis(volume.spacing, volume.shape) == 2  # the 3 mm axis, though it has the fewest voxels
+        np.testing.assert_array_equal(ds.label_volume(case), label)
         masks = region_masks(label, ds.regions)
         whole, core = masks
-        assert masks.shape == (2, 64, 64, 6) and masks.dtype == bool
+        np.testing.assert_array_equal(whole, (label == 1) | (label == 2))
+        np.testing.assert_array_equal(core, label == 2)
         assert not (core & ~whole).any()  # core inside whole: the regions overlap, hence sigmoid classes
         assert 0 < core.sum() < whole.sum() < whole.size
         np.testing.assert_array_equal(combine_regions(masks, ds.regions, ds.regions_class_order), label)
-        # The order matters: painting core first lets "whole" overwrite it.
-        wrong = combine_regions(masks, ds.regions, (1, 2))
-        assert (wrong[core] == 2).all() and not np.array_equal(wrong, label)
+        # The order matters: the values swapped paint anterior as 2 and posterior as 1.
+        wrong = combine_regions(masks, ds.regions, (2, 1))
+        np.testing.assert_array_equal(wrong, np.choose(label, [0, 2, 1]))
 
 
-def test_region_labels_need_a_matching_regions_class_order(membrane_regions):
-    meta = membrane_regions / "dataset.json"
+def test_region_labels_need_a_matching_regions_class_order(hippo_regions):
+    meta = hippo_regions / "dataset.json"
     spec = json.loads(meta.read_text())
     for order in (None, [2], [2, 7]):
         _json(meta, {**spec, "regions_class_order": order})
         with pytest.raises(DataError, match="regions_class_order"):
-            VolumeDataset.from_root(membrane_regions)
+            VolumeDataset.from_root(hippo_regions)
     _json(meta, {**spec, "labels": {"background": 0, "whole": [1, 2]}, "regions_class_order": [1]})
-    ds = VolumeDataset.from_root(membrane_regions)
+    ds = VolumeDataset.from_root(hippo_regions)
     assert ds.regions == {"whole": (1, 2)} and ds.label_values == {0, 1, 2}
-    _json(meta, {**spec, "labels": {"background": 0, "core": [1]}})  # one value each: plain labels, no regions
-    ds = VolumeDataset.from_root(membrane_regions)
-    assert not ds.multilabel and ds.classes == ["background", "core"] and ds.regions_class_order is None
-    with pytest.raises(DataError, match=r"case em_a: .* label values \[2\]"):
+    _json(meta, {**spec, "labels": {"background": 0, "anterior": [1]}})  # one value each: plain labels, no regions
+    ds = VolumeDataset.from_root(hippo_regions)
+    assert not ds.multilabel and ds.classes == ["background", "anterior"] and ds.regions_class_order is None
+    with pytest.raises(DataError, match=r"case hippocampus_001: .* label values \[2\]"):
         ds.check_labels(ds.cases("train")[0])
 
 
@@ -364,13 +418,13 @@ def test_segkit_layout(segkit_volumes):
         VolumeDataset.from_root(segkit_volumes)
     ds = VolumeDataset.from_root(segkit_volumes, classes=["background", "anterior", "posterior"])
     assert ds.layout == "segkit" and list(ds.splits) == ["train", "val"] and ds.channel_names == ["0"]
-    assert [c.name for c in ds.cases("train")] == HIPPO_CASES[:4]
-    assert [c.name for c in ds.cases("val")] == HIPPO_CASES[4:]
+    assert [c.name for c in ds.cases("train")] == list(HIPPO_CASES[:4])
+    assert [c.name for c in ds.cases("val")] == list(HIPPO_CASES[4:])
     case = _case(ds, "hippocampus_003")
     assert case.images[0].name == "hippocampus_003.nii"
-    ref = nib.load(HIPPO / "imagesTr" / "hippocampus_003_0000.nii.gz")
-    np.testing.assert_array_equal(ds.image(case).data[..., 0], np.asanyarray(ref.dataobj))
-    np.testing.assert_array_equal(ds.image(case).affine, ref.affine)
+    voxels, affine, _ = read_by_hand(HIPPO / "imagesTr" / "hippocampus_003_0000.nii.gz")
+    np.testing.assert_array_equal(ds.image(case).data[..., 0], voxels)  # the uncompressed copy reads the same
+    np.testing.assert_array_equal(ds.image(case).affine, affine)
     for split in ("train", "val"):
         for c in ds.cases(split):
             ds.check_labels(c)
@@ -406,13 +460,13 @@ def test_select_and_rename_classes_by_hand():
     assert renamed.class_values == {"bg": (0,), "head": (1,), "tail": (2,)}
 
 
-def test_selected_regions_keep_their_order_entries(membrane_regions):
-    core = VolumeDataset.from_root(membrane_regions, classes=["core"])
-    assert core.regions == {"core": (1,)} and core.regions_class_order == (1,)
-    assert VolumeDataset.from_root(membrane_regions).overlapping() == [("whole", "core")]
+def test_selected_regions_keep_their_order_entries(hippo_regions):
+    core = VolumeDataset.from_root(hippo_regions, classes=["core"])
+    assert core.regions == {"core": (2,)} and core.regions_class_order == (2,)
+    assert VolumeDataset.from_root(hippo_regions).overlapping() == [("whole", "core")]
     label = np.array([0, 1, 2])
-    layers, _ = VolumeDataset.from_root(membrane_regions).layers(label)
-    assert layers.tolist() == [[0, 0], [1, 1], [1, 0]]
+    layers, _ = VolumeDataset.from_root(hippo_regions).layers(label)
+    assert layers.tolist() == [[0, 0], [1, 0], [1, 1]]
 
 
 def test_spacing_is_in_millimetres_whatever_the_header_unit(tmp_path):

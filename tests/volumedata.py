@@ -1,5 +1,14 @@
-"""Volume datasets built from real data for tests: ISBI 2012 EM sections stacked into anisotropic NIfTI volumes
-(4 x 4 nm pixels, 50 nm between sections, in µm), as nnU-Net region datasets or in segkit's own layout."""
+"""Volume datasets derived at test time from the embedded real NIfTI samples (tests/samples.py), and checkpoints
+for volume tests.
+
+- `thick_volume`: a hippocampus case with every 3rd axial slice kept, on a 1 x 1 x 3 mm grid (as a clinical scan
+  with thick slices): real voxels and labels, an anisotropic grid whose coarse axis is the last one.
+- `thick_regions`: those cases, cut in-plane to 32 x 32 around the hippocampus (slices that need no padding to
+  the network's stride), as an nnU-Net v2 dataset of nested regions: whole = {1, 2} (anterior and posterior),
+  core = {2} (posterior), regions_class_order [1, 2].
+- `region_run`: one `segkit train` run (sigmoid) on `thick_regions` per session, for every module that needs a
+  checkpoint written by training; `content_copy` gives such a checkpoint weights whose masks follow the image.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +17,18 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from PIL import Image
-from scipy import ndimage
+import pytest
+import torch
 
-from conftest import DATASETS
+from conftest import TINY, run_cli
+from samples import HIPPO, HIPPO_CASES, hippo_volume
 
-ISBI = DATASETS / "isbi2012-membrane"
-EM_AFFINE = np.diag([0.004, 0.004, 0.05, 1.0])
+THICK = 3
+"""Slices kept along the last axis: 1 mm -> 3 mm."""
+CROP = np.s_[1:33, 10:42]
+"""The in-plane 32 x 32 window of `thick_regions` (most of the hippocampus of every case)."""
+REGIONS = {"whole": (1, 2), "core": (2,)}
+REGION_CASES = HIPPO_CASES[:3]
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
@@ -27,33 +41,92 @@ def write_json(path: Path, spec: dict) -> None:
     path.write_text(json.dumps(spec, indent=1, sort_keys=False))  # key order matters for regions
 
 
-def membrane_volume(first: int, depth: int = 6, shape: tuple[int, int] = (64, 64)) -> tuple[np.ndarray, np.ndarray]:
-    """An h x w x depth crop of consecutive real EM sections: the image, and labels 1 = membrane (mask 0),
-    2 = a 2-pixel ring around it (in-plane dilation), 0 = the rest of the cell interiors."""
-    images, labels = [], []
-    crop = np.s_[200:200 + shape[0], 240:240 + shape[1]]
-    for z in range(first, first + depth):
-        image = np.array(Image.open(ISBI / "images" / f"{z}.png"))[crop]
-        membrane = np.array(Image.open(ISBI / "masks" / f"{z}.png"))[crop] == 0
-        ring = ndimage.binary_dilation(membrane, iterations=2) & ~membrane
-        images.append(image)
-        labels.append(np.where(membrane, 1, np.where(ring, 2, 0)).astype(np.uint8))
-    return np.stack(images, axis=-1), np.stack(labels, axis=-1)
+def thick_volume(case: str, step: int = THICK,
+                 crop: tuple[slice, slice] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image in its stored dtype, uint8 labels, affine) of a hippocampus case, every `step`-th slice along the
+    last axis (slice k is the original slice step * k; the voxel's last axis `step` times longer), optionally
+    cut in-plane to `crop` (the first voxel of the crop keeps its place in the scanner)."""
+    image, labels = hippo_volume(case)
+    affine = nib.load(HIPPO / "imagesTr" / f"{case}_0000.nii.gz").affine.copy()
+    affine[:3, 2] *= step
+    if crop is not None:
+        affine[:3, 3] += affine[:3, :2] @ [crop[0].start, crop[1].start]
+        image, labels = image[crop], labels[crop]
+    return (np.ascontiguousarray(image[:, :, ::step]), np.ascontiguousarray(labels[:, :, ::step]), affine)
 
 
-def membrane_regions(root: Path, cases: tuple[tuple[str, int], ...] | None = None, depth: int = 6,
-                     shape: tuple[int, int] = (64, 64)) -> Path:
-    """An nnU-Net v2 dataset with nested regions: whole = {1, 2} (membrane and its ring), core = {1};
-    by default two cases of `depth` consecutive sections."""
-    cases = cases or (("em_a", 0), ("em_b", depth))
-    for name, first in cases:
-        image, label = membrane_volume(first, depth, shape)
-        save_nifti(image, EM_AFFINE, root / "imagesTr" / f"{name}_0000.nii.gz")
-        save_nifti(label, EM_AFFINE, root / "labelsTr" / f"{name}.nii.gz")
+def thick_regions(root: Path, cases: tuple[str, ...] = REGION_CASES) -> Path:
+    """An nnU-Net v2 dataset of `thick_volume` cases cut to CROP, with nested regions (whole = {1, 2},
+    core = {2}). Returns ROOT."""
+    for case in cases:
+        image, labels, affine = thick_volume(case, crop=CROP)
+        save_nifti(image, affine, root / "imagesTr" / f"{case}_0000.nii.gz")
+        save_nifti(labels, affine, root / "labelsTr" / f"{case}.nii.gz")
     write_json(root / "dataset.json", {
-        "channel_names": {"0": "EM"},
-        "labels": {"background": 0, "whole": [1, 2], "core": [1]},
-        "regions_class_order": [2, 1],
+        "channel_names": {"0": "MRI"},
+        "labels": {"background": 0, **{name: list(values) for name, values in REGIONS.items()}},
+        "regions_class_order": [1, 2],
         "numTraining": len(cases), "file_ending": ".nii.gz",
     })
     return root
+
+
+_RUNS: dict[str, Path] = {}
+
+
+def region_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """RUN (RUN/data: the `thick_regions` dataset, RUN/run: `segkit train` output, sigmoid, 1 epoch of TINY
+    steps): trained once per test session, whichever module asks first. Read-only for the tests."""
+    if "regions" not in _RUNS:
+        base = tmp_path_factory.mktemp("region_run")
+        root = thick_regions(base / "data")
+        config = base / "sigmoid.yaml"
+        config.write_text(f"data:\n  root: {root}\nmodel:\n  head: sigmoid\n")
+        result = run_cli("train", config, "--out", base / "run", "--epochs", "1", *TINY,
+                         "--set", "train.steps_per_epoch=1")
+        assert result.code == 0, result.err
+        _RUNS["regions"] = base
+    return _RUNS["regions"]
+
+
+def zscore(image: np.ndarray) -> np.ndarray:
+    """nnU-Net's z-score of a one-channel case, by hand: mean/std over the nonzero voxels, 0 outside them."""
+    raw = image.astype(np.float64)
+    inside = raw != 0
+    return np.where(inside, (raw - raw[inside].mean()) / raw[inside].std(), 0.0)
+
+
+def region_content(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`content_copy` of the `region_run` checkpoint, its batch-norm statistics and logit scale taken from the
+    32 x 32 axial slices of the dataset's three cases (z-scored by hand); made once per session."""
+    if "content" not in _RUNS:
+        base = region_run(tmp_path_factory)
+        slices = [np.moveaxis(zscore(thick_volume(case, crop=CROP)[0]), 2, 0) for case in REGION_CASES]
+        x = np.concatenate(slices)[:, None].astype(np.float32)
+        _RUNS["content"] = content_copy(base / "run" / "best", base / "content", x)
+    return _RUNS["content"]
+
+
+def content_copy(checkpoint: Path, out: Path, slices: np.ndarray) -> Path:
+    """A copy of a checkpoint (same model.json) whose masks follow the image: batch-norm statistics taken from
+    `slices` ((N, C, H, W) float32 network inputs of the size it will predict, multiples of 32), then each
+    output's logits scaled to mean 0, std 3 on them, as conftest's content_checkpoints (a briefly trained
+    network predicts one class almost everywhere)."""
+    from segkit.model import load_checkpoint, save_checkpoint
+
+    model, _, meta = load_checkpoint(checkpoint)
+    x = torch.from_numpy(slices)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batch
+    with torch.no_grad():
+        model.train()(x)
+        y = model.eval()(x)
+        conv = model.segmentation_head[0]
+        mean, std = y.mean((0, 2, 3)), y.std((0, 2, 3))
+        conv.weight.mul_((3 / std).view(-1, 1, 1, 1))
+        conv.bias.sub_(mean).mul_(3 / std)
+    out.mkdir(parents=True)
+    save_checkpoint(out, model, meta)
+    return out

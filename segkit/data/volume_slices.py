@@ -151,7 +151,8 @@ def slice_records(ds: VolumeDataset, cases: Sequence[VolumeCase], spec: VolumeSp
     """Records of every slice of `cases`, cases cached whole in order while they fit `budget` bytes. All
     problems are reported together, each naming its case."""
     sizes = [ds.image(case) for case in cases]
-    need = [int(np.prod(v.shape)) * len(spec.channel_names) * 4 for v in sizes]
+    bits = (len(head.classes) + 9) // 8  # packed label layers + 'valid' + 'real', as dataset.pack stores them
+    need = [int(np.prod(v.shape)) * (len(spec.channel_names) * 4 + bits) for v in sizes]
     cached = np.cumsum(need) <= budget
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = list(pool.map(lambda i: case_records(ds, cases[i], spec, head, reader, bool(cached[i]), foreground),
