@@ -305,7 +305,8 @@ class Segmenter:
         """Masks for every image under `input_dir`, mirrored under `output_dir`: PNG for plain images,
         GeoTIFF on the same grid for georeferenced rasters (+ GeoJSON polygons with `vectorize`).
 
-        Unreadable files are reported and skipped; every other image is written. Images larger
+        Unreadable files, and files whose outputs cannot be written (disk full, permissions), are
+        reported and skipped; every other image is written. Images larger
         than HUGE_PIXELS are streamed by window from disk. Under torchrun each rank takes a
         disjoint share of the files.
         """
@@ -321,15 +322,16 @@ class Segmenter:
                             prefetch_factor=2 if workers else None)  # decoded images wait in shared memory
         items = _readable(reader, summary, self)
         bar = tqdm(total=len(mine), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+        unwritten = 0  # images read, then refused by the disk: the bar counted them already
         with ThreadPoolExecutor(max(1, workers)) as writers:
-            pending: list[Future] = []
+            pending: list[tuple[Path, Future]] = []
             for batch in batches_by_shape(items, self.batch_size, self.fits):
                 if len(batch) == 1 and not self.fits(batch[0][1]):  # larger than the tile: rows straight out
                     path, src = batch[0]
                     try:
                         with src:
                             self._stream_to_files(src, path.relative_to(input_dir), output_dir, probs, vectorize)
-                    except SegkitError as err:  # a damaged window: this file is reported, the others go on
+                    except SegkitError as err:  # a damaged window or a refused write: reported, the others go on
                         log.error("skipped %s", err)
                         summary.failed.append((path, str(err)))
                         continue
@@ -337,17 +339,19 @@ class Segmenter:
                 else:
                     preds = self.predict_batch([src for _, src in batch], probs)
                     for (path, src), pred in zip(batch, preds):
-                        pending.append(writers.submit(_write_prediction, self.head, pred,
-                                                      path.relative_to(input_dir), output_dir, src.geometry,
-                                                      probs, vectorize))
+                        pending.append((path, writers.submit(_write_prediction, self.head, pred,
+                                                             path.relative_to(input_dir), output_dir,
+                                                             src.geometry, probs, vectorize)))
                     done = [path for path, _ in batch]
                 summary.images += len(done)
                 bar.update(len(done))
                 while len(pending) > 4 * max(1, workers):
-                    pending.pop(0).result()
-            for job in pending:
-                job.result()
-        bar.update(len(summary.failed))
+                    if not _written(*pending.pop(0), summary):
+                        unwritten += 1
+            for path, job in pending:
+                if not _written(path, job, summary):
+                    unwritten += 1
+        bar.update(len(summary.failed) - unwritten)
         bar.close()
         summary.seconds = time.perf_counter() - began
         if dist.active():
@@ -592,6 +596,19 @@ def _readable(reader: Iterable, summary: FolderSummary, seg: Segmenter) -> Itera
         else:
             pixels = image.numpy() if isinstance(image, torch.Tensor) else image
             yield path, ImageSource.from_array(pixels, seg.in_channels, nodata, str(path), geometry)
+
+
+def _written(path: Path, job: Future, summary: FolderSummary) -> bool:
+    """Wait for one image's outputs; whether they were written. A write the system refused (disk full,
+    permissions) is reported for that image, which no longer counts as done, and the other images go on."""
+    try:
+        job.result()
+    except SegkitError as err:
+        log.error("skipped %s", err)
+        summary.failed.append((path, str(err)))
+        summary.images -= 1
+        return False
+    return True
 
 
 def _write_prediction(head: Head, pred: Prediction, rel: Path, output_dir: Path, geometry: Geometry,

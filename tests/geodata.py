@@ -1,9 +1,11 @@
 """Multi-band georeferenced datasets built from real imagery, for tests and benchmarks.
 
-The SpaceNet sample (../shared/datasets/spacenet-geotiff-samples: a 900 x 900 uint16 GeoTIFF with
-11-bit content, EPSG:32616, and its building mask) is cut into tiles, each a GeoTIFF on its own
-window of the original grid, with derived bands added to reach N bands (real pixels, derived
-bands stated: smoothed, texture, edges). Nothing here is kept in the repository.
+The SpaceNet sample (tests/data/spacenet: a 900 x 900 uint16 GeoTIFF with 11-bit content,
+EPSG:32616, and its building mask) is cut into tiles, each a GeoTIFF on its own window of the
+original grid, with derived bands added to reach N bands (real pixels, derived bands stated:
+smoothed, texture, edges). The sample has no no-data pixels; its lower-right corner (row + column
+>= NODATA_CORNER) is set to no-data (0) in every band, as the edge of a swath would be, so that
+no-data reaches the test tiles. The tiles are written at test time; only the sample is kept.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window, transform as window_transform
 
-SPACENET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "spacenet-geotiff-samples"
+from samples import SPACENET
+
+NODATA_CORNER = 1500
+"""Source pixels with row + column >= this are no-data in the tiles: half of the last tile, none of the first six."""
 
 
 def derived_bands(raw: np.ndarray, n: int) -> np.ndarray:
@@ -53,13 +58,14 @@ def make_geo_dataset(root: Path, bands: int, tile: int = 300, splits: dict[str, 
     splits = splits or {"train": len(cells)}
     names = [s for s, k in splits.items() for _ in range(k)]
     stack = derived_bands(raw, bands)
+    void = (raw == nodata) | (np.add.outer(np.arange(h), np.arange(w)) >= NODATA_CORNER)
     for (r, c), split in zip(cells, names):
         win = Window(c, r, tile, tile)
         t = window_transform(win, transform)
         for kind in ("images", "masks"):
             (root / split / kind).mkdir(parents=True, exist_ok=True)
         img = stack[r:r + tile, c:c + tile]
-        img = np.where(raw[r:r + tile, c:c + tile, None] == nodata, nodata, img).astype(np.uint16)
+        img = np.where(void[r:r + tile, c:c + tile, None], nodata, img).astype(np.uint16)
         with rasterio.open(root / split / "images" / f"tile_{r}_{c}.tif", "w", driver="GTiff", width=tile,
                            height=tile, count=bands, dtype="uint16", crs=crs, transform=t, nodata=nodata,
                            compress="lzw", tiled=True, blockxsize=128, blockysize=128) as dst:

@@ -4,7 +4,8 @@ counts (1-8). Whatever the folder holds, predict either writes a complete mask o
 size, or skips the file naming it (exit 1), or refuses the folder before writing anything (exit 2,
 bands that do not fit the model); never a traceback, never a half-written or left-over file.
 
-Bounded for CI (a few seconds a run of examples); SEGKIT_FUZZ_EXAMPLES=500 runs more.
+Bounded for the default tier (10 folders, 150 files); `pytest --all` (make test-all) also runs 100
+folders and 1000 files, and SEGKIT_FUZZ_EXAMPLES=500 sets every count to 500.
 """
 
 from __future__ import annotations
@@ -162,10 +163,12 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
-@settings(max_examples=EXAMPLES or 10, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                                HealthCheck.data_too_large])
-@given(cases=folder_cases(), probs=st.booleans(), tta=st.booleans())
-def test_predict_on_a_fuzzed_folder_writes_exact_masks_or_names_each_bad_file(checkpoint, cases, probs, tta):
+def _fuzz(examples: int):
+    return settings(max_examples=EXAMPLES or examples, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def check_folder(checkpoint: Path, cases: list[Case], probs: bool, tta: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         images, out = Path(tmp) / "in", Path(tmp) / "out"
         images.mkdir()
@@ -207,10 +210,20 @@ def test_predict_on_a_fuzzed_folder_writes_exact_masks_or_names_each_bad_file(ch
         assert set(_files(out)) == written, "files beyond the masks of readable images"
 
 
-@settings(max_examples=EXAMPLES or 150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                                 HealthCheck.data_too_large])
-@given(case=st.one_of(valid_image(0), damaged_file(0)))
-def test_read_image_of_a_fuzzed_file_is_exact_or_a_data_error_naming_it(case):
+@_fuzz(10)
+@given(cases=folder_cases(), probs=st.booleans(), tta=st.booleans())
+def test_predict_on_a_fuzzed_folder_writes_exact_masks_or_names_each_bad_file(checkpoint, cases, probs, tta):
+    check_folder(checkpoint, cases, probs, tta)
+
+
+@pytest.mark.slow
+@_fuzz(100)
+@given(cases=folder_cases(), probs=st.booleans(), tta=st.booleans())
+def test_predict_on_a_fuzzed_folder_writes_exact_masks_or_names_each_bad_file_more(checkpoint, cases, probs, tta):
+    check_folder(checkpoint, cases, probs, tta)
+
+
+def check_file(case: Case) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / case.name
         path.write_bytes(case.data)
@@ -226,3 +239,16 @@ def test_read_image_of_a_fuzzed_file_is_exact_or_a_data_error_naming_it(case):
         if case.pixels is not None:
             assert pixels.dtype == case.pixels.dtype
             np.testing.assert_array_equal(pixels, case.pixels)
+
+
+@_fuzz(150)
+@given(case=st.one_of(valid_image(0), damaged_file(0)))
+def test_read_image_of_a_fuzzed_file_is_exact_or_a_data_error_naming_it(case):
+    check_file(case)
+
+
+@pytest.mark.slow
+@_fuzz(1000)
+@given(case=st.one_of(valid_image(0), damaged_file(0)))
+def test_read_image_of_a_fuzzed_file_is_exact_or_a_data_error_naming_it_more(case):
+    check_file(case)

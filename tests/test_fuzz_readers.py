@@ -7,12 +7,14 @@ formats either return exactly what was written (lossless; JPEG: shape and type) 
 size, or raise segkit's DataError naming the file; never another exception, never a wrong size.
 
 Expected values are computed here from the generated arrays, independently of segkit's code.
-About 50 examples a test (a few seconds); `pytest -m slow tests/test_fuzz_readers.py` runs the
-same properties with 500 examples each.
+About 50 examples a test (a few seconds); `pytest --all` (make test-all) also runs the same
+properties with 500 examples each.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +30,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import DATASETS, NUCLEI
+from samples import NUCLEI, SPACENET
 from segkit.data.io import read_image
 from segkit.data.masks import build_mask_format
 from segkit.data.readers import Window, open_raster
@@ -42,13 +44,6 @@ MAX_DECODE_BYTES = 64 << 20
 def _fuzz(examples: int) -> Callable:
     return settings(max_examples=examples, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-def _slow_selected(config: pytest.Config) -> bool:
-    """The slow variants run only when asked for (`-m slow`): the default run here includes `slow`
-    tests (other files' end-to-end runs), and these would only repeat the fast ones at length."""
-    expr = config.getoption("markexpr") or ""
-    return "slow" in expr and "not slow" not in expr
 
 
 # -- generated files ----------------------------------------------------------------------------
@@ -214,9 +209,7 @@ def test_images_read_back_exactly(case, data):
 @pytest.mark.slow
 @_fuzz(SLOW)
 @given(case=image_cases(), data=st.data())
-def test_images_read_back_exactly_more(pytestconfig, case, data):
-    if not _slow_selected(pytestconfig):
-        pytest.skip("500 examples: run with -m slow")
+def test_images_read_back_exactly_more(case, data):
     check_image(case, data)
 
 
@@ -401,9 +394,7 @@ def test_masks_give_exact_labels_or_name_the_file(data):
 @pytest.mark.slow
 @_fuzz(SLOW)
 @given(data=st.data())
-def test_masks_give_exact_labels_or_name_the_file_more(pytestconfig, data):
-    if not _slow_selected(pytestconfig):
-        pytest.skip("500 examples: run with -m slow")
+def test_masks_give_exact_labels_or_name_the_file_more(data):
     check_mask(data)
 
 
@@ -420,10 +411,19 @@ def test_an_index_mask_value_that_is_no_class_is_refused(tmp_path, dtype, stray)
 
 # -- 3. damaged files: a DataError naming the file, or pixels of the size the header states ---------
 
-REAL_FILES = [sorted((NUCLEI / "test" / "images").iterdir())[0],
-              sorted((DATASETS / "isic2018-multilabel-mini" / "images").rglob("*.jpg"))[0],
-              DATASETS / "spacenet-geotiff-samples" / "masks" / "buildings.tif"]
-"""Real files damaged alongside the generated ones (a PNG, a JPEG, a GeoTIFF mask)."""
+H_AND_E = NUCLEI / "train" / "images" / "00ae65c1c6631ae6f2be1a449902976e6eb8483bf6b0740d00530220832c6d3e.png"
+
+
+@functools.cache
+def real_files() -> dict[str, bytes]:
+    """Real files damaged alongside the generated ones, by name: a nuclei PNG as stored, a JPEG
+    (quality 90) encoded here from the H&E nuclei image, and the SpaceNet building mask (TIFF)."""
+    jpeg = io.BytesIO()
+    with Image.open(H_AND_E) as im:
+        im.convert("RGB").save(jpeg, format="JPEG", quality=90)
+    return {"nuclei.png": sorted((NUCLEI / "test" / "images").iterdir())[0].read_bytes(),
+            "h-and-e.jpg": jpeg.getvalue(),
+            "buildings-mask.tif": (SPACENET / "masks" / "buildings.tif").read_bytes()}
 
 
 def _attempt(path: Path, action: Callable[[], Any]) -> Any:
@@ -438,8 +438,8 @@ def _attempt(path: Path, action: Callable[[], Any]) -> Any:
 def check_damaged(data: st.DataObject) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if data.draw(st.integers(0, 5), label="real source") == 0:
-            source = data.draw(st.sampled_from(REAL_FILES), label="real file")
-            raw, suffix, original = source.read_bytes(), source.suffix, None
+            name = data.draw(st.sampled_from(sorted(real_files())), label="real file")
+            raw, suffix, original = real_files()[name], Path(name).suffix, None
         else:
             written = data.draw(image_cases(), label="image").write(Path(tmp), "source")
             raw, suffix = written.path.read_bytes(), written.path.suffix
@@ -493,7 +493,5 @@ def test_damaged_files_raise_data_error_or_read_at_their_size(data):
 @pytest.mark.slow
 @_fuzz(SLOW)
 @given(data=st.data())
-def test_damaged_files_raise_data_error_or_read_at_their_size_more(pytestconfig, data):
-    if not _slow_selected(pytestconfig):
-        pytest.skip("500 examples: run with -m slow")
+def test_damaged_files_raise_data_error_or_read_at_their_size_more(data):
     check_damaged(data)

@@ -2,6 +2,8 @@
 the input's grid, polygons in the image's CRS, and channel mismatches refused.
 
 Data: tiles of the real SpaceNet sample (uint16, 11-bit, EPSG:32616) with derived bands (tests/geodata.py).
+One 4-band training run is shared by the tests that need a trained model; the softmax output test uses
+an untrained model whose masks follow the image (no training needed to test a file format).
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ from safetensors.torch import load_file
 from conftest import TINY, assert_refused, run_cli
 from geodata import SPACENET, make_geo_dataset
 
-pytestmark = pytest.mark.skipif(not SPACENET.is_dir(), reason="needs ../shared/datasets/spacenet-geotiff-samples")
-
 
 def _config(tmp: Path, root: Path, channels: int, head: str = "sigmoid", **data) -> Path:
     classes = ["building"] if head == "sigmoid" else ["background", "building"]
@@ -37,12 +37,75 @@ def geo4(tmp_path_factory) -> Path:
     return make_geo_dataset(tmp_path_factory.mktemp("geo4") / "data", 4, splits={"train": 6, "test": 3})
 
 
-@pytest.mark.parametrize("bands", [4, 8])
-def test_n_band_geotiffs_train_and_predict_on_the_input_grid(tmp_path, bands, geo4):
-    data = geo4 if bands == 4 else make_geo_dataset(tmp_path / "data", bands, splits={"train": 6, "test": 3})
-    out = tmp_path / "run"
-    r = run_cli("train", _config(tmp_path, data, bands), "--out", out, *TINY)
+@pytest.fixture(scope="module")
+def trained4(tmp_path_factory, geo4) -> Path:
+    """The run folder of one tiny `segkit train` of a 4-band sigmoid model on geo4."""
+    tmp = tmp_path_factory.mktemp("trained4")
+    r = run_cli("train", _config(tmp, geo4, 4), "--out", tmp / "run", *TINY)
     assert r.code == 0, r.err
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def predicted4(tmp_path_factory, geo4, trained4) -> Path:
+    """`segkit predict --vectorize --save-probs` of trained4 on geo4's test tiles: the output folder."""
+    masks = tmp_path_factory.mktemp("predicted4") / "masks"
+    r = run_cli("predict", trained4 / "best", geo4 / "test" / "images", masks, "--device", "cpu", "--no-progress",
+                "--workers", "0", "--vectorize", "--save-probs")
+    assert r.code == 0, r.err
+    return masks
+
+
+@pytest.fixture(scope="module")
+def softmax4(tmp_path_factory, geo4) -> Path:
+    """An untrained 4-band softmax U-Net (background, building) whose masks follow the image, as conftest's
+    content_checkpoints: geo4's dataset normalisation, batch-norm statistics from 160 x 160 crops of three
+    training tiles, then logits scaled to mean 0, std 3 on them."""
+    from segkit import Segmenter
+    from segkit.config import load_config
+    from segkit.data.dataset import fit_normalization, scan
+    from segkit.data.splits import pair_reader, split_samples
+    from segkit.heads import build_head
+    from segkit.model import build_model, checkpoint_meta, save_checkpoint
+
+    tmp = tmp_path_factory.mktemp("softmax4")
+    cfg = load_config(_config(tmp, geo4, 4, "softmax"))
+    reader = pair_reader(cfg.data)
+    norm = fit_normalization("dataset", scan(split_samples(cfg.data, "train"), reader), reader, 4, None, None)
+    torch.manual_seed(0)
+    head = build_head("softmax", ["background", "building"])
+    model = build_model("Unet", "resnet18", head.channels, 4)
+    meta = checkpoint_meta(head, "Unet", "resnet18", 4, norm, data={"mask": "binary"})
+    seg = Segmenter(model, head, meta, "cpu")
+    tiles = sorted((geo4 / "train" / "images").glob("*.tif"))[:3]
+    x = torch.cat([seg.to_input(seg.open(t)) for t in tiles])[..., 70:230, 70:230].contiguous()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batch
+    with torch.no_grad():
+        model.train()(x)
+        y = model.eval()(x)
+        conv = model.segmentation_head[0]
+        mean, std = y.mean((0, 2, 3)), y.std((0, 2, 3))
+        conv.weight.mul_((3 / std).view(-1, 1, 1, 1))
+        conv.bias.sub_(mean).mul_(3 / std)
+    save_checkpoint(tmp / "ckpt", model, meta)
+    return tmp / "ckpt"
+
+
+@pytest.mark.parametrize("bands", [4, pytest.param(8, marks=pytest.mark.slow)])
+def test_n_band_geotiffs_train_and_predict_on_the_input_grid(request, tmp_path, bands):
+    if bands == 4:
+        data, out, masks = (request.getfixturevalue(f) for f in ("geo4", "trained4", "predicted4"))
+    else:
+        data = make_geo_dataset(tmp_path / "data", bands, splits={"train": 6, "test": 3})
+        out, masks = tmp_path / "run", tmp_path / "masks"
+        r = run_cli("train", _config(tmp_path, data, bands), "--out", out, *TINY)
+        assert r.code == 0, r.err
+        r = run_cli("predict", out / "best", data / "test" / "images", masks, "--device", "cpu", "--no-progress",
+                    "--workers", "0", "--vectorize", "--save-probs")
+        assert r.code == 0, r.err
     meta = json.loads((out / "best" / "model.json").read_text())
     assert meta["in_channels"] == bands
     weights = load_file(str(out / "best" / "model.safetensors"))
@@ -51,12 +114,9 @@ def test_n_band_geotiffs_train_and_predict_on_the_input_grid(tmp_path, bands, ge
     assert norm["mode"] == "dataset" and len(norm["mean"]) == bands and len(norm["low"]) == bands
     assert meta["data"]["image_dtypes"] == ["uint16"]
 
-    masks = tmp_path / "masks"
-    r = run_cli("predict", out / "best", data / "test" / "images", masks, "--device", "cpu", "--no-progress",
-                "--workers", "0", "--vectorize", "--save-probs")
-    assert r.code == 0, r.err
     images = sorted((data / "test" / "images").glob("*.tif"))
     assert len(images) == 3
+    void = polygons = 0
     for image in images:
         with rasterio.open(image) as src, rasterio.open(masks / "building" / image.name) as dst:
             assert dst.crs == src.crs and dst.transform == src.transform
@@ -65,6 +125,7 @@ def test_n_band_geotiffs_train_and_predict_on_the_input_grid(tmp_path, bands, ge
             mask, raw = dst.read(1), src.read(1)
             assert set(np.unique(mask).tolist()) <= {0, 1, 255}
             assert ((mask == 255) == (raw == src.nodata)).all()  # no-data in, no-data out, nowhere else
+            void += int((mask == 255).sum())
             bounds = src.bounds
         with rasterio.open(masks / image.name.replace(".tif", "_probs.tif")) as p:
             probs = p.read(1)
@@ -74,6 +135,7 @@ def test_n_band_geotiffs_train_and_predict_on_the_input_grid(tmp_path, bands, ge
             assert (decided[keep] == mask[keep]).all() and np.isnan(probs[mask == 255]).all()
         doc = json.loads((masks / image.with_suffix(".geojson").name).read_text())
         assert doc["crs"]["properties"]["name"].endswith("32616") and "crs_wkt" in doc
+        polygons += len(doc["features"])
         for feature in doc["features"]:
             assert feature["properties"]["class"] == "building"
             xy = np.array([pt for ring in feature["geometry"]["coordinates"] for pt in ring])
@@ -86,20 +148,31 @@ def test_n_band_geotiffs_train_and_predict_on_the_input_grid(tmp_path, bands, ge
             back = rasterize([f["geometry"] for f in doc["features"]], out_shape=mask.shape,
                              transform=src.transform)
             assert (back == (mask == 1)).all()
+    assert void > 0 and polygons > 0  # the no-data corner and the polygons were there to check
 
 
-def test_softmax_geotiff_is_one_index_band_with_a_colour_table(tmp_path, geo4):
-    out = tmp_path / "run"
-    assert run_cli("train", _config(tmp_path, geo4, 4, "softmax"), "--out", out, *TINY).code == 0
+def test_softmax_geotiff_is_one_index_band_with_a_colour_table(tmp_path, geo4, softmax4):
+    """The index band holds the most probable class of the probabilities written beside it (float16
+    ties aside), 255 exactly on no-data."""
     masks = tmp_path / "masks"
-    r = run_cli("predict", out / "best", geo4 / "test" / "images", masks, "--device", "cpu", "--no-progress",
-                "--workers", "0")
+    r = run_cli("predict", softmax4, geo4 / "test" / "images", masks, "--device", "cpu", "--no-progress",
+                "--workers", "0", "--save-probs")
     assert r.code == 0, r.err
+    counts, void = np.zeros(2, int), 0
     for image in sorted((geo4 / "test" / "images").glob("*.tif")):
         with rasterio.open(image) as src, rasterio.open(masks / image.name) as dst:
             assert dst.crs == src.crs and dst.transform == src.transform and dst.count == 1
             assert dst.colormap(1)[1][:3] != (0, 0, 0) and dst.colormap(1)[0][:3] == (0, 0, 0)
-            assert set(np.unique(dst.read(1)).tolist()) <= {0, 1, 255}
+            mask, nodata = dst.read(1), (src.read() == src.nodata).all(0)
+        with rasterio.open(masks / image.name.replace(".tif", "_probs.tif")) as p:
+            probs = p.read()
+        assert ((mask == 255) == nodata).all() and np.isnan(probs[:, nodata]).all()
+        void += int(nodata.sum())
+        differ = (mask != probs.argmax(0)) & ~nodata
+        assert (np.abs(probs[1] - probs[0])[differ] < 2e-3).all()
+        counts += np.bincount(mask[~nodata], minlength=2)[:2]
+    assert counts.min() > 0.05 * counts.sum(), counts  # both classes: the masks follow the image
+    assert void > 0  # the no-data corner (tests/geodata.py) is in the test tiles
 
 
 def test_band_selection_trains_on_the_chosen_bands(tmp_path, geo4):
@@ -122,16 +195,14 @@ def test_band_selection_trains_on_the_chosen_bands(tmp_path, geo4):
         assert norm[key] == pytest.approx([getattr(all4, key)[b - 1] for b in (4, 1, 2)], rel=1e-9), key
 
 
-def test_channel_mismatch_is_refused_naming_the_file_and_the_fix(tmp_path, geo4):
+def test_channel_mismatch_is_refused_naming_the_file_and_the_fix(tmp_path, geo4, trained4):
     r = run_cli("train", _config(tmp_path, geo4, 3), "--out", tmp_path / "run", *TINY)
     assert_refused(r, tmp_path / "run", "4 band(s)", "3 input channel(s)", "data.channels: 4", "data.bands")
     r = run_cli("train", _config(tmp_path, geo4, 2, bands=[1, 9]), "--out", tmp_path / "run", *TINY)
     assert_refused(r, tmp_path / "run", "band(s) [9]", "1..4")
 
-    out = tmp_path / "ok"
-    assert run_cli("train", _config(tmp_path, geo4, 4), "--out", out, *TINY).code == 0
     three = SPACENET / "unlabelled"  # a real 3-band int16 GeoTIFF
-    r = run_cli("predict", out / "best", three, tmp_path / "masks", "--device", "cpu", "--no-progress")
+    r = run_cli("predict", trained4 / "best", three, tmp_path / "masks", "--device", "cpu", "--no-progress")
     assert_refused(r, tmp_path / "masks", "albers_3band_int16_nodata.tif", "3 band(s)", "4 input channel(s)")
 
 
@@ -148,15 +219,16 @@ def test_same_pixels_give_the_same_input_in_training_and_prediction(tmp_path, ge
     from segkit.heads import build_head
     from segkit.model import build_model, checkpoint_meta
 
+    head = build_head("sigmoid", ["building"])
+    model = build_model("Unet", "resnet18", 1, 4)  # the weights play no part: only the inputs are compared
     for mode in ("dataset", "per_image", "none"):
         cfg = load_config(_config(tmp_path, geo4, 4, normalize=mode))
         reader = pair_reader(cfg.data)
         records = scan(split_samples(cfg.data, "test"), reader, per_image=mode == "per_image")
         norm = fit_normalization(mode, records, reader, 4, None, None)
-        head = build_head("sigmoid", ["building"])
         ds = SegmentationDataset(records, reader, head, eval_transform(), norm)
-        seg = Segmenter(build_model("Unet", "resnet18", 1, 4), head,
-                        checkpoint_meta(head, "Unet", "resnet18", 4, norm, data={"mask": "binary"}), "cpu")
+        seg = Segmenter(model, head, checkpoint_meta(head, "Unet", "resnet18", 4, norm, data={"mask": "binary"}),
+                        "cpu")
         for i, r in enumerate(records):
             x_train = to_network(default_collate([ds[i]]), norm, head, torch.device("cpu"))[0][0]
             x_pred = seg.to_input(seg.open(r.sample.image))[0]
@@ -177,13 +249,8 @@ def test_same_pixels_give_the_same_input_in_training_and_prediction(tmp_path, ge
                 assert np.allclose(x_pred.numpy(), want, atol=1e-4)
 
 
-def test_evaluate_and_visualize_read_geotiff_masks(tmp_path, geo4):
-    out = tmp_path / "run"
-    assert run_cli("train", _config(tmp_path, geo4, 4), "--out", out, *TINY).code == 0
-    masks = tmp_path / "masks"
-    r = run_cli("predict", out / "best", geo4 / "test" / "images", masks, "--device", "cpu", "--no-progress",
-                "--workers", "0")
-    assert r.code == 0, r.err
+def test_evaluate_and_visualize_read_geotiff_masks(tmp_path, geo4, trained4, predicted4):
+    out, masks = trained4, predicted4
     r = run_cli("evaluate", out / "best", geo4, "--split", "test", "--json", tmp_path / "s.json", "--device", "cpu",
                 "--no-progress", "--workers", "0")
     assert r.code == 0, r.err

@@ -3,10 +3,10 @@ ImageSource): exact round trips for every TIFF compression and layout, windowed 
 slices of the whole read (property-based), alpha and band semantics, GeoTIFF geometry, strict
 binary masks, broken files and multi-page stacks.
 
-Pixels come from the real shared datasets (../shared/datasets): a DSB 2018 nuclei RGB image and
-its mask, an ISBI 2012 membrane section and mask, and the SpaceNet GeoTIFF samples. Derived
-arrays (extra bands, instance IDs, blurred masks) are built from those and say so. Random pixels
-are used only in the property-based tests.
+Pixels come from real files in the repository: a DSB 2018 nuclei RGB image and its mask
+(data/nuclei), the SpaceNet GeoTIFF samples and the MSD hippocampus MRI volumes (tests/data).
+Derived arrays (extra bands, instance IDs, blurred or inverted masks, MRI slices as a stack) are
+built from those and say so. Random pixels are used only in the property-based tests.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 
-from conftest import DATASETS
+from samples import NUCLEI, SPACENET, grey8, hippo_volume, inverted_nuclei
 from segkit.data.io import read_image, read_mask_raw
 from segkit.data.masks import build_mask_format
 from segkit.data.readers import Window, open_raster
@@ -38,19 +38,14 @@ from segkit.data.source import ImageSource
 from segkit.errors import DataError
 
 NUCLEI_STEM = "00ae65c1c6631ae6f2be1a449902976e6eb8483bf6b0740d00530220832c6d3e"  # H&E stained, 320x256 RGB
-NUCLEI_IMAGE = DATASETS / "dsb2018-nuclei" / "images" / f"{NUCLEI_STEM}.png"
-NUCLEI_MASK = DATASETS / "dsb2018-nuclei" / "masks" / f"{NUCLEI_STEM}.png"
-ISBI_IMAGE = DATASETS / "isbi2012-membrane" / "images" / "0.png"
-ISBI_MASK = DATASETS / "isbi2012-membrane" / "masks" / "0.png"
-SPACENET = DATASETS / "spacenet-geotiff-samples"
+NUCLEI_IMAGE = NUCLEI / "train" / "images" / f"{NUCLEI_STEM}.png"
+NUCLEI_MASK = NUCLEI / "train" / "masks" / f"{NUCLEI_STEM}.png"
 BUILDINGS = SPACENET / "images" / "buildings.tif"
 BUILDINGS_MASK = SPACENET / "masks" / "buildings.tif"
 ALBERS = SPACENET / "unlabelled" / "albers_3band_int16_nodata.tif"
 
 UTM16N = "EPSG:32616"
 UTM_TRANSFORM = Affine(0.5, 0.0, 733601.0, 0.0, -0.5, 3725139.0)  # SpaceNet's grid: 0.5 m pixels
-
-pytestmark = pytest.mark.skipif(not NUCLEI_IMAGE.exists(), reason=f"shared datasets missing: {DATASETS}")
 
 
 # ----------------------------------------------------------------------------- real pixels
@@ -81,11 +76,12 @@ def u16_11bit() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def f32_bands(rgb8) -> np.ndarray:
-    """5 float32 bands derived from real pixels: nuclei R, G, B scaled to 0..1, an ISBI crop scaled to
-    0..1, and a signed normalised difference (R - G) / (R + G + 1) (negative values included)."""
-    isbi = _png(ISBI_IMAGE)[:90, :77].astype(np.float32) / 255
+    """5 float32 bands derived from real pixels: nuclei R, G, B scaled to 0..1, a SpaceNet crop scaled
+    from 11 bits to 0..1, and a signed normalised difference (R - G) / (R + G + 1) (negative values included)."""
+    pan = tifffile.imread(BUILDINGS)[600:690, 100:177].astype(np.float32) / 2047
+    assert len(np.unique(pan)) > 200
     r, g, b = (rgb8[:, :, i].astype(np.float32) for i in range(3))
-    arr = np.stack([r / 255, g / 255, b / 255, isbi, (r - g) / (r + g + 1)], axis=2).astype(np.float32)
+    arr = np.stack([r / 255, g / 255, b / 255, pan, (r - g) / (r + g + 1)], axis=2).astype(np.float32)
     return np.ascontiguousarray(arr)
 
 
@@ -657,21 +653,24 @@ def test_binary_jpeg_mask_thresholds_at_midpoint(tmp_path, nuclei_mask):
     assert (fg == (nuclei_mask > 0)).mean() >= 0.99
 
 
-def test_binary_foreground_value_zero_isbi(tmp_path):
-    mask = _png(ISBI_MASK)
+def test_binary_foreground_value_zero(tmp_path, nuclei_mask):
+    """Foreground stored as 0 (as ISBI 2012 and many EM datasets do): the nuclei mask inverted."""
+    path = inverted_nuclei(tmp_path / "inv", [NUCLEI_STEM]) / "train" / "masks" / f"{NUCLEI_STEM}.png"
+    mask = _png(path)
     assert set(np.unique(mask).tolist()) == {0, 255}
-    labels, valid = _binary(("membrane",), foreground_value=0).read(ISBI_MASK)
+    np.testing.assert_array_equal(mask == 0, nuclei_mask == 255)
+    labels, valid = _binary(("nucleus",), foreground_value=0).read(path)
     assert valid.all()
-    np.testing.assert_array_equal(labels[:, :, 0].astype(bool), mask == 0)
-    labels, _ = _binary(("cell",), foreground_value=255).read(ISBI_MASK)
-    np.testing.assert_array_equal(labels[:, :, 0].astype(bool), mask == 255)
+    np.testing.assert_array_equal(labels[:, :, 0].astype(bool), nuclei_mask == 255)
+    labels, _ = _binary(("background",), foreground_value=255).read(path)
+    np.testing.assert_array_equal(labels[:, :, 0].astype(bool), nuclei_mask == 0)
     # the foreground value and one other: 7 and 255 is fine, a third value is not
     other = np.where(mask == 0, 7, 255).astype(np.uint8)
-    labels, _ = _binary(("cell",), foreground_value=255).read(_save_png(tmp_path / "o.png", other))
+    labels, _ = _binary(("background",), foreground_value=255).read(_save_png(tmp_path / "o.png", other))
     np.testing.assert_array_equal(labels[:, :, 0].astype(bool), mask == 255)
     other[:5] = 0
     with pytest.raises(DataError, match="foreground value 255"):
-        _binary(("cell",), foreground_value=255).read(_save_png(tmp_path / "o3.png", other))
+        _binary(("background",), foreground_value=255).read(_save_png(tmp_path / "o3.png", other))
 
 
 def test_binary_ignore_index(tmp_path, nuclei_mask):
@@ -822,9 +821,9 @@ def test_empty_and_missing_files(tmp_path):
 # ----------------------------------------------------------------------------- 8. stacks refused
 
 def _stack() -> np.ndarray:
-    """5 real 32x32 planes: ISBI crops."""
-    isbi = _png(ISBI_IMAGE)
-    return np.stack([isbi[32 * i:32 * i + 32, :32] for i in range(5)])
+    """5 real 32x32 planes: consecutive axial slices of an MRI volume (hippocampus_001, uint8)."""
+    image, _ = hippo_volume("hippocampus_001")
+    return np.ascontiguousarray(grey8(image)[:32, :32, 10:15].transpose(2, 0, 1))
 
 
 @pytest.mark.parametrize("how", ["shaped", "generic", "imagej-z", "imagej-t", "pages-appended"])

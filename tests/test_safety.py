@@ -1,7 +1,7 @@
 """Trust at the edges: class names that would leave the output folder, errors by cause (permission,
 disk full) rather than "replace the file", `--nproc` only where it means something, encoder weights
-that must fit, and a compare report whose every named file exists. Real files from data/nuclei and
-../shared/datasets; crafted checkpoints, weight files and failing writes."""
+that must fit, and a compare report whose every named file exists. Real files from data/nuclei and the
+samples in tests/data; crafted checkpoints, weight files and failing writes."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from conftest import CONFIGS, DATASETS, NUCLEI, TINY, assert_refused, run_cli, small_nuclei_stems
+import samples
+from conftest import CONFIGS, NUCLEI, TINY, assert_refused, run_cli, small_nuclei_stems
 from cli.app import _pop_nproc
 from segkit.data.io import atomic_path, read_image, write_bytes
 from segkit.data.normalize import Normalization
@@ -32,7 +33,7 @@ from segkit.errors import ConfigError, DataError, SegkitError
 from segkit.heads import build_head
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
 
-SPACENET = DATASETS / "spacenet-geotiff-samples" / "images" / "buildings.tif"
+SPACENET = samples.SPACENET / "images" / "buildings.tif"
 NUCLEI_TEST = sorted((NUCLEI / "test" / "images").iterdir())
 
 
@@ -106,7 +107,7 @@ def test_predict_with_a_crafted_checkpoint_class_exits_2_and_writes_nothing(tmp_
 
 def test_train_on_a_dataset_json_with_an_unsafe_label_exits_2_and_writes_nothing(tmp_path):
     data = tmp_path / "hippo"
-    shutil.copytree(DATASETS / "nifti-samples" / "msd-hippocampus", data)
+    shutil.copytree(samples.HIPPO, data)
     meta = json.loads((data / "dataset.json").read_text())
     meta["labels"] = {"background": 0, "../../x": 1, "posterior": 2}
     (data / "dataset.json").write_text(json.dumps(meta))
@@ -169,7 +170,8 @@ def test_geotiff_writer_refuses_an_escaping_class_and_writes_nothing(tmp_path):
 def as_unprivileged(action: Callable[[], object]) -> str:
     """'ok', or 'Type: message' of what `action` raised where file permissions apply: in this process
     for an ordinary user; for root (whom permissions do not stop) in a forked child that first drops
-    to the unprivileged uid/gid 65534."""
+    to the unprivileged uid/gid 65534 and runs torch on one thread (a forked process must not enter the
+    parent's OpenMP pool)."""
 
     def outcome() -> str:
         try:
@@ -187,6 +189,7 @@ def as_unprivileged(action: Callable[[], object]) -> str:
         try:
             os.setgid(65534)
             os.setuid(65534)
+            torch.set_num_threads(1)
             text = outcome()
         except BaseException as err:
             text = f"setup failed: {err}"
@@ -231,19 +234,33 @@ def test_a_file_without_read_permission_is_reported_as_such(locked, src, opener)
     assert "replace the file" not in said, said
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
 def test_predict_skips_an_unreadable_file_naming_the_cause(tmp_path):
-    ckpt = tiny_checkpoint(tmp_path / "ckpt", "sigmoid", ["nucleus"])
-    images = tmp_path / "in"
+    """A PNG nobody may read (mode 000) beside a readable one, predicted where permissions apply (for root:
+    as uid 65534, in a folder anyone may write, under the system temp folder). The readable one is predicted
+    first as it is, so every module predict needs is loaded: uid 65534 may not read the interpreter's."""
+    work = Path(tempfile.mkdtemp(prefix="segkit-unreadable-"))
+    work.chmod(0o777)
+    ckpt = tiny_checkpoint(work / "ckpt", "sigmoid", ["nucleus"])
+    images, out = work / "in", work / "out"
     images.mkdir()
     shutil.copy(NUCLEI_TEST[0], images / "good.png")
+    assert run_cli("predict", ckpt, images, work / "first", "--device", "cpu", "--no-progress", "--workers",
+                   "0").code == 0
     shutil.copy(NUCLEI_TEST[1], images / "locked.png")
     (images / "locked.png").chmod(0o000)
-    r = run_cli("predict", ckpt, images, tmp_path / "out", "--device", "cpu", "--no-progress", "--workers", "0")
-    assert r.code == 1 and "Traceback" not in r.err
-    assert "locked.png: cannot read it: permission denied" in r.err and "replace the file" not in r.err
-    assert (tmp_path / "out" / "nucleus" / "good.png").is_file()
-    assert not (tmp_path / "out" / "nucleus" / "locked.png").exists()
+
+    def predict() -> None:
+        r = run_cli("predict", ckpt, images, out, "--device", "cpu", "--no-progress", "--workers", "0")
+        assert r.code == 1 and "Traceback" not in r.err, r
+        assert "locked.png: cannot read it: permission denied" in r.err and "replace the file" not in r.err, r.err
+        assert (out / "nucleus" / "good.png").is_file()
+        assert not (out / "nucleus" / "locked.png").exists()
+
+    try:
+        said = as_unprivileged(predict)
+    finally:
+        shutil.rmtree(work)
+    assert said == "ok", said
 
 
 @pytest.mark.parametrize("code, says", [(errno.ENOSPC, "disk full"), (errno.EROFS, "read-only file system"),
@@ -298,8 +315,9 @@ def test_predict_on_a_full_disk_exits_non_zero_and_keeps_previous_masks(tmp_path
 
     monkeypatch.setattr(PIL.Image.Image, "save", full_disk)
     r = run_cli(*args, "--overwrite")
-    assert r.code == 2 and "Traceback" not in r.err, r.err
-    assert "disk full" in r.err and str(out / "nucleus") in r.err
+    assert r.code == 1 and "Traceback" not in r.err + r.out, r.err  # each image reported, as an unreadable one
+    for path in NUCLEI_TEST[:2]:
+        assert f"failed: {out / 'nucleus' / path.name}: cannot write it: disk full" in r.err, r.err
     assert snapshot(out) == before  # every previous mask intact, no temporary file left
 
 

@@ -48,7 +48,8 @@ class GdalRaster(Raster):
         self.alpha = tuple(i for i, c in enumerate(ds.colorinterp) if c == ColorInterp.alpha)
         self.nodata = ds.nodata
         compress = (ds.profile.get("compress") or "").lower()
-        self.lossy = compress in _LOSSY or ds.driver in ("JPEG", "JP2OpenJPEG", "WEBP")
+        self.lossy = compress in _LOSSY or ds.driver in ("JPEG", "WEBP") or (
+            ds.driver == "JP2OpenJPEG" and not _jp2_reversible(ds))
         if ds.count == 1 and ds.colorinterp[0] == ColorInterp.palette and self.dtype == np.uint8:
             cmap = ds.colormap(1)
             self.palette = np.array([cmap.get(i, (0, 0, 0, 0))[:3] for i in range(256)], dtype=np.uint8)
@@ -65,3 +66,8 @@ class GdalRaster(Raster):
 
     def close(self) -> None:
         self._ds.close()
+
+
+def _jp2_reversible(ds) -> bool:
+    """Whether a JPEG 2000 file was coded with the reversible (lossless) 5/3 wavelet: its values are exact."""
+    return ds.tags(ns="IMAGE_STRUCTURE").get("COMPRESSION_REVERSIBILITY", "").upper().startswith("LOSSLESS")
