@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
-from conftest import CONFIGS, DATASETS, NUCLEI, copy_nuclei
+from conftest import NUCLEI, copy_nuclei
+from samples import HIPPO_CASES, HIPPO_CLASSES, boundary_ring, hippo_multilabel, hippo_slice_arrays, hippo_slices
 from segkit.config import load_config
 from segkit.data.inspect import DataGuess, inspect
-
-ISIC = DATASETS / "isic2018-multilabel-mini"
-CAMVID = DATASETS / "camvid"
-CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
-                  "Pedestrian", "Bicyclist"]
 
 
 def _grey(path: Path) -> np.ndarray:
@@ -56,35 +52,52 @@ def test_inspect_nuclei_numbers_match_the_masks():
     assert d["head"] == "sigmoid" and d["class_frequency"]["fg"] == pytest.approx(fg / total, rel=1e-12)
 
 
-# -- ISIC: overlapping labels -> sigmoid required --------------------------------------------------------
+# -- nested hippocampus labels: overlapping -> sigmoid required -----------------------------------------
 
 
-def _isic_hand_counts() -> tuple[int, int]:
+NESTED_CASES, EVERY = HIPPO_CASES[:2], 4
+NESTED = ["hippocampus", "posterior"]  # every posterior pixel is also hippocampus: it carries two labels
+
+
+@pytest.fixture(scope="module")
+def nested(tmp_path_factory) -> Path:
+    """Real hippocampus slices with nested labels in the flat layout, images as JPEG (as ISIC ships them)."""
+    return hippo_multilabel(tmp_path_factory.mktemp("nested"), cases=NESTED_CASES, every=EVERY, image_ext=".jpg")
+
+
+def _volume_slices() -> list[np.ndarray]:
+    return [labels for _, labels in hippo_slice_arrays(NESTED_CASES, EVERY).values()]
+
+
+def test_inspect_nested_labels_report_the_overlap_and_require_sigmoid(nested):
+    """The overlap is the posterior share, counted on the label volumes the masks were made from."""
+    slices = _volume_slices()
+    total = sum(s.size for s in slices)
+    posterior = sum(int((s == 2).sum()) for s in slices)
+    unlabelled = sum(int((s == 0).sum()) for s in slices)
+    report = inspect(nested)
+    assert report.data.mask == "multilabel" and report.data.classes == NESTED and report.data.guessed
+    assert [(s.name, s.images, s.labelled, len(s.orphan_masks)) for s in report.splits] == [
+        ("all", len(slices), len(slices), 0)]
+    assert report.class_pixels().tolist() == [sum(int((s > 0).sum()) for s in slices), posterior]
+    assert report.overlap_share == pytest.approx(posterior / total, rel=1e-12)
+    assert report.unlabeled_share == pytest.approx(unlabelled / total, rel=1e-12)
+    assert report.images.dtypes == {"uint8": len(slices)}  # the JPEG images are read, not only the masks
+    head, why = report.advice()
+    assert head == "sigmoid" and why.startswith(f"{posterior / total:.2%} of pixels carry more than one label")
+    assert "sigmoid head is required" in why
+
+
+def test_inspect_nested_labels_cli(cli, nested, tmp_path):
+    """The numbers of the text and of --json are those of the mask files, counted here."""
     both = total = 0
-    for lesion in sorted((ISIC / "masks" / "lesion").iterdir()):
-        stem = lesion.name.removesuffix("_Segmentation.png")
-        pn = ISIC / "masks" / "pigment_network" / f"{stem}_attribute_pigment_network.png"
-        a, b = _grey(lesion) > 127, _grey(pn) > 127
+    for whole in sorted((nested / "masks" / "hippocampus").iterdir()):
+        a, b = _grey(whole) > 127, _grey(nested / "masks" / "posterior" / whole.name) > 127
         both += int((a & b).sum())
         total += a.size
-    return both, total
-
-
-def test_inspect_isic_reports_overlap_and_requires_sigmoid():
-    both, total = _isic_hand_counts()
-    report = inspect(ISIC)
-    assert report.data.mask == "multilabel" and report.data.classes == ["lesion", "pigment_network"]
-    assert [(s.name, s.images, s.labelled, len(s.orphan_masks)) for s in report.splits] == [("all", 6, 6, 0)]
-    assert both > 0 and report.overlap_share == pytest.approx(both / total, rel=1e-12)
-    head, why = report.advice()
-    assert head == "sigmoid" and "sigmoid head is required" in why
-
-
-def test_inspect_isic_cli(cli, tmp_path):
-    both, total = _isic_hand_counts()
-    r = cli("inspect", ISIC, "--json", tmp_path / "report.json")
+    r = cli("inspect", nested, "--json", tmp_path / "report.json")
     assert r.code == 0, r.err
-    assert "multilabel masks, classes ['lesion', 'pigment_network']" in r.out
+    assert "multilabel masks, classes ['hippocampus', 'posterior']" in r.out
     assert f"pixels with more than one label: {both / total:.4%}" in r.out
     assert "head: sigmoid" in r.out and "sigmoid head is required" in r.out
     report = json.loads((tmp_path / "report.json").read_text())
@@ -92,63 +105,85 @@ def test_inspect_isic_cli(cli, tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "report.json"]
 
 
-# -- CamVid (subset): exclusive classes with an ignore value -> softmax ----------------------------------
+# -- hippocampus slices: exclusive classes with an ignore value -> softmax ------------------------------
+
+
+VOID = 255  # the boundary ring, PASCAL VOC's ignore value
 
 
 @pytest.fixture(scope="module")
-def camvid(tmp_path_factory) -> Path:
-    """10 real CamVid pairs in the ROOT/images/train + ROOT/masks/train layout."""
-    root = tmp_path_factory.mktemp("camvid")
-    for kind in ("images", "masks"):
-        (root / kind / "train").mkdir(parents=True)
-        for path in sorted((CAMVID / kind / "train").iterdir())[:10]:
-            shutil.copy(path, root / kind / "train" / path.name)
-    return root
+def hippo(tmp_path_factory) -> Path:
+    """Real hippocampus slices, exclusive classes as index masks with a VOID ring on every boundary."""
+    return hippo_slices(tmp_path_factory.mktemp("hippo"), "train", NESTED_CASES, every=EVERY, ignore=VOID)
 
 
-def _camvid_guess(root: Path) -> DataGuess:
-    return DataGuess.from_config(load_config(CONFIGS / "camvid.yaml", [f"data.root={root}"]).data)
+@pytest.fixture(scope="module")
+def hippo_config(tmp_path_factory, hippo) -> Path:
+    path = tmp_path_factory.mktemp("config") / "hippo.yaml"
+    path.write_text(yaml.safe_dump({"data": {"root": str(hippo), "classes": HIPPO_CLASSES, "mask": "index",
+                                             "ignore_index": VOID}, "model": {"head": "softmax"}}))
+    return path
 
 
-def test_inspect_camvid_numbers_and_softmax(camvid):
-    truth = np.concatenate([_grey(p).ravel() for p in sorted((camvid / "masks" / "train").iterdir())])
-    valid = truth != 11
-    report = inspect(camvid, _camvid_guess(camvid))
-    assert report.data.classes == CAMVID_CLASSES and not report.data.guessed
-    assert [(s.name, s.images, s.labelled) for s in report.splits] == [("train", 10, 10)]
-    assert report.class_pixels().tolist() == [int((truth == c).sum()) for c in range(11)]
+def _hand_counts() -> tuple[list[int], int, int, list[str]]:
+    """From the label volumes: per-class valid pixels, ring (ignored) pixels, all pixels, and the slices
+    whose foreground lies entirely on the ring (empty once the ring is ignored)."""
+    pixels, ring, total, empty = [0, 0, 0], 0, 0, []
+    for stem, (_, labels) in hippo_slice_arrays(NESTED_CASES, EVERY).items():
+        void = boundary_ring(labels)
+        pixels = [n + int(((labels == c) & ~void).sum()) for c, n in enumerate(pixels)]
+        ring += int(void.sum())
+        total += labels.size
+        if not ((labels > 0) & ~void).any():
+            empty.append(f"{stem}.png")
+    return pixels, ring, total, empty
+
+
+def test_inspect_hippo_numbers_and_softmax(hippo, hippo_config):
+    pixels, ring, total, empty = _hand_counts()
+    report = inspect(hippo, DataGuess.from_config(load_config(hippo_config).data))
+    assert report.data.classes == HIPPO_CLASSES and not report.data.guessed
+    n = len(hippo_slice_arrays(NESTED_CASES, EVERY))
+    assert [(s.name, s.images, s.labelled) for s in report.splits] == [("train", n, n)]
+    assert report.class_pixels().tolist() == pixels
     split = report.splits[0]
-    assert (split.valid, split.total) == (int(valid.sum()), truth.size)
-    assert 0 < split.total - split.valid  # CamVid has Unlabelled (11) pixels ...
-    assert report.overlap_share == 0 and report.unlabeled_share == 0  # ... which are ignored, not unlabelled
+    assert (split.valid, split.total) == (total - ring, total)  # the ring is ignored ...
+    assert report.overlap_share == 0 and report.unlabeled_share == 0  # ... not unlabelled
+    assert split.empty == empty  # the background class does not count as foreground
     head, why = report.advice()
     assert head == "softmax" and "softmax head fits" in why
     freq = report.to_dict()["class_frequency"]
-    assert freq["Road"] == pytest.approx((truth[valid] == 3).mean(), rel=1e-12)
-    assert sum(freq.values()) == pytest.approx(1.0, rel=1e-12)
+    assert freq == {c: pytest.approx(k / (total - ring), rel=1e-12) for c, k in zip(HIPPO_CLASSES, pixels)}
 
 
-def test_inspect_camvid_cli_with_config(cli, camvid, tmp_path):
-    before = _listing(camvid)
-    r = cli("inspect", camvid, "--config", CONFIGS / "camvid.yaml", "--json", tmp_path / "r.json")
+def test_inspect_hippo_cli_with_config(cli, hippo, hippo_config, tmp_path):
+    pixels, ring, total, empty = _hand_counts()
+    before = _listing(hippo)
+    r = cli("inspect", hippo, "--config", hippo_config, "--json", tmp_path / "r.json")
     assert r.code == 0, r.err
-    assert "index masks" in r.out and "(from the config)" in r.out and "ignored pixels:" in r.out
+    assert "index masks" in r.out and "(from the config)" in r.out
+    assert f"ignored pixels: {ring / total:.4%}" in r.out
+    assert f"{'posterior':<10}  {pixels[2] / (total - ring):8.4%}  ({pixels[2]} px)" in r.out
     assert "head: softmax — every pixel has exactly one class" in r.out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["head"] == "softmax" and report["overlap_share"] == 0 and report["unlabeled_share"] == 0
-    assert report["splits"] == {"train": {"images": 10, "labelled": 10, "without_mask": 0, "orphan_masks": 0,
-                                          "empty_masks": 0, "size_mismatch": 0, "unreadable": 0}}
-    assert _listing(camvid) == before  # inspect writes nothing into the data
+    n = len(hippo_slice_arrays(NESTED_CASES, EVERY))
+    assert report["splits"] == {"train": {"images": n, "labelled": n, "without_mask": 0, "orphan_masks": 0,
+                                          "empty_masks": len(empty), "size_mismatch": 0, "unreadable": 0}}
+    assert _listing(hippo) == before  # inspect writes nothing into the data
 
 
-def test_inspect_camvid_without_the_ignore_value_is_caught(camvid):
-    """Without data.ignore_index, 11 is out of range for 11 classes: each such mask is reported unreadable."""
-    guess = DataGuess("index", CAMVID_CLASSES)
-    report = inspect(camvid, guess)
-    with_11 = [p for p in sorted((camvid / "masks" / "train").iterdir()) if (_grey(p) == 11).any()]
-    assert len(with_11) > 0
-    assert len(report.splits[0].unreadable) == len(with_11)
-    assert all("[11]" in msg for msg in report.splits[0].unreadable)
+def test_inspect_hippo_without_the_ignore_value_is_caught(hippo):
+    """Without data.ignore_index, 255 is out of range for 3 classes: each mask with a ring is reported
+    unreadable, naming the file and the value."""
+    report = inspect(hippo, DataGuess("index", HIPPO_CLASSES))
+    unreadable = report.splits[0].unreadable
+    # every slice has foreground, hence a ring: every mask is refused, and nothing is counted
+    assert [Path(msg.split(": ")[0]).name for msg in unreadable] == sorted(
+        p.name for p in (hippo / "train" / "masks").iterdir())
+    assert all(f"values [{VOID}] are outside the 3 classes 0..2 and not the ignore index (None)" in msg
+               for msg in unreadable)
+    assert report.splits[0].pixels.tolist() == [0, 0, 0] and report.splits[0].labelled == len(unreadable)
 
 
 # -- what inspect flags -----------------------------------------------------------------------------

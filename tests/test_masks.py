@@ -1,4 +1,5 @@
-"""Mask encodings -> labels -> each head's targets; reading images; overlap detection on real ISIC masks."""
+"""Mask encodings -> labels -> each head's targets; reading images; overlap detection on real nested
+hippocampus masks."""
 
 from __future__ import annotations
 
@@ -10,15 +11,14 @@ import tifffile
 import torch
 from PIL import Image
 
-from conftest import CONFIGS, DATASETS, TINY, assert_refused
+from conftest import CONFIGS, NUCLEI, TINY, assert_refused, small_nuclei_stems
+from samples import HIPPO_CASES, hippo_multilabel, hippo_slice_arrays, inverted_nuclei
 from segkit.data.io import read_image
 from segkit.data.layout import pair
 from segkit.data.masks import build_mask_format
 from segkit.errors import ConfigError, DataError
 from segkit.heads import IGNORE, SigmoidHead, SoftmaxHead
 
-ISIC = DATASETS / "isic2018-multilabel-mini"
-ISBI = DATASETS / "isbi2012-membrane"
 I = IGNORE  # noqa: E741  (short, for hand-written target tables)
 
 
@@ -87,12 +87,19 @@ def test_binary_with_foreground_value_0_like_isbi(tmp_path):
     _both_heads_binary(labels, valid, labels2, valid2)
 
 
-def test_real_isbi_mask_with_foreground_value_0():
-    raw = np.asarray(Image.open(ISBI / "masks" / "0.png"))
-    labels, valid = build_mask_format("binary", ["membrane"], foreground_value=0).read(ISBI / "masks" / "0.png")
-    assert labels.shape == (512, 512, 1) and valid.all()
-    assert np.array_equal(labels[:, :, 0], (raw == 0).astype(np.uint8))
-    assert 0 < labels.mean() < 0.5  # the membrane is the minority class
+def test_real_inverted_mask_with_foreground_value_0(tmp_path):
+    """A real nuclei mask stored inverted (nucleus 0, background 255, as ISBI stores its membranes):
+    `foreground_value: 0` gives back exactly the nuclei of the original mask, for both heads."""
+    stem = small_nuclei_stems(1)[0]
+    path = inverted_nuclei(tmp_path, [stem]) / "train" / "masks" / f"{stem}.png"
+    nuclei = np.asarray(Image.open(NUCLEI / "train" / "masks" / f"{stem}.png")) == 255
+    labels, valid = build_mask_format("binary", ["nucleus"], foreground_value=0).read(path)
+    assert labels.shape == (256, 256, 1) and valid.all()
+    assert np.array_equal(labels[:, :, 0], nuclei.astype(np.uint8))
+    labels2, valid2 = build_mask_format("binary", ["background", "nucleus"], foreground_value=0).read(path)
+    _both_heads_binary(labels, valid, labels2, valid2, fg=nuclei.astype(np.uint8))
+    default, _ = build_mask_format("binary", ["nucleus"]).read(path)  # without it: the background is the class
+    assert np.array_equal(default[:, :, 0], (~nuclei).astype(np.uint8))
 
 
 def test_binary_mask_in_colour_is_refused_naming_the_file(tmp_path):
@@ -278,50 +285,87 @@ def test_unknown_mask_format_is_a_config_error():
         build_mask_format("rle", ["fg"])
 
 
-# -- overlap on the real ISIC masks ------------------------------------------------------------------
+# -- overlap on real nested masks ----------------------------------------------------------------------
+
+NESTED = ["hippocampus", "posterior"]  # hippocampus = labels 1 or 2, posterior = label 2: nested
+NESTED_CASES, EVERY = HIPPO_CASES[:2], 4
 
 
-ISIC_CLASSES = ["lesion", "pigment_network"]
+@pytest.fixture(scope="module")
+def nested(tmp_path_factory) -> Path:
+    """Real hippocampus slices with nested labels; JPEG images, as ISIC ships them."""
+    return hippo_multilabel(tmp_path_factory.mktemp("nested"), cases=NESTED_CASES, every=EVERY, image_ext=".jpg")
 
 
-def test_isic_masks_pair_by_stem_prefix():
-    pairing = pair(ISIC / "images", ISIC / "masks", ISIC_CLASSES, multilabel=True)
-    assert len(pairing.samples) == 6 and pairing.unlabeled == [] and pairing.orphan_masks == []
+def test_nested_masks_pair_by_stem_prefix(tmp_path, nested):
+    """Masks named `<stem>_<anything>` (ISIC's `X_segmentation.png`, `X_attribute_pigment_network.png`) pair
+    with the image `<stem>`, among real stems that share long prefixes (hippocampus_001_z05, ..._z09, ...)."""
+    masks = tmp_path / "masks"
+    for cls, suffix in zip(NESTED, ("_segmentation", "_attribute_posterior")):
+        (masks / cls).mkdir(parents=True)
+        for mask in (nested / "masks" / cls).iterdir():
+            (masks / cls / f"{mask.stem}{suffix}.png").write_bytes(mask.read_bytes())
+    pairing = pair(nested / "images", masks, NESTED, multilabel=True)
+    stems = list(hippo_slice_arrays(NESTED_CASES, EVERY))
+    assert [s.stem for s in pairing.samples] == stems and pairing.unlabeled == [] and pairing.orphan_masks == []
     for s in pairing.samples:
-        assert s.mask["lesion"].name == f"{s.stem}_Segmentation.png"
-        assert s.mask["pigment_network"].name == f"{s.stem}_attribute_pigment_network.png"
+        assert s.image == nested / "images" / f"{s.stem}.jpg"
+        assert s.mask == {"hippocampus": masks / "hippocampus" / f"{s.stem}_segmentation.png",
+                          "posterior": masks / "posterior" / f"{s.stem}_attribute_posterior.png"}
 
 
-def test_isic_masks_overlap_and_only_sigmoid_accepts_them():
-    samples = pair(ISIC / "images", ISIC / "masks", ISIC_CLASSES, multilabel=True).samples
-    fmt = build_mask_format("multilabel", ISIC_CLASSES)
-    overlapping = 0
+def test_nested_masks_overlap_and_only_sigmoid_accepts_them(nested):
+    """Every posterior pixel also carries the hippocampus label: the softmax head's problem names exactly
+    the posterior pixel count of the label volume (or, without posterior, the pixels with no label)."""
+    samples = pair(nested / "images", nested / "masks", NESTED, multilabel=True).samples
+    slices = hippo_slice_arrays(NESTED_CASES, EVERY)
+    assert [s.stem for s in samples] == list(slices)
+    fmt = build_mask_format("multilabel", NESTED)
+    with_overlap = 0
     for s in samples:
+        truth = slices[s.stem][1]
         labels, valid = fmt.read(s.mask)
-        raw = [np.asarray(Image.open(s.mask[c])) > 127 for c in ISIC_CLASSES]
-        assert labels.transpose(2, 0, 1).astype(bool).tolist() == [r.tolist() for r in raw]
-        both = int((raw[0] & raw[1]).sum())
-        overlapping += both
-        assert SigmoidHead(ISIC_CLASSES).label_problem(labels, valid) is None
-        problem = SoftmaxHead(ISIC_CLASSES).label_problem(labels, valid)
+        assert valid.all()
+        assert np.array_equal(labels.transpose(2, 0, 1), np.stack([truth > 0, truth == 2]).astype(np.uint8))
+        assert SigmoidHead(NESTED).label_problem(labels, valid) is None
+        problem = SoftmaxHead(NESTED).label_problem(labels, valid)
+        both = int((truth == 2).sum())
         if both:
             assert problem.startswith(f"{both} pixels carry more than one label") and "sigmoid" in problem
-    assert overlapping > 0
+            with_overlap += 1
+        else:
+            assert problem.startswith(f"{int((truth == 0).sum())} pixels have no class")
+    assert with_overlap == sum(bool((labels == 2).any()) for _, labels in slices.values()) > 0
 
 
-def test_train_isic_with_softmax_exits_2_naming_sigmoid(cli, tmp_path):
-    """The ISIC config's loss (bce+dice) belongs to sigmoid: refused first, naming the loss and sigmoid."""
+def test_train_nested_with_softmax_exits_2_naming_sigmoid(cli, nested, tmp_path):
+    """The multi-label config's loss (bce+dice) belongs to sigmoid: refused first, naming the loss and sigmoid."""
     out = tmp_path / "run"
     r = cli("train", CONFIGS / "isic2018-multilabel-mini.yaml", "--out", out, "--set", "model.head=softmax",
-            "--set", f"data.root={ISIC}", *TINY)
+            "--set", f"data.root={nested}", "--set", f"data.classes={NESTED}", *TINY)
     assert_refused(r, out, "train.loss", "bce+dice", "sigmoid")
 
 
-def test_train_isic_with_softmax_and_its_loss_exits_2_on_the_overlap(cli, tmp_path):
+def test_train_nested_with_softmax_and_its_loss_exits_2_on_the_overlap(cli, nested, tmp_path):
+    """Refused before anything is written, naming every training image (the config holds back 34% of the
+    flat layout for validation) with its problem: its posterior pixels carry two labels, or, in a slice
+    without posterior, its background pixels have none."""
     out = tmp_path / "run"
     r = cli("train", CONFIGS / "isic2018-multilabel-mini.yaml", "--out", out, "--set", "model.head=softmax",
-            "--set", "train.loss=ce+dice", "--set", f"data.root={ISIC}", *TINY)
-    assert_refused(r, out, "more than one label", "model.head: sigmoid", "ISIC_0000000.jpg")
+            "--set", "train.loss=ce+dice", "--set", f"data.root={nested}", "--set", f"data.classes={NESTED}", *TINY)
+    assert_refused(r, out, "more than one label", "model.head: sigmoid")
+    slices = hippo_slice_arrays(NESTED_CASES, EVERY)
+    n_train = len(slices) - round(0.34 * len(slices))
+    assert r.err.startswith(f"error: {n_train} of {n_train} samples cannot be used:\n"), r.err
+    listed = [line.strip() for line in r.err.splitlines()[1:] if line.strip()]
+    assert len(listed) == n_train
+    for line in listed:
+        path, problem = line.split(": ", 1)
+        labels = slices[Path(path).stem][1]
+        assert path == str(nested / "images" / f"{Path(path).stem}.jpg")
+        both, none = int((labels == 2).sum()), int((labels == 0).sum())
+        want = f"{both} pixels carry more than one label" if both else f"{none} pixels have no class"
+        assert problem.startswith(want), line
 
 
 # -- reading images ---------------------------------------------------------------------------------
