@@ -21,7 +21,8 @@ SOFTMAX = CONFIGS / "nuclei-softmax.yaml"
 def test_ready_configs_load_as_written():
     cfg = load_config(SIGMOID)
     assert cfg.model.head == "sigmoid" and cfg.data.classes == ["nucleus"] and cfg.data.mask == "binary"
-    assert cfg.data.root == Path("data/nuclei") and cfg.train.epochs == 8 and cfg.train.crop == 128
+    assert cfg.data.root == Path("data/nuclei") and cfg.train.epochs == 12 and cfg.train.crop == 128
+    assert cfg.train.steps_per_epoch == 8 and cfg.train.val_every == 1 and cfg.train.lr == 0.001
     assert cfg.head().channels == 1
     assert load_config(SOFTMAX).head().channels == 2
     camvid = load_config(CONFIGS / "camvid.yaml")

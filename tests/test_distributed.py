@@ -1,17 +1,23 @@
-"""Several processes: DDP training with gloo on CPU, and predict sharded across ranks (torchrun)."""
+"""Several processes: DDP training with gloo on CPU, stopping it with SIGTERM and resuming it, and predict
+sharded across ranks (torchrun)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from segkit.model import load_checkpoint
 from segkit.train import EpochSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,16 +93,63 @@ def test_train_with_two_gloo_processes_writes_the_single_process_checkpoint_form
 
 
 @pytest.mark.slow
-def test_predict_sharded_over_two_processes_equals_one_process(tmp_path):
-    from segkit.heads import build_head
-    from segkit.data.normalize import Normalization
-    from segkit.model import build_model, checkpoint_meta, save_checkpoint
+def test_sigterm_to_a_two_process_run_stops_both_ranks_writes_last_and_the_printed_command_resumes(tmp_path):
+    """A scheduler pre-empting `segkit train --nproc 2` signals the launcher alone: it passes SIGTERM to
+    torchrun, which passes it to both ranks; they agree at the next loss read-back (every 2 steps here),
+    rank 0 writes last/, and the launcher exits 143 with the line that says where it stopped and how to
+    go on. That command (with --nproc 2 and --resume) finishes the run. Slow: four gloo processes start."""
+    data = _subset(tmp_path, 8)
+    run = tmp_path / "run"
+    args = ["train", str(ROOT / "configs" / "nuclei-sigmoid.yaml"), "--out", str(run), "--epochs", "3",
+            "--set", f"data.root={data}", *TINY, "--set", "train.steps_per_epoch=6", "--set", "train.log_every=2",
+            "--nproc", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "epoch 1/3" in line:  # rank 0 logged epoch 1: both ranks are training epoch 2
+                break
+        else:
+            raise AssertionError("".join(seen)[-3000:])
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = "".join(seen) + err
+    assert proc.returncode == 143, err[-3000:]
+    # The ranks print no traceback; torchrun reports the signal it got with one of its own (SignalException).
+    assert err.count("Traceback (most recent call last)") == err.count("SignalException: Process "), err[-3000:]
+    stops = [line for line in err.splitlines() if line.startswith("stopped at epoch ")]
+    assert len(stops) == 1, err[-3000:]  # rank 0 alone says it
+    state = torch.load(run / "last" / "train_state.pt", weights_only=True)
+    epoch, step = state["epoch"], state["step"]
+    where = f"epoch {epoch + 1} step {step}" if step else f"epoch {epoch} step 6"
+    assert stops[0].startswith(f"stopped at {where}/6; continue with: segkit train "), (stops[0], epoch, step)
+    assert 1 <= epoch <= 2 and step % 2 == 0 and state["layout"] == {"steps": 6, "batch_size": 4, "world": 2}
+    model, head, meta = load_checkpoint(run / "last")  # loadable, and the state's epoch
+    assert meta["epoch"] == epoch and head.classes == ["nucleus"]
+    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + epoch
+    command = shlex.split(stops[0].split("continue with: ", 1)[1])
+    assert command[:2] == ["segkit", "train"] and command[-3:] == ["--nproc", "2", "--resume"]
+    resumed = _run(command[1:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at epoch {epoch + 1} of 3 after step {step} of 6" in resumed.stderr
+    assert "completed after 3 epochs" in resumed.stdout
+    rows = (run / "metrics.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+    assert torch.load(run / "last" / "train_state.pt", weights_only=True)["epoch"] == 3
 
-    head = build_head("softmax", ["background", "nucleus"])
-    save_checkpoint(tmp_path / "ckpt", build_model("Unet", "resnet18", 2),
-                    checkpoint_meta(head, "Unet", "resnet18", 3, Normalization.unit((0.5,) * 3, (0.25,) * 3)))
+
+@pytest.mark.slow
+def test_predict_sharded_over_two_processes_equals_one_process(tmp_path, content_checkpoints):
+    """A checkpoint whose masks follow the image: a random one draws one class almost everywhere, and
+    any two such masks agree."""
     images = NUCLEI / "test" / "images"
-    args = [str(tmp_path / "ckpt"), str(images)]
+    args = [str(content_checkpoints["softmax"]), str(images)]
     one = _run(["predict", *args, str(tmp_path / "one"), "--device", "cpu", "--workers", "0", "--no-progress"])
     assert one.returncode == 0, one.stderr[-3000:]
     two = _run(["predict", *args, str(tmp_path / "two"), "--device", "cpu", "--workers", "0", "--no-progress",
@@ -109,3 +162,4 @@ def test_predict_sharded_over_two_processes_equals_one_process(tmp_path):
         a = np.asarray(Image.open(tmp_path / "one" / name))
         b = np.asarray(Image.open(tmp_path / "two" / name))
         assert np.array_equal(a, b), name
+        assert 0.05 < a.mean() < 0.95, name  # both classes, in quantity

@@ -41,16 +41,23 @@ def test_palette_index_mask_with_a_transparent_entry_gives_its_indices(tmp_path)
 
 
 def test_nan_is_no_data_in_statistics_and_inputs():
+    """The statistics of the two valid pixels (1, 10) and (3, 30), by hand: the 0.5/99.5 percentiles
+    (linear between the two values: 1.01/2.99 and 10.1/29.9), then the clipped values' mean and
+    (population) std: band 1 (1.01, 2.99) -> 2, 0.99; band 2 (10.1, 29.9) -> 20, 9.9. A NaN input
+    becomes 0, every other value passes unchanged (normalize: none)."""
     px = np.array([[[1.0, 10.0], [np.nan, 20.0]], [[3.0, 30.0], [5.0, np.nan]]], np.float32)
     values = valid_pixels(px, None)
     assert values.tolist() == [[1.0, 10.0], [3.0, 30.0]]  # a pixel with a NaN band is left out
     norm = fit("dataset", [("a.tif", np.float32, lambda: values)], 2)
-    assert all(np.isfinite(v) for v in norm.mean + norm.std + norm.low + norm.high)
+    assert norm.mode == "dataset"
+    for got, want in ((norm.mean, (2.0, 20.0)), (norm.std, (0.99, 9.9)), (norm.low, (1.01, 10.1)),
+                      (norm.high, (2.99, 29.9))):
+        assert got == pytest.approx(want, rel=1e-12)
     x = torch.from_numpy(px.transpose(2, 0, 1))[None]
     before = x.clone()
     out = Normalization("none").apply(x)
     assert torch.equal(x.isnan(), before.isnan())  # the caller's tensor is not changed
-    assert not out.isnan().any()
+    assert torch.equal(out, torch.from_numpy(np.nan_to_num(px, nan=0.0).transpose(2, 0, 1))[None])
 
 
 def test_two_band_images_are_shown_by_their_first_band():
@@ -99,10 +106,13 @@ def test_spaced_validation_rows_keep_their_columns_and_resume(tmp_path):
     with (tmp_path / "run" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["val_mean_dice"] == "nan" for r in rows] == [True, False, False]  # epochs 2 and the last
-    assert all(r["dice_nucleus"] for r in rows)
+    assert [r["dice_nucleus"] == "nan" for r in rows] == [True, False, False]  # the same columns every row
     r = run_cli(*train_args(CONFIGS / "nuclei-sigmoid.yaml", data, tmp_path / "run", "--set", "train.val_every=2",
                             "--set", "train.steps_per_epoch=1", "--resume", epochs=4))
     assert r.code == 0, r.err
+    with (tmp_path / "run" / "metrics.csv").open() as f:
+        resumed = list(csv.DictReader(f))
+    assert resumed[:3] == rows and resumed[3]["epoch"] == "4" and resumed[3]["val_mean_dice"] != "nan"
 
 
 def test_evaluate_refuses_overlapping_masks_for_a_softmax_checkpoint(tmp_path):

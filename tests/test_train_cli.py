@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -13,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import segmentation_models_pytorch as smp
 import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
+import segkit.train
 from conftest import CONFIGS, IMAGENET, ROOT, assert_refused, copy_nuclei, run_cli, train_args
 from segkit.config import load_config
 from segkit.data.dataset import PairReader, SegmentationDataset, scan
@@ -27,8 +27,8 @@ from segkit.data.masks import build_mask_format
 from segkit.data.splits import pair_reader, train_val_samples
 from segkit.data.transforms import eval_transform
 from segkit.evaluate import evaluate
+from segkit.heads import SigmoidHead
 from segkit.infer import Segmenter
-from segkit.metrics import summarize
 from segkit.model import build_model, load_checkpoint
 from segkit.train import validate
 
@@ -43,11 +43,42 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _hand_logits(folder: Path, image: np.ndarray) -> np.ndarray:
+    """(C, H, W) float64 logits of a checkpoint computed without segkit: an smp model with the
+    safetensors weights, model.json's normalisation applied with numpy (H, W multiples of 32)."""
+    meta = json.loads((folder / "model.json").read_text())
+    model = smp.create_model(meta["arch"], encoder_name=meta["encoder"], encoder_weights=None,
+                             in_channels=meta["in_channels"], classes=len(meta["classes"]))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    norm = meta["normalization"]
+    x = (image.astype(np.float64) - np.array(norm["mean"])) / np.array(norm["std"])
+    with torch.no_grad():
+        return model.eval()(torch.from_numpy(x.transpose(2, 0, 1).astype(np.float32))[None])[0].double().numpy()
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_nuclei) -> dict[str, Path]:
-    """One 2-epoch run per head: sigmoid in this process, softmax as a real `python -m cli` process."""
+def runs(tmp_path_factory, tiny_nuclei) -> dict:
+    """One 2-epoch run per head: sigmoid in this process, softmax as a real `python -m cli` process.
+    The sigmoid run records every training step ("steps"): the model's weights before the step, and
+    the normalised batch and target it was fed."""
     base = tmp_path_factory.mktemp("runs")
-    r = run_cli(*train_args(SIGMOID, tiny_nuclei, base / "sigmoid"))
+    models, steps = [], []
+    build, feed = segkit.train.build_model, segkit.train.to_network
+
+    def recorded_build(*args, **kwargs) -> torch.nn.Module:
+        models.append(build(*args, **kwargs))
+        return models[-1]
+
+    def recorded_feed(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        x, target = feed(*args, **kwargs)
+        weights = {k: v.detach().clone() for k, v in models[-1].state_dict().items()}
+        steps.append((weights, x.detach().clone(), target.detach().clone()))
+        return x, target
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(segkit.train, "build_model", recorded_build)
+        mp.setattr(segkit.train, "to_network", recorded_feed)
+        r = run_cli(*train_args(SIGMOID, tiny_nuclei, base / "sigmoid"))
     assert r.code == 0, r.err
     assert f"checkpoint: {base / 'sigmoid' / 'best'}" in r.out and "completed after 2 epochs" in r.out
     cmd = [sys.executable, "-m", "cli", *map(str, train_args(SOFTMAX, tiny_nuclei, base / "softmax"))]
@@ -55,7 +86,7 @@ def runs(tmp_path_factory, tiny_nuclei) -> dict[str, Path]:
     assert done.returncode == 0, done.stderr
     assert "completed after 2 epochs" in done.stdout and "Traceback" not in done.stderr
     assert "softmax head, classes ['background', 'nucleus']; 6 train / 2 val images" in done.stderr
-    return {"sigmoid": base / "sigmoid", "softmax": base / "softmax"}
+    return {"sigmoid": base / "sigmoid", "softmax": base / "softmax", "steps": steps}
 
 
 # -- the run folder ------------------------------------------------------------------------------
@@ -84,12 +115,61 @@ def test_metrics_csv_has_one_row_per_epoch(runs, head):
     per_class = [f"{kind}_{c}" for kind in ("dice", "iou") for c in CLASSES[head]]
     assert list(rows[0]) == ["epoch", "train_loss", "val_loss", "val_mean_dice", "val_mean_iou", *per_class,
                              "lr", "seconds", "images_per_s"]
-    for row in rows:
-        assert math.isfinite(float(row["train_loss"])) and float(row["train_loss"]) > 0
-        assert 0 <= float(row["val_mean_dice"]) <= 1
-    classes = CLASSES[head]
-    mean = sum(float(rows[-1][f"dice_{c}"]) for c in classes) / len(classes)
-    assert float(rows[-1]["val_mean_dice"]) == pytest.approx(mean, rel=1e-12)
+    # warm-up over epoch 1's 2 steps to train.lr, then cosine to 0 at the 4th and last step
+    lr = load_config(CONFIG[head]).train.lr
+    assert [float(row["lr"]) for row in rows] == pytest.approx([lr, 0.0], rel=1e-12, abs=1e-15)
+
+
+def test_train_loss_is_the_mean_loss_of_each_epochs_batches(runs):
+    """metrics.csv's train_loss of an epoch is the mean, over its steps, of the configured loss (bce+dice,
+    whose values test_cli_options checks by hand) of the model as it was at that step on that step's batch:
+    recomputed with an smp model given the recorded weights (training mode: batch statistics)."""
+    steps, rows = runs["steps"], _rows(runs["sigmoid"] / "metrics.csv")
+    assert len(steps) == 4  # 2 epochs of 2 steps
+    loss_fn = SigmoidHead(["nucleus"]).loss("bce+dice")
+    model = smp.create_model("Unet", encoder_name="resnet18", encoder_weights=None, classes=1).train()
+    losses = []
+    for weights, x, target in steps:
+        model.load_state_dict(weights)
+        with torch.no_grad():
+            losses.append(float(loss_fn(model(x.contiguous()), target)))
+    assert not torch.equal(steps[0][0]["segmentation_head.0.weight"], steps[-1][0]["segmentation_head.0.weight"])
+    for epoch, row in enumerate(rows):
+        assert float(row["train_loss"]) == pytest.approx(np.mean(losses[2 * epoch:2 * epoch + 2]), rel=1e-5), epoch
+
+
+@pytest.mark.parametrize("head", ["sigmoid", "softmax"])
+def test_validation_scores_are_the_last_weights_dice_and_iou_on_the_val_images(runs, head):
+    """The last epoch's Dice and IoU per class (and their mean) are those of last/'s masks on the 2
+    validation images, counted over both (tp, fp, fn summed): recomputed with numpy from logits of an
+    smp model (sigmoid: probability > 0.5, i.e. logit > 0; softmax: argmax). Two float32 runs of one
+    network differ by ~1e-5 of its largest logit: a pixel within 1e-4 of that of its decision may go
+    either way between them, and each such pixel can move a score by its share."""
+    run = runs[head]
+    cfg = load_config(run / "config.yaml")
+    _, val = train_val_samples(cfg.data, cfg.train.seed)
+    counts = np.zeros((len(CLASSES[head]), 3))  # tp, fp, fn
+    ties = 0
+    for sample in val:
+        image = np.asarray(Image.open(sample.image).convert("RGB"))
+        nucleus = np.asarray(Image.open(sample.mask)) > 0
+        z = _hand_logits(run / "last", image)
+        margin = z[0] if head == "sigmoid" else z[1] - z[0]
+        ties += int((np.abs(margin) <= 1e-4 * np.abs(z).max()).sum())
+        fg = margin > 0
+        pairs = [(fg, nucleus)] if head == "sigmoid" else [(~fg, ~nucleus), (fg, nucleus)]
+        for c, (pred, truth) in enumerate(pairs):
+            counts[c] += [(pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()]
+    row = _rows(run / "metrics.csv")[-1]
+    dice = 2 * counts[:, 0] / (2 * counts[:, 0] + counts[:, 1] + counts[:, 2])
+    iou = counts[:, 0] / counts.sum(1)
+    slack = 2 * ties / (2 * counts[:, 0] + counts[:, 1] + counts[:, 2]).min() + 1e-12
+    for c, name in enumerate(CLASSES[head]):
+        assert abs(float(row[f"dice_{name}"]) - dice[c]) <= slack, (name, row[f"dice_{name}"], dice[c])
+        assert abs(float(row[f"iou_{name}"]) - iou[c]) <= slack, (name, row[f"iou_{name}"], iou[c])
+    assert abs(float(row["val_mean_dice"]) - dice.mean()) <= slack
+    assert abs(float(row["val_mean_iou"]) - iou.mean()) <= slack
+    assert counts[-1, 0] > 0 and counts[-1, 1] + counts[-1, 2] > 0, counts  # neither empty nor perfect
 
 
 @pytest.mark.parametrize("head", ["sigmoid", "softmax"])
@@ -217,6 +297,31 @@ def test_same_run_whatever_the_number_of_data_workers(runs, tmp_path, tiny_nucle
     first, second = _rows(runs["sigmoid"] / "metrics.csv"), _rows(tmp_path / "workers" / "metrics.csv")
     for key in ("train_loss", "val_loss", "val_mean_dice"):
         assert [row[key] for row in first] == [row[key] for row in second], key
+
+
+def test_a_compile_that_fails_falls_back_to_eager_saying_why_and_trains_the_same_run(runs, tmp_path, tiny_nuclei,
+                                                                                     monkeypatch, caplog):
+    """train.compile where torch.compile fails (no C++ compiler, an unsupported operation): one line
+    with the reason, then eager training, which is the uncompiled run number for number."""
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("Compiler: cc is not found\nset TORCHINDUCTOR_CXX to a C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", unavailable)
+    run = tmp_path / "run"
+    r = run_cli(*train_args(SIGMOID, tiny_nuclei, run, "--set", "train.compile=true"))
+    assert r.code == 0, r.err
+    assert "completed after 2 epochs" in r.out
+    assert ("train.compile: torch.compile failed (RuntimeError: Compiler: cc is not found); training eagerly"
+            in caplog.text), caplog.text
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["compile"] is True
+    timings = ("seconds", "images_per_s")
+    eager, fallback = _rows(runs["sigmoid"] / "metrics.csv"), _rows(run / "metrics.csv")
+    assert [{k: v for k, v in row.items() if k not in timings} for row in fallback] == \
+        [{k: v for k, v in row.items() if k not in timings} for row in eager]
+    a = load_file(str(runs["sigmoid"] / "last" / "model.safetensors"))
+    b = load_file(str(run / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # -- bad data: exit 2, the file named, nothing written ----------------------------------------------------

@@ -2,7 +2,8 @@
 epoch the patience says, and a non-finite loss stops with exit 1 naming the epoch and step, last/ intact.
 
 Loss values are checked against hand computations and against a second implementation (smp's binary
-focal loss on the flattened valid entries, torch's cross-entropy at gamma 0).
+focal loss on the flattened valid entries, torch's cross-entropy at gamma 0). What `segkit train` logs
+for every loss of both heads, focal included, is recomputed by hand in test_cli_options.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 
 import segkit.train
 from conftest import CONFIGS, NUCLEI, run_cli, small_nuclei_stems, train_args
 from segkit.heads import IGNORE, MaskedSoftmaxFocal, SigmoidHead, SoftmaxHead
 from segkit.model import load_checkpoint
 
-SIGMOID, SOFTMAX = CONFIGS / "nuclei-sigmoid.yaml", CONFIGS / "nuclei-softmax.yaml"
+SIGMOID = CONFIGS / "nuclei-sigmoid.yaml"
 HEADS = {"sigmoid": SigmoidHead(["nucleus"]), "softmax": SoftmaxHead(["background", "nucleus"])}
 
 
@@ -107,9 +109,13 @@ def _real_pixels(head: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("head", ["sigmoid", "softmax"])
 def test_every_loss_of_the_head_learns_a_real_mask_and_gives_ignored_pixels_no_gradient(head):
-    """A per-pixel linear model fitted by each loss for 30 steps: the loss falls, stays finite, and
-    the ignored rows get exactly zero gradient."""
+    """A per-pixel linear model fitted by each loss for 30 steps: the ignored rows get exactly zero
+    gradient, the loss falls, and the fitted model's mask of the valid rows is the real one: Dice
+    measured 0.80-0.91 (sigmoid) and 0.71-0.87 (softmax) over the five losses, against 0.075 for an
+    all-nucleus mask (nuclei cover 3.9% of the crop); a loss that pushed the wrong way, or a gradient
+    that missed the valid pixels, stays far below 0.6."""
     x, target = _real_pixels(head)
+    truth = (target[0, 0] if head == "sigmoid" else target[0])[8:] == 1
     for name in HEADS[head].loss_names():
         torch.manual_seed(0)
         model = torch.nn.Conv2d(3, HEADS[head].channels, 1)
@@ -126,22 +132,12 @@ def test_every_loss_of_the_head_learns_a_real_mask_and_gives_ignored_pixels_no_g
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        assert all(math.isfinite(v) for v in losses), name
         assert losses[-1] < 0.8 * losses[0], (name, losses[0], losses[-1])
-
-
-@pytest.mark.parametrize("loss", ["focal", "focal+dice"])
-@pytest.mark.parametrize("head", ["sigmoid", "softmax"])
-def test_focal_losses_train_both_heads_through_segkit_train(tiny_nuclei, tmp_path, head, loss):
-    config = SIGMOID if head == "sigmoid" else SOFTMAX
-    run = tmp_path / "run"
-    r = run_cli(*train_args(config, tiny_nuclei, run, "--set", f"train.loss={loss}", "--set",
-                            "train.steps_per_epoch=1", epochs=1))
-    assert r.code == 0, r.err
-    assert "completed after 1 epochs" in r.out
-    rows = _rows(run)
-    assert len(rows) == 1 and math.isfinite(float(rows[0]["train_loss"])) and float(rows[0]["train_loss"]) > 0
-    assert math.isfinite(float(rows[0]["val_loss"]))
+        with torch.no_grad():
+            masks = HEADS[head].decode(model(x))
+        pred = (masks[0, 0] if head == "sigmoid" else masks[0] == 1)[8:]
+        dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+        assert dice > 0.6, (name, float(dice))
 
 
 # -- early stopping -------------------------------------------------------------------------------------------------
@@ -179,13 +175,20 @@ def test_a_nan_input_stops_with_exit_1_naming_epoch_and_step_and_last_stays_load
                                                                                    monkeypatch):
     """NaN pixels in the 5th batch (epoch 2, step 2 of 3): the loss is NaN there; losses are read back at
     the end of the epoch (train.log_every 50) and the message still names that step."""
-    real, calls = segkit.train.to_network, []
+    real, build, calls, models, epoch_1 = segkit.train.to_network, segkit.train.build_model, [], [], {}
+
+    def kept(*args, **kwargs) -> torch.nn.Module:
+        models.append(build(*args, **kwargs))
+        return models[-1]
 
     def poisoned(*args, **kwargs):
         x, target = real(*args, **kwargs)
         calls.append(1)
+        if len(calls) == 4:  # epoch 2's first step: the weights are epoch 1's
+            epoch_1.update({k: v.detach().clone() for k, v in models[0].state_dict().items()})
         return (torch.full_like(x, math.nan) if len(calls) == 5 else x), target
 
+    monkeypatch.setattr(segkit.train, "build_model", kept)
     monkeypatch.setattr(segkit.train, "to_network", poisoned)
     run = tmp_path / "run"
     r = run_cli(*train_args(SIGMOID, tiny_nuclei, run, "--set", "train.steps_per_epoch=3", epochs=3))
@@ -194,9 +197,11 @@ def test_a_nan_input_stops_with_exit_1_naming_epoch_and_step_and_last_stays_load
     assert "Fix: lower train.lr" in r.err and "Traceback" not in r.err
     assert len(calls) == 6 and len(_rows(run)) == 1
     assert torch.load(run / "last" / "train_state.pt", weights_only=True)["epoch"] == 1
-    model, _, meta = load_checkpoint(run / "last")
-    assert meta["epoch"] == 1 and all(torch.isfinite(p).all() for p in model.state_dict().values()
-                                      if p.is_floating_point())
+    _, _, meta = load_checkpoint(run / "last")
+    assert meta["epoch"] == 1
+    saved = load_file(str(run / "last" / "model.safetensors"))  # epoch 1's weights, not the NaN-poisoned ones
+    assert saved.keys() == epoch_1.keys() and all(torch.equal(saved[k], epoch_1[k]) for k in saved)
+    assert not all(torch.equal(saved[k], v) for k, v in models[0].state_dict().items())  # the live model went on
 
 
 def test_a_huge_learning_rate_stops_with_exit_1_before_any_checkpoint(tiny_nuclei, tmp_path):
