@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import gc
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +26,33 @@ from segkit.heads import Head, head_from_metadata  # noqa: E402
 from segkit.model import read_meta  # noqa: E402
 
 
+@contextmanager
+def freed_on_exit() -> Iterator[None]:
+    """Collect the garbage made inside at once. A matplotlib figure is a web of reference cycles, so
+    closing one frees nothing until a full collection, which in a process holding torch (~450k tracked
+    objects) runs about once per 100k new long-lived objects: a training run's curves.png left ~2 MiB
+    (its Agg buffer, ~6k objects) per plot, resident memory rising with the epochs. The objects older
+    than the block are frozen for that collection, so it costs ~2 ms instead of ~250 ms (a full one
+    where someone else has frozen objects: gc.freeze is process-wide, and unfreezing would undo theirs)."""
+    freeze = not gc.get_freeze_count()
+    if freeze:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        gc.collect()
+        if freeze:
+            gc.unfreeze()
+
+
 def plot_curves(history: Sequence[dict], path: Path, metric: str = "val_mean_dice") -> None:
-    """Loss (train and validation) and the validation metric per epoch, side by side."""
+    """Loss (train and validation) and the validation metric per epoch, side by side. Training calls
+    this every few epochs, so the figure is freed on return (`freed_on_exit`)."""
+    with freed_on_exit():
+        _draw_curves(history, path, metric)
+
+
+def _draw_curves(history: Sequence[dict], path: Path, metric: str) -> None:
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train")

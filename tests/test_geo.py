@@ -2,7 +2,7 @@
 the input's grid, polygons in the image's CRS, and channel mismatches refused.
 
 Data: tiles of the real SpaceNet sample (uint16, 11-bit, EPSG:32616) with derived bands (tests/geodata.py).
-One 4-band training run is shared by the tests that need a trained model; the softmax output test uses
+One 4-band training run serves the tests that need a trained model; the softmax output test uses
 an untrained model whose masks follow the image (no training needed to test a file format).
 """
 
