@@ -8,7 +8,7 @@ measures what segkit's N-band path does with an extra input, not the value of re
 Both runs share seed, split, crops, schedule and budget; the RGB run selects
 `data.bands: [1, 2, 3]` from the same files.
 
-    python -m benchmarks.bands --root ../shared/datasets/camvid --steps 160
+    python -m benchmarks.bands --root DATASETS/camvid --steps 160
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: real images at a fixed size, a random-weight checkpoint, JSON output."""
+"""What the benchmarks have in common: real images at a fixed size, a random-weight checkpoint, JSON output."""
 
 from __future__ import annotations
 

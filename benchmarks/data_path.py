@@ -4,7 +4,7 @@ streamed from disk. Target: >= 150 samples/s per worker process (so 14 workers >
 more than an H100 trains a U-Net/resnet34 in bf16).
 
     python -m benchmarks.data_path                                     # embedded data/nuclei
-    python -m benchmarks.data_path --root ../shared/datasets/camvid --config configs/camvid.yaml
+    python -m benchmarks.data_path --root DATASETS/camvid --config configs/camvid.yaml
 """
 
 from __future__ import annotations

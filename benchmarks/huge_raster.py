@@ -18,7 +18,7 @@ the image:
 with C the model's output channels and step = tile - overlap. The output GeoTIFF must keep the
 input's CRS, transform and size.
 
-A resnet18 U-Net at tile 1024 takes 1.0 s (cores to itself) to 2.3 s (cores shared) per window
+A resnet18 U-Net at tile 1024 takes 1.0 s (cores to itself) to 2.3 s (cores in use by others) per window
 on 2 CPU cores: 30000 x 30000 is 1156 windows, 20 to 45 min. `--encoder none` swaps in a 1x1
 convolution to measure the streaming path's memory at full size in minutes. `--gdal-cachemax`
 sets GDAL's block cache for the prediction process (GDAL's default is 5% of RAM, and it counts

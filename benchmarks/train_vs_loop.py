@@ -7,7 +7,7 @@ the loop validates once at the end. Targets: segkit's wall time <= 1.15x the loo
 validation Dice at least the loop's (the same data, one seed: a rough check, not a study).
 
     python -m benchmarks.train_vs_loop                                   # embedded data/nuclei
-    python -m benchmarks.train_vs_loop --root ../shared/datasets/camvid --config configs/camvid.yaml
+    python -m benchmarks.train_vs_loop --root DATASETS/camvid --config configs/camvid.yaml
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """Predicting one CT-sized volume (512 x 512 x 300 int16 by default): seconds per volume and peak memory, with
 a random-weight resnet18 U-Net (speed and memory do not depend on the weights' values).
 
-The volume is built from real data: the 30 consecutive ISBI 2012 EM sections (512 x 512, ../shared/datasets/
-isbi2012-membrane) run forward and back until `depth` slices, their grey values mapped to a CT-like int16 range
-(-1000 .. 530), saved as .nii.gz with 0.7 x 0.7 x 2.5 mm voxels and predicted as a CT channel (clip + dataset
-statistics, fitted on the volume itself). Not a CT scan: what the benchmark measures (slices of that size and
-type through normalisation, network and writing) does not depend on what the voxels show.
+The volume is built from real data in the repository: 30 sections, each a mosaic of the embedded nuclei
+images (data/nuclei, the 256 x 256 ones, in grey; 2 x 2 of them for 512 x 512), run forward and back until
+`depth` slices, their grey values mapped to a CT-like int16 range (-1000 .. 530), saved as .nii.gz with
+0.7 x 0.7 x 2.5 mm voxels and predicted as a CT channel (clip + dataset statistics, fitted on the volume
+itself). Not a CT scan: what the benchmark measures (slices of that size and type through normalisation,
+network and writing) does not depend on what the voxels show. `--root FOLDER` takes the sections from a
+folder of size x size images of your own instead (in name order), e.g. consecutive EM sections.
 
 Run one volume per process (`make bench` does), so the peak (VmHWM) belongs to it: the peak is reset after the
 volume file is made, and `rss_before_mib` is the process once torch and the model are loaded, before any
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import ROOT, machine, write_result
+from benchmarks.common import EMBEDDED, machine, write_result
 from benchmarks.huge_raster import own_peak_rss_mib
 from segkit import Segmenter
 from segkit.data.normalize import Normalization
@@ -37,17 +39,41 @@ from segkit.heads import build_head
 from segkit.infer_volumes import output_files, predict_volume, write_prediction
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
 
-ISBI = ROOT.parent / "shared" / "datasets" / "isbi2012-membrane"
+SECTIONS = 30
+TILE = 256
 SPACING = (0.7, 0.7, 2.5)
 CLASSES = ["background", "liver", "tumour"]
 
 
-def ct_like_volume(path: Path, depth: int) -> Path:
-    """The volume file (made once): real EM sections as CT-like int16 slices."""
+def embedded_sections(size: int) -> list[np.ndarray]:
+    """`SECTIONS` grey size x size mosaics of the embedded 256 x 256 nuclei images, in name order,
+    row by row (the last row and column cut at `size`)."""
+    tiles = [t for t in (np.asarray(Image.open(p).convert("L")) for p in sorted(EMBEDDED.glob("*/images/*.png")))
+             if t.shape == (TILE, TILE)]
+    if not tiles:
+        raise SystemExit(f"{EMBEDDED}: no {TILE} x {TILE} images; the embedded data is part of the repository")
+    side = -(-size // TILE)
+    return [np.block([[tiles[(k * side * side + r * side + c) % len(tiles)] for c in range(side)]
+                      for r in range(side)])[:size, :size] for k in range(SECTIONS)]
+
+
+def folder_sections(root: Path, size: int) -> list[np.ndarray]:
+    """The grey images of `root`, in name order; each must be size x size."""
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in (".png", ".tif", ".tiff", ".jpg"))
+    sections = [np.asarray(Image.open(p).convert("L")) for p in files]
+    wrong = [f.name for f, s in zip(files, sections) if s.shape != (size, size)]
+    if not sections or wrong:
+        raise SystemExit(f"--root {root}: needs images of {size} x {size} (--size); "
+                         f"{'none found' if not sections else 'not: ' + ', '.join(wrong[:3])}")
+    return sections
+
+
+def ct_like_volume(path: Path, depth: int, sections: list[np.ndarray]) -> Path:
+    """The volume file (made once): real grey sections as CT-like int16 slices."""
     if path.is_file():
         return path
-    sections = [np.asarray(Image.open(ISBI / "images" / f"{i}.png").convert("L")) for i in range(30)]
-    order = [i for _ in range(depth // 60 + 1) for i in (*range(30), *range(29, -1, -1))][:depth]
+    n = len(sections)
+    order = [i for _ in range(depth // (2 * n) + 1) for i in (*range(n), *range(n - 1, -1, -1))][:depth]
     volume = np.stack([sections[i].astype(np.int16) * 6 - 1000 for i in order], axis=-1)
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(volume, np.diag([*SPACING, 1.0])), path)
@@ -89,10 +115,10 @@ def _cpu_s() -> float:
 
 
 def run(out: Path, size: int = 512, depth: int = 300, device: str = "cpu", batch_size: int = 4,
-        probs: bool = False) -> dict:
-    if size != 512:
-        raise SystemExit("--size: the ISBI sections are 512 x 512")
-    path = ct_like_volume(out / f"volume-{size}x{size}x{depth}_0000.nii.gz", depth)
+        probs: bool = False, root: Path | None = None) -> dict:
+    sections = folder_sections(root, size) if root else embedded_sections(size)
+    source = root.name if root else EMBEDDED.name
+    path = ct_like_volume(out / f"volume-{source}-{size}x{size}x{depth}_0000.nii.gz", depth, sections)
     ckpt = checkpoint(out / "volume-ckpt-resnet18", Volume("ct", [path]).data[..., :1])
     gc.collect()
     reset = _reset_peak()
@@ -110,7 +136,9 @@ def run(out: Path, size: int = 512, depth: int = 300, device: str = "cpu", batch
     peak = own_peak_rss_mib()
     raw_mib, out_mib = raw.nbytes / 2**20, sum(a.nbytes for a in (pred.labels, pred.probs) if a is not None) / 2**20
     float_mib = raw.size * 4 / 2**20
-    result = {"benchmark": "volume prediction", **machine(seg.device), "shape": list(volume.shape),
+    result = {"benchmark": "volume prediction", **machine(seg.device),
+              "sections": str(root) if root else "mosaics of the data/nuclei images",
+              "shape": list(volume.shape),
               "dtype": str(raw.dtype), "spacing_mm": list(SPACING), "encoder": "resnet18", "classes": len(CLASSES),
               "batch_size": batch_size, "probs": probs, "slices": volume.shape[2],
               "seconds_per_volume": seconds, "read_s": read_s, "predict_s": predict_s,
@@ -133,8 +161,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--probs", action="store_true", help="also keep and write the probabilities")
+    p.add_argument("--root", type=Path, help="a folder of size x size section images (default: embedded mosaics)")
     a = p.parse_args()
-    result = run(a.out.resolve(), a.size, a.depth, a.device, a.batch_size, a.probs)
+    result = run(a.out.resolve(), a.size, a.depth, a.device, a.batch_size, a.probs, a.root)
     write_result(a.out, f"volume_predict_{a.size}x{a.depth}", result)
 
 
