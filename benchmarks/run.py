@@ -87,7 +87,8 @@ def main() -> None:
         rows.append((f"predict {pr['images']} 64^2 images: RSS after 1000 / {pr['last_sampled_images']}",
                      f"{pr['rss_after_1000_mib']:.0f} / {pr['rss_after_last_mib']:.0f} MiB, "
                      f"median {pr['growth_mib']:+.1f}", target, status(pr["meets_target"])))
-        rows.append((f"train {tr['epochs']} short epochs: lowest RSS, epochs 6-10 / last 5",
+        first, last = tr["early_epochs"]
+        rows.append((f"train {tr['epochs']} short epochs: lowest RSS, epochs {first}-{last} / last 5",
                      f"{tr['lowest_early_mib']:.0f} / {tr['lowest_late_mib']:.0f} MiB, "
                      f"{tr['growth_mib']:+.1f}", target, status(tr["meets_target"])))
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -4,21 +4,24 @@
 `segkit train` for 50 short epochs (2 steps each, validation every epoch, best/ on every improvement,
 last/ every 5 epochs) run as a user runs them, the CLI in a child process, watched from outside:
 resident memory (RSS, psutil if installed, else /proc/PID/status VmRSS) of the command, and of its
-loader workers, every 0.1 s, with the count of masks written (predict) or the epoch running (train).
+loader workers, every 0.1 s (predict) or 0.02 s (train), with the count of masks written or the
+epoch running.
 
 Reported: RSS after 1000 and after 5000 images, at epochs 10 and 50. Predict's growth compares
 medians of the main process's RSS (images 900-1000 against the last 100): a batch allocates and frees
 tens of MB within a second, which one sample would catch at random, while a leak moves the median.
 The loader workers are reported apart: they exit before the last masks are written.
 
-Train's growth compares the lowest RSS while epochs 6-10 ran with the lowest while the last five
-ran: a leak raises the lowest RSS of every epoch. Not RSS at the epoch lines: a line is printed just
-after the checkpoint's CPU copy of the weights (and, for last/, the optimizer state) goes to the
-writer thread, so it holds, or not, up to ~450 MiB of a write in flight (resnet18: the copies and
-their serialised bytes), depending on how far the writer got. And last/ every 5 epochs, not every
-epoch: an epoch here takes about a second on an idle machine, less than writing and syncing last/
-and best/ (~230 MB), so one write followed another and no moment of an epoch was free of one, or
-some were, at random (the same code measured -139 and +3 MiB). Target: growth <= 8 MiB each.
+Train's growth compares the lowest RSS (sampled every 0.02 s) while epochs 11-15 ran with the lowest
+while the last five ran: a leak raises the lowest RSS of every epoch. Not epochs 6-10: memory still
+settles over the first ten epochs (~30 MiB; ~15 of them matplotlib loading its fonts for the first
+curves.png, at epoch 5). Not RSS at the epoch lines: a line is printed just after the checkpoint's
+CPU copy of the weights (and, for last/, the optimizer state) goes to the writer thread, so it holds,
+or not, up to ~450 MiB of a write in flight (resnet18: the copies and their serialised bytes),
+depending on how far the writer got. And last/ every 5 epochs, not every epoch: an epoch here takes
+about a second on an idle machine, less than writing and syncing last/ and best/ (~230 MB), so one
+write followed another and no moment of an epoch was free of one, or some were, at random (two runs
+of the same code: -139 and +3 MiB). Target: growth <= 8 MiB each.
 """
 
 from __future__ import annotations
@@ -169,7 +172,7 @@ def soak_train(out: Path, epochs: int, device: str) -> dict:
             epoch, rss = running, rss_mib(child.pid)
             if rss:
                 samples.append((epoch, rss))
-            time.sleep(0.1)
+            time.sleep(0.02)  # an epoch takes about a second: its quiet moments are short
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -188,14 +191,14 @@ def soak_train(out: Path, epochs: int, device: str) -> dict:
         raise SystemExit(f"segkit train failed ({child.returncode}); see {out / 'soak-train.log'}")
     for row in rows:
         row["lowest_mib"] = _lowest(samples, row["epoch"], row["epoch"])
-    early = min(10, epochs)
-    growth = _lowest(samples, epochs - 4, epochs) - _lowest(samples, early - 4, early)
+    early = min(11, max(1, epochs - 9))  # epochs 11-15 of 50; the first five and the last five of 10
+    growth = _lowest(samples, epochs - 4, epochs) - _lowest(samples, early, early + 4)
     return {"epochs": epochs, "seconds": time.perf_counter() - began,
-            "rss_epoch_10_mib": _nearest(rows, "epoch", early)["rss_mib"], "rss_epoch_last_mib": rows[-1]["rss_mib"],
-            "lowest_early_mib": _lowest(samples, early - 4, early),
+            "rss_epoch_10_mib": _nearest(rows, "epoch", 10)["rss_mib"], "rss_epoch_last_mib": rows[-1]["rss_mib"],
+            "early_epochs": [early, early + 4], "lowest_early_mib": _lowest(samples, early, early + 4),
             "lowest_late_mib": _lowest(samples, epochs - 4, epochs), "growth_mib": growth,
             "line_median_growth_mib": (_median(rows, "epoch", epochs - 4, epochs)
-                                       - _median(rows, "epoch", early - 4, early)),
+                                       - _median(rows, "epoch", early, early + 4)),
             "peak_mib": max(rss for _, rss in samples), "meets_target": growth <= TARGET_GROWTH_MIB,
             "per_epoch": rows}
 

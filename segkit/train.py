@@ -7,6 +7,7 @@ DDP when launched by torchrun; `best/` and `last/` checkpoints; resume; early st
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
 import logging
 import math
@@ -14,6 +15,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -247,6 +249,21 @@ def _loader_kwargs(workers: int, device: torch.device) -> dict:
             **({"prefetch_factor": 4, "worker_init_fn": _init_worker} if workers > 0 else {})}
 
 
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere).
+
+    Called once a checkpoint is written: its CPU copy of the weights and optimizer state and their
+    serialised bytes (~450 MiB for resnet18) were just freed, validation's activations at full image
+    size before them. glibc gives pages back only from the top of its heap, so whether those left the
+    process depended on what happened to lie above them: resident memory between epochs moved by
+    ~150 MiB from one run to the next, and stayed. A trim costs ~20 ms, on the writer thread."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def lr_lambda(total_steps: int, warmup: int):
     """Linear warm-up, then cosine decay to zero, per optimizer step."""
 
@@ -329,6 +346,7 @@ class Checkpointer:
         rows = [dict(r) for r in history]
 
         def write() -> None:
+            nonlocal weights, state
             files = checkpoint_files(weights, meta)
             if best:
                 write_unit(self.out / "best", files)
@@ -336,9 +354,12 @@ class Checkpointer:
                 buf = io.BytesIO()
                 torch.save(state, buf)
                 write_unit(self.out / "last", {**files, STATE: buf.getvalue()})
+                del buf
+            weights = state = files = None  # freed now, for the trim below, not when the pool drops this job
             _write_csv(self.out / "metrics.csv", rows)
             if plot:
                 plot_curves(rows, self.out / "curves.png")
+            release_free_memory()
 
         self.pending = self.pool.submit(write)
 
