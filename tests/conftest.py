@@ -158,6 +158,26 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 """The default input normalisation (mean, std) of 3-channel configs, as written in model.json."""
 
 
+def follow_content(model, x):
+    """`model` (untrained, changed in place and returned) made to give masks that follow the images `x`
+    (N, C, H, W): batch-norm statistics taken from `x` (a fresh network's statistics give an almost
+    constant output), then each logit channel scaled to mean 0, std 3 on `x`."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batch
+    with torch.no_grad():
+        model.train()(x)
+        y = model.eval()(x)
+        conv = model.segmentation_head[0]
+        mean, std = y.mean((0, 2, 3)), y.std((0, 2, 3))
+        conv.weight.mul_((3 / std).view(-1, 1, 1, 1))
+        conv.bias.sub_(mean).mul_(3 / std)
+    return model
+
+
 @pytest.fixture(scope="session")
 def content_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Untrained resnet18 U-Net checkpoints ({"sigmoid": [nucleus], "softmax": [background, nucleus]})
@@ -180,18 +200,7 @@ def content_checkpoints(tmp_path_factory) -> dict[str, Path]:
     for head_name, classes in (("sigmoid", ["nucleus"]), ("softmax", ["background", "nucleus"])):
         torch.manual_seed(0)
         head = build_head(head_name, classes)
-        model = build_model("Unet", "resnet18", head.channels)
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.reset_running_stats()
-                m.momentum = None  # a plain average over the batch
-        with torch.no_grad():
-            model.train()(x)
-            y = model.eval()(x)
-            conv = model.segmentation_head[0]
-            mean, std = y.mean((0, 2, 3)), y.std((0, 2, 3))
-            conv.weight.mul_((3 / std).view(-1, 1, 1, 1))
-            conv.bias.sub_(mean).mul_(3 / std)
+        model = follow_content(build_model("Unet", "resnet18", head.channels), x)
         folders[head_name] = root / head_name
         save_checkpoint(folders[head_name], model, checkpoint_meta(head, "Unet", "resnet18", 3,
                                                                    Normalization.unit(*IMAGENET),

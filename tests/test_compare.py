@@ -250,17 +250,23 @@ def test_exclusive_report_numbers_equal_segkit_evaluate(exclusive, tmp_path):
 
 def test_exclusive_no_class_and_multi_class_shares_match_the_predictions(exclusive):
     """softmax: none by construction; sigmoid: recomputed from its own predictions on the valid pixels."""
-    from segkit import Segmenter
-
     data, out, _ = exclusive
     report = json.loads((out / "report.json").read_text())
+    assert_class_shares(report, out, data / "val" / "images", data / "val" / "masks", VOID)
+
+
+def assert_class_shares(report: dict, out: Path, images: Path, masks: Path, ignore: int) -> None:
+    """An exclusive compare report in OUT: the softmax's no-class and multi-class shares are 0, the sigmoid's
+    are those of its seed-0 predictions on the validation IMAGES, pixels of value `ignore` in MASKS left out."""
+    from segkit import Segmenter
+
     soft = report["heads"]["softmax"]
     assert soft["no_class_share"] == [0.0] and soft["multi_class_share"] == [0.0]
     seg = Segmenter.load(out / "sigmoid" / "seed0" / "best", device="cpu")
     none = multi = valid_total = 0
-    for path in sorted((data / "val" / "images").iterdir()):
+    for path in sorted(images.iterdir()):
         mask = seg.predict(np.array(Image.open(path).convert("RGB"))).mask
-        valid = read_png(data / "val" / "masks" / path.name) != VOID
+        valid = read_png(masks / path.name) != ignore
         count = mask.sum(0)
         none += int(((count == 0) & valid).sum())
         multi += int(((count > 1) & valid).sum())
@@ -349,17 +355,24 @@ def test_softmax_exclusive_trains_softmax_with_the_overlap_ignored(nested, tmp_p
 
 def test_write_thresholds_stores_the_reported_best_thresholds(overlapping, nested, tmp_path):
     out, _ = overlapping
+    assert_written_thresholds(out, nested, NESTED, tmp_path)
+
+
+def assert_written_thresholds(out: Path, root: Path, classes: list[str], tmp_path: Path) -> None:
+    """A `compare --seeds 0,1 --write-thresholds` run in `out` on `root`: each seed's best/ stores the report's
+    best thresholds, which are where the mean Dice-against-threshold curve peaks, and `segkit evaluate` at
+    them, at 0.5 and at both grid neighbours gives the reported Dice."""
     report = json.loads((out / "report.json").read_text())
     row = report["heads"]["sigmoid"]
     best = row["best_thresholds"]
-    assert list(best) == NESTED
-    expected = [best[c]["threshold"] for c in NESTED]
+    assert list(best) == classes
+    expected = [best[c]["threshold"] for c in classes]
     for seed in (0, 1):
         meta = json.loads((out / "sigmoid" / f"seed{seed}" / "best" / "model.json").read_text())
-        assert meta["classes"] == NESTED
+        assert meta["classes"] == classes
         assert meta["thresholds"] == expected
         # the scores in the report were taken at 0.5, before the thresholds were written
-        assert row["runs"][seed]["scores"]["thresholds"] == {c: 0.5 for c in NESTED}
+        assert row["runs"][seed]["scores"]["thresholds"] == {c: 0.5 for c in classes}
     # the best threshold is where the mean (over seeds) Dice-against-threshold curve peaks
     for c, t in best.items():
         curve = np.nanmean([r["analysis"]["thresholds"][c] for r in row["runs"]], axis=0)
@@ -372,14 +385,14 @@ def test_write_thresholds_stores_the_reported_best_thresholds(overlapping, neste
     dice = {name: {c: [] for c in best} for name in [*shifts, "0.5"]}
     for seed in (0, 1):
         ckpt = out / "sigmoid" / f"seed{seed}" / "best"
-        direct = evaluate_json(ckpt, nested, tmp_path / f"tuned{seed}.json")
+        direct = evaluate_json(ckpt, root, tmp_path / f"tuned{seed}.json")
         assert direct["thresholds"] == {c: t["threshold"] for c, t in best.items()}  # stored, and used
         for name in dice:
             values = {c: 0.5 if name == "0.5" else round(t["threshold"] + shifts[name], 2) for c, t in best.items()}
             if not all(0 < v < 1 for v in values.values()):
                 continue
             arg = ",".join(f"{c}={v}" for c, v in values.items())
-            s = direct if name == "best" else evaluate_json(ckpt, nested, tmp_path / f"{name}{seed}.json",
+            s = direct if name == "best" else evaluate_json(ckpt, root, tmp_path / f"{name}{seed}.json",
                                                             "--threshold", arg)
             for c in best:
                 dice[name][c].append(s["per_class"][c]["dice"])

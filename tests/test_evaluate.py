@@ -335,30 +335,41 @@ def test_evaluate_config_reads_the_masks_as_its_data_section_says(tmp_path, cont
     """Real nuclei masks stored inverted (nucleus 0, background 255, as ISBI stores its membranes). The
     checkpoint was trained on masks whose foreground is 255; `--config` with `foreground_value: 0` scores
     against the nuclei, the checkpoint's own reading against the background."""
-    import yaml
-
     stems = small_nuclei_stems(2, "test")
     root = inverted_nuclei(tmp_path / "data", stems, "test")
-    config = tmp_path / "inverted.yaml"  # the class keeps the checkpoint's name; only the encoding differs
+    with_config, default = scores_of_both_readings(content_checkpoints["sigmoid"], root, tmp_path)
+    nuclei = {f"{s}.png": np.asarray(Image.open(NUCLEI / "test" / "masks" / f"{s}.png")) == 255 for s in stems}
+    assert_counts(with_config, tmp_path / "pred" / "nucleus", nuclei)
+    assert_counts(default, tmp_path / "pred" / "nucleus", {n: ~m for n, m in nuclei.items()})
+
+
+def scores_of_both_readings(ckpt: Path, root: Path, tmp_path: Path) -> tuple[dict, dict]:
+    """`segkit evaluate` of ROOT's test split with a `--config` reading binary masks with `foreground_value: 0`
+    (the class keeps the checkpoint's name; only the encoding differs) and with the checkpoint's own reading;
+    the test images predicted into TMP/pred. Returns (config scores, default scores)."""
+    import yaml
+
+    config = tmp_path / "foreground0.yaml"
     config.write_text(yaml.safe_dump({"data": {"root": "elsewhere", "classes": ["nucleus"], "mask": "binary",
                                                "foreground_value": 0}, "model": {"head": "sigmoid"}}))
-    ckpt = content_checkpoints["sigmoid"]
     code, _, err = run_cli("evaluate", ckpt, root, "--config", config, "--json", tmp_path / "config.json", *RUN)
     assert code == 0, err
     code, _, err = run_cli("evaluate", ckpt, root, "--json", tmp_path / "default.json", *RUN)
     assert code == 0, err
     code, _, err = run_cli("predict", ckpt, root / "test" / "images", tmp_path / "pred", *RUN)
     assert code == 0, err
-    nuclei = {s: np.asarray(Image.open(NUCLEI / "test" / "masks" / f"{s}.png")) == 255 for s in stems}
-    for name, truth_of in (("config", nuclei), ("default", {s: ~m for s, m in nuclei.items()})):
-        s = json.loads((tmp_path / f"{name}.json").read_text())
-        tp = fp = fn = 0
-        for stem, truth in truth_of.items():
-            pred = np.asarray(Image.open(tmp_path / "pred" / "nucleus" / f"{stem}.png")) == 255
-            tp, fp, fn = tp + int((pred & truth).sum()), fp + int((pred & ~truth).sum()), fn + int((~pred & truth).sum())
-        assert s["images"] == 2
-        got = s["per_class"]["nucleus"]
-        assert (got["tp"], got["fp"], got["fn"]) == (tp, fp, fn), name
-        assert got["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn), rel=1e-12)
-        assert got["iou"] == pytest.approx(tp / (tp + fp + fn), rel=1e-12)
-        assert got["truth_pixels"] == sum(int(t.sum()) for t in truth_of.values())
+    return (json.loads((tmp_path / "config.json").read_text()), json.loads((tmp_path / "default.json").read_text()))
+
+
+def assert_counts(scores: dict, pred: Path, truths: dict[str, np.ndarray]) -> None:
+    """The scores of class nucleus equal numpy counts of the predicted masks PRED/<name> against `truths`."""
+    tp = fp = fn = 0
+    for name, truth in truths.items():
+        p = np.asarray(Image.open(pred / name)) == 255
+        tp, fp, fn = tp + int((p & truth).sum()), fp + int((p & ~truth).sum()), fn + int((~p & truth).sum())
+    assert scores["images"] == len(truths)
+    got = scores["per_class"]["nucleus"]
+    assert (got["tp"], got["fp"], got["fn"]) == (tp, fp, fn)
+    assert got["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn), rel=1e-12)
+    assert got["iou"] == pytest.approx(tp / (tp + fp + fn), rel=1e-12)
+    assert got["truth_pixels"] == sum(int(t.sum()) for t in truths.values())

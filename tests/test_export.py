@@ -31,7 +31,7 @@ from segkit.data.normalize import Normalization  # noqa: E402
 from segkit.heads import Head, build_head  # noqa: E402
 from segkit.infer import Segmenter  # noqa: E402
 from segkit.model import build_model, checkpoint_meta, save_checkpoint  # noqa: E402
-from conftest import NUCLEI, assert_refused, no_traceback, run_cli  # noqa: E402
+from conftest import NUCLEI, assert_refused, follow_content, no_traceback, run_cli  # noqa: E402
 
 HEADS = {"softmax": ["background", "nucleus"], "sigmoid": ["nucleus"]}
 THRESHOLD = 0.4
@@ -240,16 +240,7 @@ def _four_band_checkpoint(folder: Path, norm: Normalization, image: np.ndarray) 
     head = build_head("sigmoid", ["building"])
     model = build_model("Unet", "resnet18", 1, 4)
     x = norm.apply(torch.from_numpy(image.astype(np.int32)).permute(2, 0, 1)[None, :, :192, :128])
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    with torch.no_grad():
-        model.train()(x)
-        y = model.eval()(x)
-        conv = model.segmentation_head[0]
-        conv.weight.mul_(3 / y.std())
-        conv.bias.sub_(y.mean()).mul_(3 / y.std())
+    follow_content(model, x)
     save_checkpoint(folder, model, checkpoint_meta(head, "Unet", "resnet18", 4, norm,
                                                    data={"mask": "binary", "bands": [1, 2, 3, 4], "nodata": 0}))
     return folder

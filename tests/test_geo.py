@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import TINY, assert_refused, run_cli
+from conftest import TINY, assert_refused, follow_content, run_cli
 from geodata import SPACENET, make_geo_dataset
 
 
@@ -79,17 +79,7 @@ def softmax4(tmp_path_factory, geo4) -> Path:
     seg = Segmenter(model, head, meta, "cpu")
     tiles = sorted((geo4 / "train" / "images").glob("*.tif"))[:3]
     x = torch.cat([seg.to_input(seg.open(t)) for t in tiles])[..., 70:230, 70:230].contiguous()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a plain average over the batch
-    with torch.no_grad():
-        model.train()(x)
-        y = model.eval()(x)
-        conv = model.segmentation_head[0]
-        mean, std = y.mean((0, 2, 3)), y.std((0, 2, 3))
-        conv.weight.mul_((3 / std).view(-1, 1, 1, 1))
-        conv.bias.sub_(mean).mul_(3 / std)
+    follow_content(model, x)
     save_checkpoint(tmp / "ckpt", model, meta)
     return tmp / "ckpt"
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import NUCLEI, copy_nuclei
+from conftest import NUCLEI, copy_nuclei, run_cli
 from samples import HIPPO_CASES, HIPPO_CLASSES, boundary_ring, hippo_multilabel, hippo_slice_arrays, hippo_slices
 from segkit.config import load_config
 from segkit.data.inspect import DataGuess, inspect
@@ -88,20 +88,26 @@ def test_inspect_nested_labels_report_the_overlap_and_require_sigmoid(nested):
     assert "sigmoid head is required" in why
 
 
-def test_inspect_nested_labels_cli(cli, nested, tmp_path):
+def test_inspect_nested_labels_cli(nested, tmp_path):
     """The numbers of the text and of --json are those of the mask files, counted here."""
     both = total = 0
     for whole in sorted((nested / "masks" / "hippocampus").iterdir()):
         a, b = _grey(whole) > 127, _grey(nested / "masks" / "posterior" / whole.name) > 127
         both += int((a & b).sum())
         total += a.size
-    r = cli("inspect", nested, "--json", tmp_path / "report.json")
+    assert_overlap_reported(nested, ["hippocampus", "posterior"], both / total, tmp_path)
+
+
+def assert_overlap_reported(root: Path, classes: list[str], share: float, tmp_path: Path) -> None:
+    """`segkit inspect ROOT --json` of overlapping labels: the classes, the overlap `share` counted by the
+    caller (text and JSON), sigmoid required, and nothing written but the report."""
+    r = run_cli("inspect", root, "--json", tmp_path / "report.json")
     assert r.code == 0, r.err
-    assert "multilabel masks, classes ['hippocampus', 'posterior']" in r.out
-    assert f"pixels with more than one label: {both / total:.4%}" in r.out
+    assert f"multilabel masks, classes {classes}" in r.out
+    assert f"pixels with more than one label: {share:.4%}" in r.out
     assert "head: sigmoid" in r.out and "sigmoid head is required" in r.out
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["head"] == "sigmoid" and report["overlap_share"] == pytest.approx(both / total, rel=1e-12)
+    assert report["head"] == "sigmoid" and report["overlap_share"] == pytest.approx(share, rel=1e-12)
     assert list(tmp_path.iterdir()) == [tmp_path / "report.json"]
 
 

@@ -19,35 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import segmentation_models_pytorch as smp
-import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from conftest import NUCLEI
+from reference import padded_logits
 from samples import SPACENET
 from segkit import Segmenter
 
 NOISE = 5e-5
 GEOTIFF = SPACENET / "unlabelled" / "albers_3band_int16_nodata.tif"
 """512 x 512, 3 bands int16, a custom Albers CRS, nodata -9999 (no pixel holds it)."""
-
-
-def hand_logits(folder: Path, image: np.ndarray) -> np.ndarray:
-    """(C, H, W) float64 logits of a checkpoint for an (H, W, 3) image of any size, without segkit:
-    normalised with numpy, mirrored at the bottom/right to multiples of 32 (the edge not repeated),
-    run through an smp model with the safetensors weights, cropped back."""
-    meta = json.loads((folder / "model.json").read_text())
-    model = smp.create_model(meta["arch"], encoder_name=meta["encoder"], encoder_weights=None,
-                             in_channels=meta["in_channels"], classes=len(meta["classes"]))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    norm = meta["normalization"]
-    x = (image.astype(np.float64) - np.array(norm["mean"])) / np.array(norm["std"])
-    h, w = image.shape[:2]
-    x = np.pad(x, ((0, -h % 32), (0, -w % 32), (0, 0)), mode="reflect")
-    with torch.no_grad():
-        out = model.eval()(torch.from_numpy(x.transpose(2, 0, 1).astype(np.float32))[None])[0]
-    return out.double().numpy()[:, :h, :w]
 
 
 def decided(head: str, logits: np.ndarray, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +75,7 @@ def test_predict_file_of_a_png_writes_the_masks_and_probabilities_of_the_model_b
     assert written == [mask_file, tmp_path / "out" / f"{stem}.npy"]
     assert sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file()) == sorted(written)  # nothing else
     image = np.asarray(Image.open(nuclei_image).convert("RGB"))
-    logits = hand_logits(ckpt, image)
+    logits = padded_logits(ckpt, image)
     nucleus, clear = decided(head, logits)
     assert clear.mean() > 0.995 and 0.1 < nucleus.mean() < 0.9  # few near-ties; masks that follow the image
     with Image.open(mask_file) as im:
@@ -126,7 +107,7 @@ def test_predict_file_of_a_geotiff_writes_geotiff_masks_on_its_grid(content_chec
     stem = GEOTIFF.stem
     mask_file = tmp_path / "out" / ("nucleus" if head == "sigmoid" else "") / f"{stem}.tif"
     assert written == [mask_file, tmp_path / "out" / f"{stem}_probs.tif"]
-    logits = hand_logits(ckpt, image)
+    logits = padded_logits(ckpt, image)
     nucleus, clear = decided(head, logits)
     assert clear.mean() > 0.995 and 0.1 < nucleus.mean() < 0.9
     with rasterio.open(mask_file) as out:

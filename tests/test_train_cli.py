@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import segkit.train
 from conftest import CONFIGS, IMAGENET, ROOT, assert_refused, copy_nuclei, run_cli, train_args
+from reference import model_logits
 from segkit.config import load_config
 from segkit.data.dataset import PairReader, SegmentationDataset, scan
 from segkit.data.layout import find_pairs
@@ -41,19 +42,6 @@ CLASSES = {"sigmoid": ["nucleus"], "softmax": ["background", "nucleus"]}
 def _rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def _hand_logits(folder: Path, image: np.ndarray) -> np.ndarray:
-    """(C, H, W) float64 logits of a checkpoint computed without segkit: an smp model with the
-    safetensors weights, model.json's normalisation applied with numpy (H, W multiples of 32)."""
-    meta = json.loads((folder / "model.json").read_text())
-    model = smp.create_model(meta["arch"], encoder_name=meta["encoder"], encoder_weights=None,
-                             in_channels=meta["in_channels"], classes=len(meta["classes"]))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    norm = meta["normalization"]
-    x = (image.astype(np.float64) - np.array(norm["mean"])) / np.array(norm["std"])
-    with torch.no_grad():
-        return model.eval()(torch.from_numpy(x.transpose(2, 0, 1).astype(np.float32))[None])[0].double().numpy()
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +141,7 @@ def test_validation_scores_are_the_last_weights_dice_and_iou_on_the_val_images(r
     for sample in val:
         image = np.asarray(Image.open(sample.image).convert("RGB"))
         nucleus = np.asarray(Image.open(sample.mask)) > 0
-        z = _hand_logits(run / "last", image)
+        z = model_logits(run / "last", image)
         margin = z[0] if head == "sigmoid" else z[1] - z[0]
         ties += int((np.abs(margin) <= 1e-4 * np.abs(z).max()).sum())
         fg = margin > 0

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, run_cli
+from conftest import TINY, follow_content, run_cli
 from samples import HIPPO, HIPPO_CASES, hippo_volume
 
 THICK = 3
@@ -116,17 +116,7 @@ def content_copy(checkpoint: Path, out: Path, slices: np.ndarray) -> Path:
 
     model, _, meta = load_checkpoint(checkpoint)
     x = torch.from_numpy(slices)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a plain average over the batch
-    with torch.no_grad():
-        model.train()(x)
-        y = model.eval()(x)
-        conv = model.segmentation_head[0]
-        mean, std = y.mean((0, 2, 3)), y.std((0, 2, 3))
-        conv.weight.mul_((3 / std).view(-1, 1, 1, 1))
-        conv.bias.sub_(mean).mul_(3 / std)
+    follow_content(model, x)
     out.mkdir(parents=True)
     save_checkpoint(out, model, meta)
     return out

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import CONFIGS, extended_data
-from test_compare import QUICK, assert_same_scores, check_report_files, cli_ok, evaluate_json, read_png
+from test_compare import (QUICK, assert_class_shares, assert_same_scores, assert_written_thresholds,
+                          check_report_files, cli_ok, evaluate_json, read_png)
 
 CAMVID = extended_data("camvid")
 ISIC = extended_data("isic2018-multilabel-mini")
@@ -47,8 +47,6 @@ def isic_subset(dst: Path, size=(256, 192)) -> Path:
 # -- exclusive multi-class: CamVid ---------------------------------------------------------
 
 def test_exclusive_multiclass_compare_camvid(tmp_path):
-    from segkit import Segmenter
-
     data = camvid_subset(tmp_path / "camvid")
     out = tmp_path / "cmp"
     cli_ok("compare", CONFIGS / "camvid.yaml", "--out", out, "--set", f"data.root={data}", *QUICK)
@@ -66,21 +64,7 @@ def test_exclusive_multiclass_compare_camvid(tmp_path):
         run = report["heads"][head]["runs"][0]
         direct = evaluate_json(out / head / "seed0" / "best", data, tmp_path / f"{head}.json")
         assert_same_scores(direct, run["scores"])
-    soft = report["heads"]["softmax"]
-    assert soft["no_class_share"] == [0.0] and soft["multi_class_share"] == [0.0]
-    # the sigmoid's no-class / multi-class shares, recomputed from its predictions on the val images
-    seg = Segmenter.load(out / "sigmoid" / "seed0" / "best", device="cpu")
-    none = multi = valid_total = 0
-    for path in sorted((data / "images" / "val").iterdir()):
-        mask = seg.predict(np.array(Image.open(path).convert("RGB"))).mask
-        valid = read_png(data / "masks" / "val" / path.name) != 11
-        count = mask.sum(0)
-        none += int(((count == 0) & valid).sum())
-        multi += int(((count > 1) & valid).sum())
-        valid_total += int(valid.sum())
-    sig = report["heads"]["sigmoid"]
-    assert sig["no_class_share"][0] == pytest.approx(none / valid_total, abs=2e-4)
-    assert sig["multi_class_share"][0] == pytest.approx(multi / valid_total, abs=2e-4)
+    assert_class_shares(report, out, data / "images" / "val", data / "masks" / "val", 11)
 
 
 # -- overlapping multi-label: ISIC ---------------------------------------------------------
@@ -154,46 +138,4 @@ def test_write_thresholds_stores_the_reported_best_thresholds(isic, tmp_path):
     out = tmp_path / "cmp"
     cli_ok("compare", CONFIGS / "isic2018-multilabel-mini.yaml", "--out", out, "--set", f"data.root={isic}",
            *QUICK, "--seeds", "0,1", "--write-thresholds")
-    report = json.loads((out / "report.json").read_text())
-    row = report["heads"]["sigmoid"]
-    best = row["best_thresholds"]
-    assert list(best) == ["lesion", "pigment_network"]
-    expected = [best["lesion"]["threshold"], best["pigment_network"]["threshold"]]
-    for seed in (0, 1):
-        meta = json.loads((out / "sigmoid" / f"seed{seed}" / "best" / "model.json").read_text())
-        assert meta["classes"] == ["lesion", "pigment_network"]
-        assert meta["thresholds"] == expected
-        # the scores in the report were taken at 0.5, before the thresholds were written
-        assert row["runs"][seed]["scores"]["thresholds"] == {"lesion": 0.5, "pigment_network": 0.5}
-    # the best threshold is where the mean (over seeds) Dice-against-threshold curve peaks
-    for c, t in best.items():
-        curve = np.nanmean([r["analysis"]["thresholds"][c] for r in row["runs"]], axis=0)
-        grid = [round(0.05 * k, 2) for k in range(1, 20)]
-        assert t["threshold"] == grid[int(np.nanargmax(curve))]
-        assert t["dice"] == pytest.approx(float(np.nanmax(curve)))
-    # recomputed with `segkit evaluate` at each threshold: the reported Dice values are evaluate's, and no
-    # neighbouring threshold of the grid does better than the best one
-    shifts = {"best": 0.0, "lower": -0.05, "higher": 0.05}
-    dice = {name: {c: [] for c in best} for name in [*shifts, "0.5"]}
-    for seed in (0, 1):
-        ckpt = out / "sigmoid" / f"seed{seed}" / "best"
-        direct = evaluate_json(ckpt, isic, tmp_path / f"tuned{seed}.json")
-        assert direct["thresholds"] == {c: t["threshold"] for c, t in best.items()}  # stored, and used
-        for name in dice:
-            values = {c: 0.5 if name == "0.5" else round(t["threshold"] + shifts[name], 2) for c, t in best.items()}
-            if not all(0 < v < 1 for v in values.values()):
-                continue
-            arg = ",".join(f"{c}={v}" for c, v in values.items())
-            s = direct if name == "best" else evaluate_json(ckpt, isic, tmp_path / f"{name}{seed}.json",
-                                                            "--threshold", arg)
-            for c in best:
-                dice[name][c].append(s["per_class"][c]["dice"])
-    # The report's curve counts float16 probabilities >= t, evaluate float32 probabilities > t: pixels
-    # within a float16 step (2.4e-4) of t may count differently (220 such pixels moved one seed's Dice
-    # at 0.5 by 1e-3 here), while neighbouring thresholds of the grid differ by 7e-3 or more.
-    for c, t in best.items():
-        assert np.mean(dice["best"][c]) == pytest.approx(t["dice"], abs=2e-3), c
-        assert np.mean(dice["0.5"][c]) == pytest.approx(t["dice_at_0.5"], abs=2e-3), c
-        for name in ("lower", "higher"):
-            if len(dice[name][c]) == 2:
-                assert np.mean(dice["best"][c]) >= np.mean(dice[name][c]) - 2e-3, (c, name)
+    assert_written_thresholds(out, isic, ["lesion", "pigment_network"], tmp_path)

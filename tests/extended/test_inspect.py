@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import CONFIGS, extended_data
 from segkit.config import load_config
 from segkit.data.inspect import DataGuess, inspect
+from test_inspect import assert_overlap_reported
 
 ISIC = extended_data("isic2018-multilabel-mini")
 CAMVID = extended_data("camvid")
@@ -53,16 +54,9 @@ def test_inspect_isic_reports_overlap_and_requires_sigmoid():
     assert head == "sigmoid" and "sigmoid head is required" in why
 
 
-def test_inspect_isic_cli(cli, tmp_path):
+def test_inspect_isic_cli(tmp_path):
     both, total = _isic_hand_counts()
-    r = cli("inspect", ISIC, "--json", tmp_path / "report.json")
-    assert r.code == 0, r.err
-    assert "multilabel masks, classes ['lesion', 'pigment_network']" in r.out
-    assert f"pixels with more than one label: {both / total:.4%}" in r.out
-    assert "head: sigmoid" in r.out and "sigmoid head is required" in r.out
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["head"] == "sigmoid" and report["overlap_share"] == pytest.approx(both / total, rel=1e-12)
-    assert list(tmp_path.iterdir()) == [tmp_path / "report.json"]
+    assert_overlap_reported(ISIC, ["lesion", "pigment_network"], both / total, tmp_path)
 
 
 # -- CamVid (subset): exclusive classes with an ignore value -> softmax ----------------------------------
