@@ -60,16 +60,29 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         report.longrepr = f"skipped under --no-skips: {report.longrepr}"
 
 
+def _default_tier(config: pytest.Config) -> bool:
+    return not (config.getoption("--all") or config.getoption("markexpr"))
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """The default tier does not import tests/extended: its modules would only skip for want of data."""
+    if collection_path == Path(__file__).parent / "extended" and _default_tier(config):
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules under tests/extended are `extended`; without --all (or an explicit -m) only the default tier runs."""
     extended = Path(__file__).parent / "extended"
     for item in items:
         if extended in Path(item.fspath).parents:
             item.add_marker(pytest.mark.extended)
-    if config.getoption("--all") or config.getoption("markexpr"):
+    if not _default_tier(config):
         return
-    keep = [i for i in items if not (i.get_closest_marker("slow") or i.get_closest_marker("extended"))]
-    dropped = [i for i in items if i not in keep]
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        (dropped if item.get_closest_marker("slow") or item.get_closest_marker("extended") else keep).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
@@ -136,6 +149,23 @@ def train_args(config: Path, data: Path, out: Path, *extra, epochs: int | None =
 def cli():
     """The CLI runner: cli("train", ...) -> Result(code, out, err)."""
     return run_cli
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """`module_tmp(name)`: a fresh folder like `tmp_path_factory.mktemp`, removed when the module's tests are
+    done if they all passed (a trained run is ~220 MB: kept for the whole session they filled CI's disk)."""
+    made: list[Path] = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    failed_before = request.session.testsfailed
+    yield mktemp
+    if request.session.testsfailed == failed_before:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -170,10 +170,10 @@ class FirstStep(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def first_step(tmp_path_factory, tiny_nuclei):
+def first_step(module_tmp, tiny_nuclei):
     """train(head, loss) -> FirstStep of a run of one step with that loss, one run each, cached. The
     weights the step started from and the normalised batch and target it was fed are recorded."""
-    base = tmp_path_factory.mktemp("losses")
+    base = module_tmp("losses")
     done: dict[tuple[str, str], FirstStep] = {}
 
     def train(head: str, loss: str) -> FirstStep:

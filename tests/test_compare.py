@@ -103,9 +103,9 @@ def check_report_files(out: Path) -> tuple[dict, str]:
 # -- binary: nuclei ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def binary(tmp_path_factory):
+def binary(module_tmp):
     """One compare on a 4 train / 2 val nuclei copy, with the degenerate row."""
-    tmp = tmp_path_factory.mktemp("binary")
+    tmp = module_tmp("binary")
     data = nuclei_subset(tmp / "data")
     out = tmp / "cmp"
     cli_ok("compare", CONFIGS / "nuclei-sigmoid.yaml", "--out", out, "--set", f"data.root={data}", *QUICK,
@@ -204,10 +204,10 @@ def test_degenerate_row_is_a_constant_model(binary):
 # -- exclusive multi-class: hippocampus slices with an ignore ring ------------------------------------
 
 @pytest.fixture(scope="module")
-def exclusive(tmp_path_factory) -> tuple[Path, Path, str]:
+def exclusive(module_tmp) -> tuple[Path, Path, str]:
     """One compare on real hippocampus slices (train: two cases, val: a third), index masks of three exclusive
     classes with a VOID ring on every boundary; (data, report folder, stdout)."""
-    tmp = tmp_path_factory.mktemp("exclusive")
+    tmp = module_tmp("exclusive")
     data = hippo_slices(tmp / "data", "train", NESTED_CASES, every=EVERY, ignore=VOID)
     hippo_slices(data, "val", HIPPO_CASES[2:3], every=EVERY, ignore=VOID)
     config = tmp / "hippo.yaml"
@@ -279,10 +279,10 @@ def assert_class_shares(report: dict, out: Path, images: Path, masks: Path, igno
 # -- overlapping multi-label: nested hippocampus labels --------------------------------------------
 
 @pytest.fixture(scope="module")
-def nested(tmp_path_factory) -> Path:
+def nested(module_tmp) -> Path:
     """Real hippocampus slices with nested labels (every posterior pixel is also hippocampus), flat layout,
     JPEG images as ISIC ships them; the multi-label config holds back 34% of them for validation."""
-    return hippo_multilabel(tmp_path_factory.mktemp("nested") / "data", cases=NESTED_CASES, every=EVERY,
+    return hippo_multilabel(module_tmp("nested") / "data", cases=NESTED_CASES, every=EVERY,
                             image_ext=".jpg")
 
 
@@ -292,9 +292,9 @@ def nested_args(data: Path, out: Path, *extra) -> list:
 
 
 @pytest.fixture(scope="module")
-def overlapping(tmp_path_factory, nested) -> tuple[Path, str]:
+def overlapping(module_tmp, nested) -> tuple[Path, str]:
     """One compare of the default heads on the nested labels, two seeds, thresholds written; (folder, stdout)."""
-    out = tmp_path_factory.mktemp("overlapping") / "cmp"
+    out = module_tmp("overlapping") / "cmp"
     return out, cli_ok(*nested_args(nested, out, "--seeds", "0,1", "--write-thresholds"))
 
 

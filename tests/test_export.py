@@ -119,9 +119,9 @@ def _nuclei_images(n256: int = 3) -> tuple[list[Path], list[Path]]:
 
 
 @pytest.fixture(scope="module")
-def check_dir(tmp_path_factory) -> Path:
+def check_dir(module_tmp) -> Path:
     """3 real 256x256 nuclei images and the 360x360 one: parity batches of 3 and 1."""
-    folder = tmp_path_factory.mktemp("check") / "images"
+    folder = module_tmp("check") / "images"
     folder.mkdir()
     small, large = _nuclei_images()
     for path in small + large:
@@ -130,12 +130,12 @@ def check_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, check_dir, content_checkpoints) -> dict:
+def exported(module_tmp, check_dir, content_checkpoints) -> dict:
     """head -> (checkpoint, model.onnx, CLI result, parity comparisons), each exported once through
     `segkit export`. The sigmoid checkpoint decodes at THRESHOLD (its model.json says so)."""
     out = {}
     for name in HEADS:
-        root = tmp_path_factory.mktemp(name)
+        root = module_tmp(name)
         ckpt = root / "ckpt"
         shutil.copytree(content_checkpoints[name], ckpt)
         if name == "sigmoid":

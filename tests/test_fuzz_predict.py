@@ -148,11 +148,11 @@ def folder_cases() -> st.SearchStrategy[list[Case]]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(module_tmp) -> Path:
     """A random-weight sigmoid U-Net (resnet18) taking 3 channels."""
     torch.manual_seed(0)
     head = build_head("sigmoid", ["nucleus"])
-    folder = tmp_path_factory.mktemp("fuzz") / "ckpt"
+    folder = module_tmp("fuzz") / "ckpt"
     meta = checkpoint_meta(head, "Unet", "resnet18", 3, Normalization.unit((0.5,) * 3, (0.25,) * 3),
                            data={"mask": "multilabel"})
     save_checkpoint(folder, build_model("Unet", "resnet18", 1), meta)

@@ -33,23 +33,23 @@ def _config(tmp: Path, root: Path, channels: int, head: str = "sigmoid", **data)
 
 
 @pytest.fixture(scope="module")
-def geo4(tmp_path_factory) -> Path:
-    return make_geo_dataset(tmp_path_factory.mktemp("geo4") / "data", 4, splits={"train": 6, "test": 3})
+def geo4(module_tmp) -> Path:
+    return make_geo_dataset(module_tmp("geo4") / "data", 4, splits={"train": 6, "test": 3})
 
 
 @pytest.fixture(scope="module")
-def trained4(tmp_path_factory, geo4) -> Path:
+def trained4(module_tmp, geo4) -> Path:
     """The run folder of one tiny `segkit train` of a 4-band sigmoid model on geo4."""
-    tmp = tmp_path_factory.mktemp("trained4")
+    tmp = module_tmp("trained4")
     r = run_cli("train", _config(tmp, geo4, 4), "--out", tmp / "run", *TINY)
     assert r.code == 0, r.err
     return tmp / "run"
 
 
 @pytest.fixture(scope="module")
-def predicted4(tmp_path_factory, geo4, trained4) -> Path:
+def predicted4(module_tmp, geo4, trained4) -> Path:
     """`segkit predict --vectorize --save-probs` of trained4 on geo4's test tiles: the output folder."""
-    masks = tmp_path_factory.mktemp("predicted4") / "masks"
+    masks = module_tmp("predicted4") / "masks"
     r = run_cli("predict", trained4 / "best", geo4 / "test" / "images", masks, "--device", "cpu", "--no-progress",
                 "--workers", "0", "--vectorize", "--save-probs")
     assert r.code == 0, r.err
@@ -57,7 +57,7 @@ def predicted4(tmp_path_factory, geo4, trained4) -> Path:
 
 
 @pytest.fixture(scope="module")
-def softmax4(tmp_path_factory, geo4) -> Path:
+def softmax4(module_tmp, geo4) -> Path:
     """An untrained 4-band softmax U-Net (background, building) whose masks follow the image, as conftest's
     content_checkpoints: geo4's dataset normalisation, batch-norm statistics from 160 x 160 crops of three
     training tiles, then logits scaled to mean 0, std 3 on them."""
@@ -68,7 +68,7 @@ def softmax4(tmp_path_factory, geo4) -> Path:
     from segkit.heads import build_head
     from segkit.model import build_model, checkpoint_meta, save_checkpoint
 
-    tmp = tmp_path_factory.mktemp("softmax4")
+    tmp = module_tmp("softmax4")
     cfg = load_config(_config(tmp, geo4, 4, "softmax"))
     reader = pair_reader(cfg.data)
     norm = fit_normalization("dataset", scan(split_samples(cfg.data, "train"), reader), reader, 4, None, None)

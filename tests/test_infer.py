@@ -424,9 +424,9 @@ def test_predict_stream_keeps_order_and_batches_only_equal_sizes():
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(module_tmp):
     """Tiny random-weight U-Net checkpoints, one per head."""
-    root = tmp_path_factory.mktemp("ckpt")
+    root = module_tmp("ckpt")
     folders = {}
     for head_name, classes in HEADS:
         torch.manual_seed(0)

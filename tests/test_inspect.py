@@ -60,9 +60,9 @@ NESTED = ["hippocampus", "posterior"]  # every posterior pixel is also hippocamp
 
 
 @pytest.fixture(scope="module")
-def nested(tmp_path_factory) -> Path:
+def nested(module_tmp) -> Path:
     """Real hippocampus slices with nested labels in the flat layout, images as JPEG (as ISIC ships them)."""
-    return hippo_multilabel(tmp_path_factory.mktemp("nested"), cases=NESTED_CASES, every=EVERY, image_ext=".jpg")
+    return hippo_multilabel(module_tmp("nested"), cases=NESTED_CASES, every=EVERY, image_ext=".jpg")
 
 
 def _volume_slices() -> list[np.ndarray]:
@@ -118,14 +118,14 @@ VOID = 255  # the boundary ring, PASCAL VOC's ignore value
 
 
 @pytest.fixture(scope="module")
-def hippo(tmp_path_factory) -> Path:
+def hippo(module_tmp) -> Path:
     """Real hippocampus slices, exclusive classes as index masks with a VOID ring on every boundary."""
-    return hippo_slices(tmp_path_factory.mktemp("hippo"), "train", NESTED_CASES, every=EVERY, ignore=VOID)
+    return hippo_slices(module_tmp("hippo"), "train", NESTED_CASES, every=EVERY, ignore=VOID)
 
 
 @pytest.fixture(scope="module")
-def hippo_config(tmp_path_factory, hippo) -> Path:
-    path = tmp_path_factory.mktemp("config") / "hippo.yaml"
+def hippo_config(module_tmp, hippo) -> Path:
+    path = module_tmp("config") / "hippo.yaml"
     path.write_text(yaml.safe_dump({"data": {"root": str(hippo), "classes": HIPPO_CLASSES, "mask": "index",
                                              "ignore_index": VOID}, "model": {"head": "softmax"}}))
     return path

@@ -56,10 +56,10 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def nuclei_image(tmp_path_factory) -> Path:
+def nuclei_image(module_tmp) -> Path:
     """The 360 x 360 real nuclei test image (not a multiple of 32: prediction pads it), copied."""
     path = next(p for p in sorted((NUCLEI / "test" / "images").glob("*.png")) if Image.open(p).size == (360, 360))
-    folder = tmp_path_factory.mktemp("in")
+    folder = module_tmp("in")
     shutil.copy(path, folder / path.name)
     return folder / path.name
 

@@ -63,9 +63,9 @@ def hand_target(index: np.ndarray, ignored: np.ndarray, head_name: str, channels
 
 
 @pytest.fixture(scope="module")
-def hippo(tmp_path_factory):
+def hippo(module_tmp):
     """Real hippocampus slices (35 x 51): index masks of 3 exclusive classes with a VOID boundary ring."""
-    return hippo_slices(tmp_path_factory.mktemp("hippo"), "val", HIPPO_CASES[:1], every=6, ignore=VOID)
+    return hippo_slices(module_tmp("hippo"), "val", HIPPO_CASES[:1], every=6, ignore=VOID)
 
 
 def assert_samples_match_the_reference(cfg: DataConfig, head_name: str, cache: bool, crop: int) -> None:
@@ -153,11 +153,11 @@ def _rows(path):
 
 
 @pytest.fixture(scope="module")
-def cadence_runs(tmp_path_factory):
+def cadence_runs(module_tmp):
     """Two runs of 3 steps x 2 epochs on 6 real nuclei images, the same but for how the loss is read back:
     a every step, with TensorBoard logging; b every 2 steps (the last read of each epoch is a partial one).
     last/ is written once, at the end (what the tests compare)."""
-    tmp = tmp_path_factory.mktemp("cadence")
+    tmp = module_tmp("cadence")
     data = copy_nuclei(tmp / "data", 6)
     config = CONFIGS / "nuclei-sigmoid.yaml"
     steps = ("--set", "train.steps_per_epoch=3", "--set", "train.save_every=2")

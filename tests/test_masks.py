@@ -292,9 +292,9 @@ NESTED_CASES, EVERY = HIPPO_CASES[:2], 4
 
 
 @pytest.fixture(scope="module")
-def nested(tmp_path_factory) -> Path:
+def nested(module_tmp) -> Path:
     """Real hippocampus slices with nested labels; JPEG images, as ISIC ships them."""
-    return hippo_multilabel(tmp_path_factory.mktemp("nested"), cases=NESTED_CASES, every=EVERY, image_ext=".jpg")
+    return hippo_multilabel(module_tmp("nested"), cases=NESTED_CASES, every=EVERY, image_ext=".jpg")
 
 
 def test_nested_masks_pair_by_stem_prefix(tmp_path, nested):

@@ -772,9 +772,9 @@ def _broken_sources(tmp: Path, rgb: np.ndarray) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def broken_sources(tmp_path_factory):
+def broken_sources(module_tmp):
     rgb = _png(NUCLEI_IMAGE)
-    return _broken_sources(tmp_path_factory.mktemp("broken"), rgb)
+    return _broken_sources(module_tmp("broken"), rgb)
 
 
 @pytest.mark.parametrize("kind", ["png", "jpg", "tif-zlib-striped", "tif-zlib-tiled", "tif-none",

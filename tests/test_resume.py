@@ -72,10 +72,10 @@ def _link_copy(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, tiny_nuclei) -> tuple[Path, dict]:
+def reference_run(module_tmp, tiny_nuclei) -> tuple[Path, dict]:
     """The uninterrupted run (3 epochs of 2 steps), and what its process held when training returned:
     the optimizer's and the scheduler's state, and the global random generators."""
-    run = tmp_path_factory.mktemp("reference") / "run"
+    run = module_tmp("reference") / "run"
     made: dict[str, object] = {}
 
     class KeptAdamW(torch.optim.AdamW):

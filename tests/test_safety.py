@@ -350,11 +350,11 @@ def test_nproc_where_it_means_nothing_exits_2(tmp_path, args, says):
 
 
 @pytest.fixture(scope="module")
-def torchvision_resnet18(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+def torchvision_resnet18(module_tmp) -> tuple[Path, dict[str, torch.Tensor]]:
     """A torchvision resnet18 state dict (classifier `fc.` included) saved as a tensors-only .pth."""
     torch.manual_seed(1)
     state = torchvision.models.resnet18().state_dict()
-    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    path = module_tmp("weights") / "resnet18.pth"
     torch.save(state, path)
     return path, state
 

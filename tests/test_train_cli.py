@@ -45,11 +45,11 @@ def _rows(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_nuclei) -> dict:
+def runs(module_tmp, tiny_nuclei) -> dict:
     """One 2-epoch run per head: sigmoid in this process, softmax as a real `python -m cli` process.
     The sigmoid run records every training step ("steps"): the model's weights before the step, and
     the normalised batch and target it was fed."""
-    base = tmp_path_factory.mktemp("runs")
+    base = module_tmp("runs")
     models, steps = [], []
     build, feed = segkit.train.build_model, segkit.train.to_network
 

@@ -43,12 +43,12 @@ def _voxels(path: Path) -> np.ndarray:
 # --- data.cache_mb ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cord_stacks(tmp_path_factory) -> Path:
+def cord_stacks(module_tmp) -> Path:
     """The three real spinal-cord cases in segkit's layout: train/ a (T2w, 60 x 55 x 52) and b (T1w,
     42 x 76 x 77), val/ c (T2*w, 49 x 54 x 9). As float32 slices they take 686 400, 983 136 and 95 256 bytes
     (plus 1 byte per voxel of packed labels when cached): with 1 MiB, a fits (858 000 bytes with its labels),
     a + b do not, and c fits in what a leaves."""
-    root = tmp_path_factory.mktemp("cord") / "stacks"
+    root = module_tmp("cord") / "stacks"
     for split, case, contrast in (("train", "a", "t2w"), ("train", "b", "t1w"), ("val", "c", "t2sw")):
         for kind, src in (("images", CORD / "imagesTr" / f"errsm30_{contrast}_0000.nii.gz"),
                           ("masks", CORD / "labelsTr" / f"errsm30_{contrast}.nii.gz")):
@@ -165,9 +165,9 @@ DRAWS = 2400
 
 
 @pytest.fixture(scope="module")
-def hippo_thick(tmp_path_factory) -> Path:
+def hippo_thick(module_tmp) -> Path:
     """The six hippocampus cases on the 1 x 1 x 3 mm grid, 32 x 32 in-plane (tests/volumedata.py), plain labels."""
-    root = tmp_path_factory.mktemp("thick") / "hippo"
+    root = module_tmp("thick") / "hippo"
     for case in HIPPO_CASES:
         image, label, affine = volumedata.thick_volume(case, crop=volumedata.CROP)
         volumedata.save_nifti(image, affine, root / "imagesTr" / f"{case}_0000.nii.gz")
@@ -220,12 +220,12 @@ def test_foreground_oversample_centres_that_share_of_the_crops_on_foreground(tmp
 # --- data.normalize: one scheme per channel -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def two_channels(tmp_path_factory) -> Path:
+def two_channels(module_tmp) -> Path:
     """Four hippocampus cases with two channels named T2 and PD (neither says CT, so `auto` would z-score both):
     _0000 the real image, _0001 its intensities mapped to an int16 range like Hounsfield units (3 x - 1000);
     both zero-padded by 6 voxels in-plane (as resampled or skull-stripped scans are), the padding outside the
     body that z-scores are taken over."""
-    root = tmp_path_factory.mktemp("two") / "Dataset903_TwoChannels"
+    root = module_tmp("two") / "Dataset903_TwoChannels"
     pad = ((6, 6), (6, 6), (0, 0))
     for case in ("hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"):
         image = nib.load(HIPPO / "imagesTr" / f"{case}_0000.nii.gz")

@@ -70,8 +70,8 @@ def test_exclusive_multiclass_compare_camvid(tmp_path):
 # -- overlapping multi-label: ISIC ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def isic(tmp_path_factory):
-    return isic_subset(tmp_path_factory.mktemp("isic") / "data")
+def isic(module_tmp):
+    return isic_subset(module_tmp("isic") / "data")
 
 
 def overlap_share(data: Path) -> float:

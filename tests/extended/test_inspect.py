@@ -63,9 +63,9 @@ def test_inspect_isic_cli(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def camvid(tmp_path_factory) -> Path:
+def camvid(module_tmp) -> Path:
     """10 real CamVid pairs in the ROOT/images/train + ROOT/masks/train layout."""
-    root = tmp_path_factory.mktemp("camvid")
+    root = module_tmp("camvid")
     for kind in ("images", "masks"):
         (root / kind / "train").mkdir(parents=True)
         for path in sorted((CAMVID / kind / "train").iterdir())[:10]:
