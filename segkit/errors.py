@@ -15,5 +15,10 @@ class DataError(SegkitError):
     """A data file is missing, unreadable or inconsistent with the config."""
 
 
+class UnreadableError(DataError):
+    """A file that cannot be read as what it claims to be (corrupt, truncated, or a header that promises more
+    than the file holds): a command over many files reports it and goes on with the others."""
+
+
 class TrainingError(Exception):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""

@@ -79,6 +79,8 @@ def score_case(pred: VolumePrediction, label: np.ndarray, ds: VolumeDataset, spe
                spacing: tuple[float, ...]) -> dict[str, dict[str, float]]:
     """`metrics3d.case_scores` of one case's prediction against its label map."""
     layers, valid = ds.layers(label)
+    if pred.nodata is not None:
+        valid &= ~pred.nodata
     classes = list(spec.class_values)
     if pred.masks is not None:
         return case_scores(pred.masks, np.moveaxis(layers, -1, 0), classes, spacing, multilabel=True, valid=valid)

@@ -28,10 +28,10 @@ import numpy as np
 from tqdm import tqdm
 
 from segkit import distributed as dist
-from segkit.data.io import atomic_path
+from segkit.data.io import atomic_path, no_data
 from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import NIFTI_ENDINGS, Volume, VolumeCase, combine_regions, folder_cases, is_volume_folder
-from segkit.errors import DataError, SegkitError
+from segkit.errors import DataError, SegkitError, UnreadableError
 from segkit.infer import Prediction, Segmenter
 
 log = logging.getLogger("segkit")
@@ -47,11 +47,14 @@ class VolumePrediction:
             otherwise None.
     masks: sigmoid -> (K, X, Y, Z) bool, one per class; softmax -> None.
     probs: (K, X, Y, Z) float16 probabilities when asked for.
+    nodata: (X, Y, Z) bool voxels with a NaN or infinite channel (background in every output, 0 in probs,
+            left out of scores), or None when there are none.
     """
 
     labels: np.ndarray | None
     masks: np.ndarray | None
     probs: np.ndarray | None = None
+    nodata: np.ndarray | None = None
 
 
 def volume_spec(seg: Segmenter) -> VolumeSpec:
@@ -123,9 +126,21 @@ def predict_volume(seg: Segmenter, volume: Volume, probs: bool = False) -> Volum
                 label_stack[k] = lut[pred.mask]
             if probs:
                 prob_stack[:, k] = pred.probs
+    hit = no_data(volume.data, None)
+    if hit is not None and hit.any():
+        log.warning("case %s: %d voxels are NaN or infinite: no-data, written as background (probabilities 0)",
+                    volume.case, int(hit.sum()))
+        if sigmoid:
+            masks[:, hit] = False
+        else:
+            labels[hit] = lut[0]
+        if probs:
+            prob[:, hit] = 0
+    else:
+        hit = None
     if sigmoid and spec.regions_class_order is not None:
         labels = combine_regions(masks, spec.class_values, spec.regions_class_order)
-    return VolumePrediction(labels, masks, prob)
+    return VolumePrediction(labels, masks, prob, hit)
 
 
 def output_files(seg: Segmenter, spec: VolumeSpec, case: str, probs: bool) -> list[Path]:
@@ -227,11 +242,10 @@ def plan_volumes(seg: Segmenter, spec: VolumeSpec, input_dir: Path, output_dir: 
         job = VolumeJob(case, output_files(seg, spec, case.name, probs))
         try:
             check_channels(Volume(case.name, case.images), spec)
-        except DataError as err:
-            if err.__cause__ is None:  # readable, but not a case of this model (channels, dimensions, grids)
-                misfits.append(str(err))
-            else:  # unreadable: reported and skipped in its turn, the other cases go on
-                job.unreadable = str(err)
+        except UnreadableError as err:  # reported and skipped in its turn, the other cases go on
+            job.unreadable = str(err)
+        except DataError as err:  # readable, but not a case of this model (channels, dimensions, grids)
+            misfits.append(str(err))
         for rel in job.files:
             target = (output_dir / rel).resolve()
             if out not in target.parents or target in inputs:

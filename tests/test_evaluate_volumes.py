@@ -118,6 +118,23 @@ def test_regions_are_scored_one_binary_class_at_a_time_without_the_ignore_label(
     assert (case["core"]["dice"], case["core"]["hd95"]) == (0.0, pytest.approx(DIAGONAL))
 
 
+def test_nan_voxels_are_left_out_of_the_scores(cli, tmp_path, monkeypatch):
+    """Truth: a 4x4x2 box of class a. The (float32) image the oracle predicts holds the same box, but two of its
+    voxels are NaN: no-data, so they are left out of truth and prediction alike: Dice 1 over 30 voxels (counted
+    as misses, it would be 60/62)."""
+    truth, predicted = np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.float32)
+    box(truth, 1, slice(2, 6), slice(2, 6), slice(1, 3))
+    box(predicted, 1, slice(2, 6), slice(2, 6), slice(1, 3))
+    predicted[2, 2, 1] = predicted[5, 5, 2] = np.nan
+    classes = {"background": (0,), "a": (1,)}
+    root = dataset(tmp_path / "ds", {"background": 0, "a": 1}, {"case": (truth, predicted)})
+    ckpt = oracle_checkpoint(monkeypatch, tmp_path, "softmax", classes)
+    result = cli("evaluate", ckpt, root, "--device", "cpu", "--no-progress", "--json", tmp_path / "s.json")
+    assert result.code == 0, result.err
+    case = json.loads((tmp_path / "s.json").read_text())["per_case"]["caseTs"]
+    assert (case["a"]["dice"], case["a"]["truth_ml"]) == (1.0, pytest.approx(30 * 0.75 / 1000))
+
+
 def test_refusals_name_the_problem(cli, tmp_path, monkeypatch):
     truth = np.zeros(SHAPE, np.uint8)
     root = dataset(tmp_path / "ds", {"background": 0, "a": 1}, {"x": (truth, truth)})

@@ -23,6 +23,7 @@ import volumedata
 from conftest import NUCLEI, assert_refused
 from samples import CORD, HIPPO
 from segkit.config import load_config
+from segkit.data.dataset import unpack
 from segkit.data.normalize import Normalization
 from segkit.data.training_data import training_data
 from segkit.data.volume_norm import ChannelNorm, VolumeNormalization
@@ -210,21 +211,32 @@ def test_missing_or_extra_channels_are_refused_naming_the_case(cli, tmp_path, mo
     assert_refused(cli("predict", ckpt, tmp_path / "in", out, "--device", "cpu", "--no-progress"), out, *words)
 
 
-@pytest.mark.parametrize("damage", ["not nifti", "truncated"])
+@pytest.mark.parametrize("damage", ["not nifti", "truncated", "huge header", "huge header .nii"])
 def test_an_unreadable_case_is_reported_and_the_others_written(cli, tmp_path, monkeypatch, damage):
-    _mri_case(tmp_path / "in", "good_0000.nii.gz")
-    bad = tmp_path / "in" / "bad_0000.nii.gz"
+    """A huge header (4000^3 voxels declared in a file of a few KB) is refused from the header, naming the
+    file, before it asks for 128 GB; it used to end the whole run with a raw _ArrayMemoryError."""
+    ending = ".nii" if damage.endswith(".nii") else ".nii.gz"
+    _mri_case(tmp_path / "in", "good_0000" + ending)
+    bad = tmp_path / "in" / ("bad_0000" + ending)
     if damage == "not nifti":
         bad.write_bytes(gzip.compress(b"this is no NIfTI header" * 40))
-    else:
+    elif damage == "truncated":
         _mri_case(tmp_path / "in", bad.name)
         bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
+    else:
+        _mri_case(tmp_path / "in", bad.name)
+        raw = bytearray(bad.read_bytes() if bad.suffix == ".nii" else gzip.decompress(bad.read_bytes()))
+        assert raw[:4] == (348).to_bytes(4, "little")  # a little-endian NIfTI-1 header; dim[1:4] at bytes 42-47
+        raw[42:48] = np.array([4000, 4000, 4000], "<i2").tobytes()
+        bad.write_bytes(bytes(raw) if bad.suffix == ".nii" else gzip.compress(bytes(raw)))
     ckpt = oracle_checkpoint(monkeypatch, tmp_path, "softmax", {"bg": (0,), "fg": (255,)})
     out = tmp_path / "out"
     result = cli("predict", ckpt, tmp_path / "in", out, "--device", "cpu", "--no-progress")
     assert result.code == 1 and "Traceback" not in result.err
     assert "failed:" in result.err and "case bad" in result.err and "1 volumes" in result.out
-    assert files(out) == {"good.nii.gz"}
+    if damage.startswith("huge"):
+        assert f"{bad}" in result.err and "header declares 4000x4000x4000" in result.err, result.err
+    assert files(out) == {"good.nii.gz"}  # outputs are .nii.gz whatever the input's ending
 
 
 def test_existing_outputs_need_overwrite_and_the_output_may_not_be_inside_the_input(cli, tmp_path, monkeypatch):
@@ -291,6 +303,78 @@ def test_trained_region_model_writes_what_its_network_gives_on_the_input_grid(cl
         assert same_grid(out / f"{case}.nii.gz", inp).get_data_dtype() == np.uint8
         differ = labels(out / f"{case}.nii.gz") != combined
         assert tie.any(axis=0)[differ].all(), case
+
+
+def test_nan_and_inf_voxels_are_no_data_and_change_nothing_else(cli, tmp_path, tmp_path_factory, caplog):
+    """One inf and three NaN voxels (three inside the body, one in the air) in a real float32 case: they are
+    left out of the case's z-score, written as background, and reported once naming the case; every other
+    voxel is what the network gives on the case z-scored by hand over its finite nonzero voxels (ties at logit
+    0 excepted). Before, the case's mean became NaN and the whole prediction changed."""
+    ckpt = volumedata.region_content(tmp_path_factory)
+    model, _, _ = load_checkpoint(ckpt)
+    crop, _, affine = volumedata.thick_volume("hippocampus_004", crop=volumedata.CROP)
+    crop = crop.astype(np.float32)
+    body, air = np.argwhere(crop != 0), np.argwhere(crop == 0)
+    for value, voxel in zip((np.inf, np.nan, np.nan, np.nan), (body[0], body[len(body) // 2], body[-1], air[0])):
+        crop[tuple(voxel)] = value
+    nodata = ~np.isfinite(crop)
+    assert nodata.sum() == 4
+    inp = volumedata.save_nifti(crop, affine, tmp_path / "in" / "hippocampus_004_0000.nii.gz")
+    out = tmp_path / "out"
+    caplog.clear()
+    result = cli("predict", ckpt, tmp_path / "in", out, "--device", "cpu", "--no-progress")
+    assert result.code == 0, result.err
+    assert caplog.text.count("NaN or infinite") == 1 and "case hippocampus_004: 4 voxels" in caplog.text
+    x = torch.from_numpy(np.moveaxis(volumedata.zscore(crop), 2, 0)[:, None].astype(np.float32))
+    with torch.no_grad():
+        logits = np.moveaxis(model(x).numpy(), 0, -1)
+    tie = np.abs(logits) < 1e-3
+    combined = np.zeros(crop.shape, np.uint8)
+    for k, name in enumerate(("whole", "core")):
+        same_grid(out / name / "hippocampus_004.nii.gz", inp)
+        mask = labels(out / name / "hippocampus_004.nii.gz").astype(bool)
+        assert 0.1 < mask.mean() < 0.9 and not mask[nodata].any(), name
+        expected = (logits[k] > 0) & ~nodata
+        assert tie[k][mask != expected].all(), name
+        combined[expected] = k + 1
+    differ = labels(out / "hippocampus_004.nii.gz") != combined
+    assert tie.any(axis=0)[differ].all()
+
+
+def test_nan_voxels_are_no_data_in_training(tmp_path, caplog):
+    """A training case with NaN and inf voxels: its slices' z-score equals the hand value over the finite
+    nonzero voxels, and those voxels are neither valid (loss, scores) nor real; cached and streamed alike."""
+    root = Path(shutil.copytree(HIPPO, tmp_path / "hippo"))
+    path = root / "imagesTr" / "hippocampus_003_0000.nii.gz"
+    source = nib.load(path)
+    image = np.asanyarray(source.dataobj).astype(np.float32)
+    body = np.argwhere(image != 0)
+    for value, voxel in zip((np.nan, np.inf, -np.inf), (body[0], body[len(body) // 3], body[-1])):
+        image[tuple(voxel)] = value
+    nib.save(nib.Nifti1Image(image, source.affine, source.header), path)
+    nodata = ~np.isfinite(image)
+    expected = volumedata.zscore(image)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  root: {root}\n  val_fraction: 0.01\nmodel:\n  head: softmax\n")
+    cfg = load_config(config)
+    for budget in (1 << 30, 0):
+        caplog.clear()
+        data = training_data(cfg, cfg.head(), budget)
+        assert caplog.text.count("NaN or infinite") == 1 and "case hippocampus_003: 3 voxels" in caplog.text
+        axis = data.meta["volume"]["slice_axis"]
+        records = [r for r in data.train if r.sample.case == "hippocampus_003"]
+        assert len(records) == image.shape[axis]
+        for record in records:
+            if budget:
+                _, valid, real = unpack(record.cached.bits, len(cfg.head().classes))
+                x = record.cached.image
+            else:
+                px = data.reader.read(record.sample)
+                x, valid, real = px.image, px.valid, px.real
+            k = record.sample.index
+            np.testing.assert_array_equal(real, ~np.take(nodata, k, axis))
+            assert not valid[np.take(nodata, k, axis)].any()
+            np.testing.assert_allclose(x[..., 0], np.take(expected, k, axis), rtol=1e-5, atol=1e-5)
 
 
 def _ct_by_hand(root: Path, train_cases: list[str]) -> tuple[float, float, float, float]:

@@ -90,9 +90,10 @@ def region_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
-    """nnU-Net's z-score of a one-channel case, by hand: mean/std over the nonzero voxels, 0 outside them."""
+    """nnU-Net's z-score of a one-channel case, by hand: mean/std over the nonzero voxels, 0 outside them;
+    a NaN or infinite voxel is no-data (0, and left out of the mean and std)."""
     raw = image.astype(np.float64)
-    inside = raw != 0
+    inside = (raw != 0) & np.isfinite(raw)
     return np.where(inside, (raw - raw[inside].mean()) / raw[inside].std(), 0.0)
 
 

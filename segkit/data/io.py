@@ -36,14 +36,14 @@ class MaskPixels(NamedTuple):
 
 
 def no_data(pixels: np.ndarray, nodata: float | None) -> np.ndarray | None:
-    """(h, w) True where a pixel is no-data: every band equals `nodata`, or (float data) any band is
-    NaN, which is never a measurement. None when neither can occur."""
+    """(...) True where a pixel (or voxel: channels on the last axis) is no-data: every band equals `nodata`,
+    or (float data) any band is NaN or infinite, which is never a measurement. None when neither can occur."""
     hit = None
     if nodata is not None:
-        hit = (np.isnan(pixels) if np.isnan(nodata) else pixels == nodata).all(axis=2)
+        hit = (np.isnan(pixels) if np.isnan(nodata) else pixels == nodata).all(axis=-1)
     if pixels.dtype.kind == "f":
-        nan = np.isnan(pixels).any(axis=2)
-        hit = nan if hit is None else hit | nan
+        bad = ~np.isfinite(pixels).all(axis=-1)
+        hit = bad if hit is None else hit | bad
     return hit
 
 

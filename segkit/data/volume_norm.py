@@ -6,6 +6,8 @@
 - `ct`: Hounsfield units are absolute, so one transform for all cases: clip to the 0.5/99.5 percentiles of the
   training set's foreground (labelled) voxels, then subtract their mean and divide by their std.
 - `none`: raw values.
+A voxel with a NaN or infinite channel is no-data, as a pixel is in 2-D (`segkit.data.io.no_data`): it is
+left out of every statistic and becomes 0.
 The schemes and the fitted CT numbers are stored in model.json (`data.volume.normalization`); training and
 prediction call the same `case_params` and `apply`, so a case becomes the same network input in both.
 """
@@ -17,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from segkit.data.io import no_data
 from segkit.errors import ConfigError
 
 SCHEMES = ("zscore", "ct", "none")
@@ -53,8 +56,9 @@ def schemes_for(setting: str | Sequence[str], channel_names: Sequence[str]) -> l
 
 def foreground_sample(image: np.ndarray, foreground: np.ndarray, rng: np.random.Generator,
                       size: int = SAMPLES_PER_CASE) -> np.ndarray:
-    """(n, C) float64 intensities of at most `size` seeded foreground voxels of an (X, Y, Z, C) case."""
-    where = np.flatnonzero(foreground)
+    """(n, C) float64 intensities of at most `size` seeded finite foreground voxels of an (X, Y, Z, C) case."""
+    hit = no_data(image, None)
+    where = np.flatnonzero(foreground if hit is None else foreground & ~hit)
     if where.size > size:
         where = np.sort(rng.choice(where, size, replace=False))
     return image.reshape(-1, image.shape[-1])[where].astype(np.float64)
@@ -121,6 +125,9 @@ class VolumeNormalization:
         zscore = np.array([c.scheme == "zscore" for c in self.channels])
         if zscore.any():
             out[..., zscore] = np.where(body(image)[..., None], out[..., zscore], np.float32(0))
+        hit = no_data(image, None)
+        if hit is not None:
+            out[hit] = 0
         return out
 
 
@@ -152,5 +159,8 @@ def body_moments(image: np.ndarray, channels: Sequence[int]) -> dict[int, tuple[
 
 
 def body(image: np.ndarray) -> np.ndarray:
-    """(...) bool: voxels where any channel is nonzero (nnU-Net's nonzero region, without hole filling)."""
-    return np.any(image != 0, axis=-1)
+    """(...) bool: voxels where any channel is nonzero (nnU-Net's nonzero region, without hole filling) and
+    none is no-data (NaN or infinite)."""
+    inside = np.any(image != 0, axis=-1)
+    hit = no_data(image, None)
+    return inside if hit is None else inside & ~hit

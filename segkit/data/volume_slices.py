@@ -22,12 +22,13 @@ import numpy as np
 
 from segkit.config import DataConfig
 from segkit.data.dataset import Cached, Pixels, Record, foreground_points, label_stats, pack
+from segkit.data.io import no_data
 from segkit.data.layout import Sample
 from segkit.data.readers import Window
 from segkit.data.volume_norm import VolumeNormalization, foreground_sample, schemes_for
 from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import Volume, VolumeCase, VolumeDataset, case_split, slice_axis
-from segkit.errors import ConfigError, DataError
+from segkit.errors import DataError
 from segkit.heads import Head
 
 log = logging.getLogger("segkit")
@@ -39,6 +40,10 @@ class SliceSample(Sample):
 
     case: str = ""
     index: int = 0
+
+    @property
+    def scored_in(self) -> str | None:
+        return self.case
 
 
 def volume_dataset(d: DataConfig) -> VolumeDataset:
@@ -109,10 +114,17 @@ class SliceReader:
         raw = parts[0] if parts[0].ndim == 3 else np.stack(parts, axis=-1)
         image = self.spec.normalization.apply(raw, self.params[sample.case])
         labels, valid = self.ds.layers(self._slice(case.label, sample.index))
+        real = _real(raw)
         if window is not None:
             t, l, h, w = window
-            image, labels, valid = image[t:t + h, l:l + w], labels[t:t + h, l:l + w], valid[t:t + h, l:l + w]
-        return Pixels(image, labels, valid, np.ones(valid.shape, bool))
+            image, labels, valid, real = (a[t:t + h, l:l + w] for a in (image, labels, valid, real))
+        return Pixels(image, labels, valid & real, real)
+
+
+def _real(raw: np.ndarray) -> np.ndarray:
+    """(...) bool: voxels of (..., C) raw channels that are not no-data (NaN or infinite, `io.no_data`)."""
+    hit = no_data(raw, None)
+    return np.ones(raw.shape[:-1], bool) if hit is None else ~hit
 
 
 def case_records(ds: VolumeDataset, case: VolumeCase, spec: VolumeSpec, head: Head, reader: SliceReader,
@@ -128,10 +140,15 @@ def case_records(ds: VolumeDataset, case: VolumeCase, spec: VolumeSpec, head: He
     reader.add(case, params)
     image = spec.normalization.apply(volume.data, params) if cache else None
     layers, valid = ds.layers(label)
+    real = _real(volume.data)
+    valid &= real
+    if not real.all():
+        log.warning("case %s: %d voxels are NaN or infinite in %s: no-data, left out of the normalisation, the "
+                    "loss and the scores", case.name, int((~real).sum()), [str(p) for p in case.images])
     axis = spec.slice_axis
     records = []
     for k in range(volume.shape[axis]):
-        labels, ok = _take(layers, k, axis), _take(valid, k, axis)
+        labels, ok, slice_real = _take(layers, k, axis), _take(valid, k, axis), _take(real, k, axis)
         problem = head.label_problem(labels, ok)
         if problem:
             return f"case {case.name}, slice {k} along axis {axis} ({case.label}): {problem}"
@@ -140,7 +157,7 @@ def case_records(ds: VolumeDataset, case: VolumeCase, spec: VolumeSpec, head: He
         record = Record(sample, label_stats(labels, ok), h, w, np.dtype(np.float32), h * w * 4 * len(spec.channel_names),
                         points=foreground_points(labels, ok, foreground, np.random.default_rng([zlib.crc32(case.name.encode()), k])))
         if image is not None:
-            px = Pixels(np.ascontiguousarray(_take(image, k, axis)), labels, ok, np.ones(ok.shape, bool))
+            px = Pixels(np.ascontiguousarray(_take(image, k, axis)), labels, ok, slice_real)
             record.cached = Cached(px.image, pack(px), None)
         records.append(record)
     return records
@@ -165,17 +182,3 @@ def slice_records(ds: VolumeDataset, cases: Sequence[VolumeCase], spec: VolumeSp
         log.info("%d of %d cases cached in memory; the other slices are read from their files (data.cache_mb; "
                  "uncompressed .nii reads fastest)", int(cached.sum()), len(cases))
     return [r for records in results for r in records]
-
-
-def check_volume_config(d: DataConfig, head: Head) -> None:
-    """Volume rules a single key cannot express: regions need the sigmoid head."""
-    if head.name != "softmax":
-        return
-    ds = volume_dataset(d)
-    pairs = ds.overlapping()
-    if pairs:
-        shown = "; ".join(f"{a} {list(ds.class_values[a])} and {b} {list(ds.class_values[b])} share label values"
-                          for a, b in pairs[:4])
-        raise ConfigError(f"model.head: softmax gives each voxel one class, but the classes of {d.root} overlap: "
-                          f"{shown}. Nested nnU-Net regions are sigmoid classes. Fix: model.head: sigmoid "
-                          "(or data.classes listing classes that do not share label values).")

@@ -14,6 +14,7 @@ Training cases must have a label; test cases may lack one (prediction only).
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import zlib
@@ -21,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -29,7 +30,10 @@ from nibabel.filebasedimages import ImageFileError
 
 from segkit.data.masks import distinct
 from segkit.data.layout import seeded_split
-from segkit.errors import ConfigError, DataError
+from segkit.errors import ConfigError, DataError, UnreadableError
+
+if TYPE_CHECKING:
+    from segkit.heads import Head
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 SEGKIT_SPLITS = ("train", "val", "test")
@@ -47,15 +51,49 @@ def _load(path: Path, case: str) -> nib.Nifti1Image:
     try:
         return nib.load(path)
     except (ImageFileError, OSError, EOFError) as err:
-        raise DataError(f"{path} (case {case}): not a readable NIfTI file ({err}). "
+        raise UnreadableError(f"{path} (case {case}): not a readable NIfTI file ({err}). "
                         "Fix: re-export it as .nii.gz, or remove the case.") from err
+
+
+def _stored_bytes(path: Path, need: int) -> int:
+    """Bytes `path` holds once decompressed, counted up to `need`: a .nii's size; for a .nii.gz, gzip's
+    trailer (the length mod 2**32) when it agrees with `need`, else a streamed count (several gzip
+    members, or more than 4 GiB, or a file that is short)."""
+    if not path.name.endswith(".gz"):
+        return path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(-4, 2)
+        if int.from_bytes(f.read(4), "little") == need % 2**32:
+            return need
+    have = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while have < need and (chunk := stream.read(1 << 24)):
+                have += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        pass  # counted up to where the stream breaks
+    return have
+
+
+def _check_stored(image: nib.Nifti1Image, path: Path, case: str) -> None:
+    """The voxels the header declares must be in the file: refused from the header, before a huge header of
+    a small file asks for memory it cannot have."""
+    header = image.header
+    shape = header.get_data_shape()
+    need = int(header["vox_offset"]) + int(np.prod(shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+    have = _stored_bytes(path, need)
+    if have < need:
+        raise UnreadableError(f"{path} (case {case}): the header declares {'x'.join(map(str, shape))} voxels of "
+                        f"{header.get_data_dtype()} ({need / 1e6:.3g} MB with the header), but the file holds "
+                        f"{have / 1e6:.3g} MB. Fix: re-export the file (it is truncated or its header is wrong), "
+                        "or remove the case.")
 
 
 def _voxels(image: nib.Nifti1Image, path: Path, case: str) -> np.ndarray:
     try:
         return np.asanyarray(image.dataobj)
     except (OSError, EOFError, zlib.error, ValueError) as err:  # truncated or corrupt .nii(.gz)
-        raise DataError(f"{path} (case {case}): the header reads but the voxels do not ({err}). "
+        raise UnreadableError(f"{path} (case {case}): the header reads but the voxels do not ({err}). "
                         "Fix: copy or re-export the file again; it is probably truncated.") from err
 
 
@@ -76,6 +114,8 @@ class Volume:
                 kind = "one 3-D file per channel" if len(self._images) > 1 else "a 3-D or 4-D (channels last) file"
                 raise DataError(f"{path} (case {case}): {image.ndim}-D, shape {image.shape}; a volume is {kind}. "
                                 "Fix: save each channel as its own 3-D file (<case>_0000, <case>_0001, ...).")
+        for path, image in zip(self.paths, self._images):
+            _check_stored(image, path, case)
         for path, image in zip(self.paths[1:], self._images[1:]):
             if image.shape != first.shape or not np.allclose(image.affine, first.affine, rtol=0, atol=AFFINE_ATOL):
                 raise DataError(
@@ -145,6 +185,16 @@ class VolumeDataset:
         """Pairs of classes that share label values (nested regions): a voxel can be both."""
         items = list(self.class_values.items())
         return [(a, b) for i, (a, va) in enumerate(items) for b, vb in items[i + 1:] if set(va) & set(vb)]
+
+    def check_head(self, head: Head) -> None:
+        """Classes that share label values (nested nnU-Net regions) need a head whose classes may overlap."""
+        pairs = self.overlapping()
+        if head.exclusive and pairs:
+            shown = "; ".join(f"{a} {list(self.class_values[a])} and {b} {list(self.class_values[b])} share label "
+                              "values" for a, b in pairs[:4])
+            raise ConfigError(f"model.head: {head.name} gives each voxel one class, but the classes of {self.root} "
+                              f"overlap: {shown}. Nested nnU-Net regions are sigmoid classes. Fix: model.head: "
+                              "sigmoid (or data.classes listing classes that do not share label values).")
 
     def select(self, names: Sequence[str], where: str = "data.classes") -> VolumeDataset:
         """The dataset with its classes renamed (as many names, in order) or selected (a subset, in the given
