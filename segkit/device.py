@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from segkit.errors import ConfigError
@@ -24,3 +26,10 @@ def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16
+
+
+@functools.lru_cache(maxsize=256)
+def channel_constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """(1, C, 1, 1) float32 `values` on `device`, made once per device and read-only: made per call, it is a
+    blocking host-to-device copy in every training step on CUDA."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segkit.device import channel_constant
 from segkit.errors import ConfigError, SegkitError
 
 
@@ -103,6 +104,8 @@ class Head(ABC):
     """Interface shared by both heads. `classes` are the output channels' names in order."""
 
     name: ClassVar[str]
+    exclusive: ClassVar[bool]
+    """Whether each pixel has exactly one class (softmax), or classes may overlap (sigmoid)."""
     smp_mode: ClassVar[str]
     default_loss: ClassVar[str]
     base_loss: ClassVar[str]
@@ -340,6 +343,7 @@ class SoftmaxHead(Head):
     """N >= 2 mutually exclusive classes: every valid pixel has exactly one."""
 
     name = "softmax"
+    exclusive = True
     smp_mode = "multiclass"
     default_loss = "ce+dice"
     base_loss = "ce"
@@ -450,6 +454,7 @@ class SigmoidHead(Head):
     """N >= 1 independent classes: a pixel may have any number of labels, or none."""
 
     name = "sigmoid"
+    exclusive = False
     smp_mode = "multilabel"
     default_loss = "bce+dice"
     base_loss = "bce"
@@ -501,7 +506,7 @@ class SigmoidHead(Head):
         return logits.sigmoid()
 
     def decode(self, logits: torch.Tensor) -> torch.Tensor:
-        thresholds = torch.tensor(self.thresholds, device=logits.device).view(1, -1, 1, 1)
+        thresholds = channel_constant(tuple(self.thresholds), logits.device)
         return self.activate(logits.float()) > thresholds  # strict: at a tie, as softmax's argmax, no label
 
     def multihot(self, masks: torch.Tensor) -> torch.Tensor:

@@ -29,12 +29,13 @@ from segkit.data.io import check_channels, image_bands, is_image
 from segkit.data.normalize import Normalization
 from segkit.data.readers import RASTER_EXTS, Geometry, Window, open_raster
 from segkit.data.readers.base import system_error
-from segkit.data.source import ImageSource
+from segkit.data.source import ImageSource, pixel_dtype
 from segkit.data.writers import MaskWriter, output_files, writer_for
 from segkit.device import amp_dtype, resolve_device
 from segkit.errors import SegkitError
 from segkit.heads import Head, head_from_metadata
 from segkit.model import load_checkpoint
+from segkit.onnx_runtime import load_onnx
 
 log = logging.getLogger("segkit")
 
@@ -145,6 +146,7 @@ class Segmenter:
         self.norm = Normalization.from_meta(meta)
         data = meta.get("data") or {}
         self.bands, self.nodata = data.get("bands"), data.get("nodata")
+        self.image_dtypes: list[str] | None = data.get("image_dtypes")
         self._weights: dict[tuple[int, int], torch.Tensor] = {}
 
     @classmethod
@@ -152,7 +154,6 @@ class Segmenter:
         """From a checkpoint folder (`best/`, `last/`): reads safetensors + JSON, never a pickle."""
         dev = resolve_device(device)
         if Path(checkpoint).suffix == ".onnx":  # an exported file: onnxruntime, metadata from the file
-            from segkit.export import load_onnx
             model, head, meta = load_onnx(Path(checkpoint), dev)
         else:
             model, head, meta = load_checkpoint(Path(checkpoint), dev)
@@ -163,6 +164,10 @@ class Segmenter:
         return self.head.classes
 
     # -- inputs ------------------------------------------------------------------------
+
+    def check_dtype(self, dtype: np.dtype, where: object) -> None:
+        """Refuses an image type this model was not trained on (DataError naming `where`)."""
+        self.norm.check_dtype(dtype, where, self.image_dtypes)
 
     def open(self, path: str | Path) -> ImageSource:
         """An image file as this model reads it: its training bands, channel count checked, no-data known."""
@@ -179,7 +184,7 @@ class Segmenter:
             self.source(i) for i in images]
         pixels = [s.read(window) for s in sources]
         batch = np.stack(pixels)
-        self.norm.check_dtype(batch.dtype, sources[0].name)
+        self.check_dtype(batch.dtype, sources[0].name)
         if batch.dtype in (np.uint16, np.uint32):
             batch = batch.astype(np.int64 if batch.dtype == np.uint32 else np.int32)  # torch lacks unsigned ops
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
@@ -312,7 +317,7 @@ class Segmenter:
         """
         input_dir, output_dir = Path(input_dir), Path(output_dir)
         files = plan_outputs(self.head, input_dir, output_dir, probs, overwrite, vectorize, self.in_channels,
-                             self.bands)
+                             self.bands, self.check_dtype)
         dist.barrier()  # every rank has checked for existing outputs before any rank writes
         mine = files[dist.rank()::dist.world_size()]
         began = time.perf_counter()
@@ -497,13 +502,16 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _header(path: Path, channels: int, bands: Sequence[int] | None) -> tuple[Geometry | None, str | None]:
-    """(geometry, band problem) from a file's header; an unreadable file gives (None, None) and is
-    reported when it is read."""
+def _header(path: Path, channels: int, bands: Sequence[int] | None,
+            check_dtype: Callable[[np.dtype, object], None] | None) -> tuple[Geometry | None, str | None]:
+    """(geometry, misfit) from a file's header: bands or an image type the model does not take. An
+    unreadable file gives (None, None) and is reported when it is read."""
     try:
         with open_raster(path) as r:
             try:
                 check_channels(len(image_bands(r, bands)), channels, path)
+                if check_dtype is not None:
+                    check_dtype(pixel_dtype(r), path)
             except SegkitError as err:
                 return r.geometry, str(err)
             return r.geometry, None
@@ -512,10 +520,10 @@ def _header(path: Path, channels: int, bands: Sequence[int] | None) -> tuple[Geo
 
 
 def plan_outputs(head: Head, input_dir: Path, output_dir: Path, probs: bool, overwrite: bool,
-                 vectorize: bool = False, channels: int | None = None, bands: Sequence[int] | None = None
-                 ) -> list[tuple[Path, list[Path]]]:
+                 vectorize: bool = False, channels: int | None = None, bands: Sequence[int] | None = None,
+                 check_dtype: Callable[[np.dtype, object], None] | None = None) -> list[tuple[Path, list[Path]]]:
     """Input files and the outputs each will write; refuses anything that could lose data, and
-    images whose bands do not fit the model (from their headers, before anything is written)."""
+    images whose bands or type do not fit the model (from their headers, before anything is written)."""
     if not input_dir.is_dir():
         raise SegkitError(f"{input_dir}: input folder not found.")
     inp, outp = input_dir.resolve(), output_dir.resolve()
@@ -528,7 +536,7 @@ def plan_outputs(head: Head, input_dir: Path, output_dir: Path, probs: bool, ove
     plan, seen, misfits = [], {}, []
     for path in files:
         rel = path.relative_to(input_dir)
-        geometry, misfit = _header(path, channels, bands)
+        geometry, misfit = _header(path, channels, bands, check_dtype)
         if misfit:
             misfits.append(misfit)
         if vectorize and (geometry is None or not geometry.georeferenced):

@@ -18,6 +18,7 @@ from segkit.data.masks import build_mask_format
 from segkit.data.normalize import Normalization, fit, valid_pixels
 from segkit.data.readers import open_raster
 from segkit.errors import DataError, SegkitError
+from segkit.heads import build_head
 
 
 def test_sixteen_bit_rgb_png_keeps_its_sixteen_bits(tmp_path):
@@ -40,14 +41,15 @@ def test_palette_index_mask_with_a_transparent_entry_gives_its_indices(tmp_path)
     assert labels.argmax(2)[valid].tolist() == [0, 1, 2]
 
 
-def test_nan_is_no_data_in_statistics_and_inputs():
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_and_inf_are_no_data_in_statistics_and_inputs(bad):
     """The statistics of the two valid pixels (1, 10) and (3, 30), by hand: the 0.5/99.5 percentiles
     (linear between the two values: 1.01/2.99 and 10.1/29.9), then the clipped values' mean and
-    (population) std: band 1 (1.01, 2.99) -> 2, 0.99; band 2 (10.1, 29.9) -> 20, 9.9. A NaN input
-    becomes 0, every other value passes unchanged (normalize: none)."""
-    px = np.array([[[1.0, 10.0], [np.nan, 20.0]], [[3.0, 30.0], [5.0, np.nan]]], np.float32)
+    (population) std: band 1 (1.01, 2.99) -> 2, 0.99; band 2 (10.1, 29.9) -> 20, 9.9. A NaN or infinite
+    input becomes 0, every other value passes unchanged (normalize: none)."""
+    px = np.array([[[1.0, 10.0], [np.nan, 20.0]], [[3.0, 30.0], [5.0, bad]]], np.float32)
     values = valid_pixels(px, None)
-    assert values.tolist() == [[1.0, 10.0], [3.0, 30.0]]  # a pixel with a NaN band is left out
+    assert values.tolist() == [[1.0, 10.0], [3.0, 30.0]]  # a pixel with a NaN or infinite band is left out
     norm = fit("dataset", [("a.tif", np.float32, lambda: values)], 2)
     assert norm.mode == "dataset"
     for got, want in ((norm.mean, (2.0, 20.0)), (norm.std, (0.99, 9.9)), (norm.low, (1.01, 10.1)),
@@ -56,8 +58,9 @@ def test_nan_is_no_data_in_statistics_and_inputs():
     x = torch.from_numpy(px.transpose(2, 0, 1))[None]
     before = x.clone()
     out = Normalization("none").apply(x)
-    assert torch.equal(x.isnan(), before.isnan())  # the caller's tensor is not changed
-    assert torch.equal(out, torch.from_numpy(np.nan_to_num(px, nan=0.0).transpose(2, 0, 1))[None])
+    assert torch.equal(x.isnan(), before.isnan()) and torch.equal(x.isinf(), before.isinf())  # caller's unchanged
+    clean = np.where(np.isfinite(px), px, np.float32(0))
+    assert torch.equal(out, torch.from_numpy(clean.transpose(2, 0, 1))[None])
 
 
 def test_two_band_images_are_shown_by_their_first_band():
@@ -141,3 +144,22 @@ def test_evaluate_refuses_overlapping_masks_for_a_softmax_checkpoint(tmp_path):
     r = run_cli("evaluate", tmp_path / "ckpt", data, "--split", "test", "--config", cfg, "--device", "cpu",
                 "--workers", "0", "--no-progress")
     assert r.code == 2 and "x.png" in r.err and "more than one label" in r.err and "Traceback" not in r.err
+
+
+def test_normalisation_and_thresholds_reach_the_device_once(monkeypatch):
+    """The mean, std, clip range and sigmoid thresholds are made on the device at the first call and reused:
+    made per call, each was a blocking host-to-device copy in every training step on CUDA. The values are
+    the ones given (checked against numpy)."""
+    norm = Normalization("dataset", (10.0, 20.0), (2.0, 4.0), (0.0, 5.0), (30.0, 40.0))
+    head = build_head("sigmoid", ["a", "b"], thresholds=[0.3, 0.7])
+    x = torch.arange(2 * 2 * 3 * 3, dtype=torch.float32).view(2, 2, 3, 3) * 3
+    first, decoded = norm.apply(x), head.decode(x - 40)
+    made = []
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or torch.as_tensor(*a, **k))
+    assert torch.equal(norm.apply(x), first) and torch.equal(head.decode(x - 40), decoded) and made == []
+    raw = x.numpy()
+    clipped = np.clip(raw, np.array([0.0, 5.0])[:, None, None], np.array([30.0, 40.0])[:, None, None])
+    want = (clipped - np.array([10.0, 20.0])[:, None, None]) / np.array([2.0, 4.0])[:, None, None]
+    np.testing.assert_allclose(first.numpy(), want, rtol=1e-6)
+    probs = 1 / (1 + np.exp(-(raw - 40)))
+    np.testing.assert_array_equal(decoded.numpy(), probs > np.array([0.3, 0.7])[:, None, None])

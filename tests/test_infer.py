@@ -609,3 +609,37 @@ def test_predict_usage_errors_exit_2_without_traceback(capsys, tmp_path, checkpo
         assert code == 2, (args, code)
         assert "Traceback" not in stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_image_type_the_model_was_not_trained_on_is_refused(tmp_path, content_checkpoints):
+    """A model trained on uint8 images (model.json data.image_dtypes, as `segkit train` writes it: see
+    test_geo) refuses a 16-bit copy of a real image before anything is written, naming the file and both
+    types: its 0..65535 values would reach the network 257 times larger than anything it saw. The same
+    model under per_image normalisation takes it (each image's own scale)."""
+    import json
+    import shutil
+
+    ckpt = Path(shutil.copytree(content_checkpoints["sigmoid"], tmp_path / "ckpt"))
+    meta = json.loads((ckpt / "model.json").read_text())
+    meta["data"] = {**(meta.get("data") or {}), "image_dtypes": ["uint8"]}
+    (ckpt / "model.json").write_text(json.dumps(meta))
+    src = sorted((NUCLEI / "test" / "images").iterdir())[0]
+    rgb = np.asarray(Image.open(src).convert("RGB"))
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rgb).save(tmp_path / "in" / "a8.png")
+    tifffile.imwrite(tmp_path / "in" / "b16.tif", rgb.astype(np.uint16) * 257, photometric="rgb")
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli("predict", ckpt, tmp_path / "in", out, *PREDICT)
+    assert code == 2 and "Traceback" not in stderr
+    assert "1 of 2 images do not fit" in stderr and "b16.tif: a uint16 image" in stderr and "uint8" in stderr
+    assert not out.exists()
+    seg = Segmenter.load(ckpt, device="cpu")
+    with pytest.raises(SegkitError, match="a uint16 image, but the model was trained on uint8"):
+        seg.predict(rgb.astype(np.uint16) * 257)
+    assert seg.predict(rgb).mask.any()
+    meta["normalization"] = {"mode": "per_image"}
+    (ckpt / "model.json").write_text(json.dumps(meta))
+    per_image = Segmenter.load(ckpt, device="cpu")
+    wide, narrow = per_image.predict(rgb.astype(np.uint16) * 257, probs=True), per_image.predict(rgb, probs=True)
+    assert 0.05 < narrow.mask.mean() < 0.95  # z-scores of 257 x and x are equal: only ties may differ
+    assert (np.abs(narrow.probs.astype(np.float32) - 0.5)[wide.mask != narrow.mask] < 1e-3).all()

@@ -22,7 +22,8 @@ import torch
 
 from segkit.data.io import no_data
 from segkit.data.readers import Window
-from segkit.errors import ConfigError, SegkitError
+from segkit.device import channel_constant
+from segkit.errors import ConfigError, DataError, SegkitError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,13 +72,20 @@ class Normalization:
         clip = f", clipped to {fmt(self.low)}..{fmt(self.high)}" if self.low is not None else ""
         return f"{self.mode}: mean {fmt(self.mean)}, std {fmt(self.std)}{clip}"
 
-    def check_dtype(self, dtype: np.dtype, where: object) -> None:
-        """Checkpoints of segkit 0.1 scaled each type by its range; only their 8-bit inputs mean the same here."""
+    def check_dtype(self, dtype: np.dtype, where: object, trained: Sequence[str] | None = None) -> None:
+        """An image type the model was not trained on is refused: its values mean something else (a uint16
+        image into a uint8 model gives inputs up to 257 times larger). `per_image` takes each image's own
+        scale, so any type fits it. Checkpoints of segkit 0.1 scaled each type by its range."""
         if self.only_dtype is not None and np.dtype(dtype) != np.dtype(self.only_dtype):
             raise SegkitError(f"{where}: a {np.dtype(dtype)} image, but this checkpoint (segkit 0.1, no "
                               f"'normalization' in model.json) was trained on {self.only_dtype} inputs scaled by "
                               "their type's range, which segkit no longer does. Fix: retrain with this segkit "
                               "(data.normalize: dataset), or convert the images to 8 bits.")
+        if trained and not self.per_image and np.dtype(dtype).name not in trained:
+            raise DataError(f"{where}: a {np.dtype(dtype)} image, but the model was trained on {', '.join(trained)} "
+                            f"images, and its input normalisation ({self.describe()}) is in their units. Fix: "
+                            f"convert the image to {trained[0]} as the training images were made, or train with "
+                            f"{np.dtype(dtype)} images (data.normalize: per_image takes any type).")
 
     def apply(self, x: torch.Tensor, image_stats: torch.Tensor | None = None,
               nodata: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,16 +103,14 @@ class Normalization:
                     raise SegkitError("per_image normalisation needs the image's statistics (image_stats)")
                 mean, std = image_stats[:, 0, :, None, None], image_stats[:, 1, :, None, None]
             else:
-                mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-                std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+                mean, std = channel_constant(tuple(self.mean), x.device), channel_constant(tuple(self.std), x.device)
             if self.low is not None:
-                low = torch.tensor(self.low, device=x.device).view(1, -1, 1, 1)
-                high = torch.tensor(self.high, device=x.device).view(1, -1, 1, 1)
-                x = torch.maximum(torch.minimum(x, high), low)
-            out = (x - mean.to(x.device)) / std.to(x.device)
+                x = torch.maximum(torch.minimum(x, channel_constant(tuple(self.high), x.device)),
+                                  channel_constant(tuple(self.low), x.device))
+            out = (x - mean) / std
         if nodata is not None:
             out = out.masked_fill(nodata, 0.0)
-        return out.nan_to_num_(0.0)
+        return out.nan_to_num_(0.0, posinf=0.0, neginf=0.0)  # no-data: NaN and ±inf are never measurements
 
     def check_channels(self, channels: int) -> None:
         for name in ("mean", "std", "low", "high"):

@@ -34,7 +34,7 @@ class ImageSource:
         except Exception:
             raster.close()
             raise
-        dtype = np.uint8 if raster.palette is not None else raster.dtype
+        dtype = pixel_dtype(raster)
         return cls(raster.height, raster.width, dtype, raster.nodata if nodata is None else nodata,
                    str(path), raster.geometry, raster=raster, channels=channels, bands=bands)
 
@@ -86,3 +86,8 @@ class ImageSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def pixel_dtype(raster: Raster) -> np.dtype:
+    """The type of the pixels a raster gives: a palette image reads as its uint8 colours."""
+    return np.dtype(np.uint8) if raster.palette is not None else np.dtype(raster.dtype)
