@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from segkit.data.volume_norm import schemes_for
+from segkit.data.volumes import VolumeDataset, is_volume_root
 from segkit.errors import ConfigError
 from segkit.heads import Head, build_head
 
@@ -132,10 +134,7 @@ class Config(_Strict):
         head = self.head()
         head.loss(self.train.loss, self.train.class_weights)
         d = self.data
-        if d.mask == "volume":
-            from segkit.data.volume_slices import check_volume_config
-
-            check_volume_config(d, head)
+        if d.mask == "volume":  # resolve_volumes checked it against the dataset's files
             return
         if not isinstance(d.normalize, str) or d.slice_axis != "auto":
             key = "normalize" if not isinstance(d.normalize, str) else "slice_axis"
@@ -204,16 +203,14 @@ MISSING_CLASSES = ("required key is missing (a dataset of images; a volume datas
                    "Fix: add it, e.g. [background, nucleus].")
 
 
-def resolve_volumes(d: DataConfig) -> None:
+def resolve_volumes(d: DataConfig) -> VolumeDataset | None:
     """A volume dataset's classes, channels and label encoding come from its files (dataset.json), so
-    `data.root` alone is a valid data section; what the config does say must agree with them."""
-    from segkit.data.volume_norm import schemes_for
-    from segkit.data.volumes import VolumeDataset, is_volume_root
-
+    `data.root` alone is a valid data section; what the config does say must agree with them. The
+    dataset, or None for images."""
     if not is_volume_root(d.root):
         if d.classes is None:
             raise ConfigError(f"data.classes: {MISSING_CLASSES}")
-        return
+        return None
     for key in ("bands", "colors", "foreground_value", "binary_threshold", "mean", "std", "nodata"):
         if getattr(d, key) is not None:
             raise ConfigError(f"data.{key}: not used for volume datasets ({d.root}). Fix: remove it.")
@@ -227,6 +224,7 @@ def resolve_volumes(d: DataConfig) -> None:
                           f"{ds.channel_names}. Fix: remove data.channels.")
     schemes_for(d.normalize, ds.channel_names)
     d.classes, d.mask, d.channels = list(ds.classes), "volume", channels
+    return ds
 
 
 def parse_config(raw: dict[str, Any], source: str = "config") -> Config:
@@ -237,13 +235,13 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> Config:
         message = _format(err, source)
         data = raw.get("data")
         if isinstance(data, dict) and "classes" not in data and "data.root" not in message:
-            from segkit.data.volumes import is_volume_root
-
             if not is_volume_root(Path(data.get("root", ""))):
                 message += f"\n  data.classes: {MISSING_CLASSES}"
         raise ConfigError(message) from None
-    resolve_volumes(cfg.data)
+    volumes = resolve_volumes(cfg.data)
     cfg.check()
+    if volumes is not None:
+        volumes.check_head(cfg.head())
     return cfg
 
 

@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +39,8 @@ from segkit.data.training_data import training_data
 from segkit.data.transforms import eval_transform, train_transform
 from segkit.device import amp_dtype, resolve_device
 from segkit.errors import ConfigError, SegkitError, TrainingError
-from segkit.heads import Head
 from segkit.infer import Segmenter, batches_by_shape
-from segkit.metrics import EMPTY_RULE, summarize
+from segkit.metrics import summarize_units, validation_rule
 from segkit.model import build_model, checkpoint_files, checkpoint_meta, load_weights, recover_unit, unwrap, write_unit
 from segkit.tensorboard import TensorBoardLog
 from segkit.viz import overlay_picture, plot_curves
@@ -277,41 +277,46 @@ def lr_lambda(total_steps: int, warmup: int):
 
 
 @torch.inference_mode()
-def validate(seg: Segmenter, loss_fn: nn.Module, dataset: SegmentationDataset, batch_size: int = 8
-             ) -> tuple[float, np.ndarray]:
-    """Pixel-weighted mean loss and (C, 4) pixel counts over this rank's validation images, each at
-    full size through the Segmenter's own path: same-size images share a forward pass, images larger
-    than its tile go through windows. Counts stay on the device; one transfer at the end."""
+def validate(seg: Segmenter, loss_fn: nn.Module, dataset: SegmentationDataset, units: Sequence[str | None],
+             batch_size: int = 8) -> tuple[float, dict[str | None, np.ndarray]]:
+    """Valid-pixel-weighted mean loss and (C, 4) pixel counts per scoring unit (`units`: every
+    `Sample.scored_in` of the whole validation set, the same list on every rank) over this rank's
+    validation images, each at full size through the Segmenter's own path: same-size images share a
+    forward pass, images larger than its tile go through windows. Counts stay on the device; one
+    transfer at the end."""
     head, device = seg.head, seg.device
     seg.model.eval()
-    counts = torch.zeros(head.channels, 4, dtype=torch.int64, device=device)
+    unit_index = {u: i for i, u in enumerate(units)}
+    counts = torch.zeros(len(units), head.channels, 4, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    pixels = 0
+    pixels = torch.zeros((), dtype=torch.int64, device=device)
 
-    def score(logits: torch.Tensor, target: torch.Tensor) -> None:
-        nonlocal loss_sum, pixels, counts
-        n = logits.shape[0] * logits.shape[-2] * logits.shape[-1]
+    def score(logits: torch.Tensor, target: torch.Tensor, unit: Sequence[int]) -> None:
+        nonlocal loss_sum, pixels
+        n = head.target_multihot(target)[1].sum()  # ignored and padding pixels carry no loss
         loss_sum += loss_fn(logits.float(), target).double() * n
         pixels += n
-        counts += head.stats(head.decode(logits), target)
+        masks = head.decode(logits)
+        for i, u in enumerate(unit):
+            counts[u] += head.stats(masks[i:i + 1], target[i:i + 1])
 
     def items():
         for r in dataset.records:
             px = dataset.pixels(r, None)
-            yield head.targets(px.labels, px.valid), ImageSource.from_array(px.image, seg.in_channels, px.nodata,
-                                                                            str(r.sample.image))
+            yield ((head.targets(px.labels, px.valid), unit_index[r.sample.scored_in]),
+                   ImageSource.from_array(px.image, seg.in_channels, px.nodata, str(r.sample.image)))
 
     for batch in batches_by_shape(items(), batch_size, seg.fits):
         if len(batch) == 1 and not seg.fits(batch[0][1]):
-            target, src = batch[0]
+            (target, unit), src = batch[0]
             for top, rows in seg.rows(src):
-                score(rows[None], target[..., top:top + rows.shape[1], :].to(device)[None])
+                score(rows[None], target[..., top:top + rows.shape[1], :].to(device)[None], [unit])
             continue
         logits = seg.forward(seg.to_input([src for _, src in batch]))
-        score(logits, torch.stack([t for t, _ in batch]).to(device))
-    loss_total, pixels = dist.all_reduce_sum([float(loss_sum), pixels], device)
-    counts = dist.all_reduce_tensor(counts.cpu(), device)
-    return loss_total / max(1, pixels), counts.numpy()
+        score(logits, torch.stack([t for (t, _), _ in batch]).to(device), [u for (_, u), _ in batch])
+    loss_total, pixels = dist.all_reduce_sum([float(loss_sum), int(pixels)], device)
+    counts = dist.all_reduce_tensor(counts.cpu(), device).numpy()
+    return loss_total / max(1, pixels), dict(zip(units, counts))
 
 
 class Checkpointer:
@@ -560,6 +565,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) 
                                    scale_low=aug.scale[0] if aug.scale else 1.0, color=aug.color, seed=t.seed,
                                    foreground=data.foreground)
     val_ds = SegmentationDataset(val_records[rank::world], reader, head, eval_transform(), norm)
+    units = list(dict.fromkeys(r.sample.scored_in for r in val_records))  # images: [None], pooled
 
     per_rank_batch = max(1, t.batch_size // world)
     steps = t.steps_per_epoch or max(1, len(train_ds) // (per_rank_batch * world))
@@ -631,7 +637,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) 
         log.info("input normalisation %s", norm.describe())
         if data.description != "images":
             log.info("volumes: %s", data.description)
-        log.info("validation: dataset-level per-class IoU/Dice; %s", EMPTY_RULE)
+        log.info("validation: %s", validation_rule(units))
     if t.sync_batchnorm and dist.active():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = dist.wrap(model, device)
@@ -724,8 +730,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) 
             per_class = {c: {"dice": math.nan, "iou": math.nan} for c in head.classes}  # same columns every row
             if validated:
                 val_began = time.perf_counter()
-                val_loss, counts = validate(seg, loss_fn, val_ds, per_rank_batch)
-                scores = summarize(counts, head.classes)
+                val_loss, counts = validate(seg, loss_fn, val_ds, units, per_rank_batch)
+                scores = summarize_units(counts, head.classes)
                 dice, iou, per_class = scores["mean"]["dice"], scores["mean"]["iou"], scores["per_class"]
                 if not val_decided:  # rank 0 decides, so every rank validates alike
                     every = spaced_validation(time.perf_counter() - val_began, seconds, main) if main else 0

@@ -215,7 +215,7 @@ def test_last_checkpoint_reproduces_the_logged_validation_scores(runs, head):
     assert scores["mean"]["iou"] == float(last["val_mean_iou"])
     records = scan(val_samples, reader, seg.head, cache=True)
     loss, _ = validate(seg, seg.head.loss(cfg.train.loss), SegmentationDataset(records, reader, seg.head,
-                                                                               eval_transform(), seg.norm))
+                                                                               eval_transform(), seg.norm), [None])
     assert loss == pytest.approx(float(last["val_loss"]), rel=1e-6)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 import volumedata
 from conftest import TINY, assert_refused
@@ -199,3 +200,93 @@ def test_two_channels_one_ct_fit_on_the_training_foreground(tmp_path):
                   record.sample.index, data.meta["volume"]["slice_axis"]).astype(np.float64)
     want = (np.clip(raw, ct["low"], ct["high"]) - ct["mean"]) / ct["std"]
     np.testing.assert_allclose(record.cached.image[..., 1], want, rtol=1e-5, atol=1e-5)
+
+
+def _box(volume: np.ndarray, x: slice, y: slice, z: slice) -> np.ndarray:
+    volume[x, y, z] = 1
+    return volume
+
+
+def _boxes(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """An nnU-Net dataset of three cases whose image is the label map an oracle network predicts: one
+    perfect (32 voxels), one with half of a 256-voxel box missed (Dice 2/3), one 8-voxel box predicted one
+    voxel aside (Dice 1/2). Returns case -> (truth, predicted)."""
+    shape, affine = (12, 12, 6), np.diag([0.5, 0.5, 3.0, 1.0])
+    empty = lambda: np.zeros(shape, np.uint8)  # noqa: E731
+    cases = {"c0": (_box(empty(), np.s_[2:6], np.s_[2:6], np.s_[1:3]), _box(empty(), np.s_[2:6], np.s_[2:6], np.s_[1:3])),
+             "c1": (_box(empty(), np.s_[2:10], np.s_[2:10], np.s_[0:4]), _box(empty(), np.s_[2:10], np.s_[2:10], np.s_[0:2])),
+             "c2": (_box(empty(), np.s_[4:6], np.s_[4:6], np.s_[3:5]), _box(empty(), np.s_[5:7], np.s_[4:6], np.s_[3:5]))}
+    for name, (truth, predicted) in cases.items():
+        volumedata.save_nifti(predicted, affine, root / "imagesTr" / f"{name}_0000.nii.gz")
+        volumedata.save_nifti(truth, affine, root / "labelsTr" / f"{name}.nii.gz")
+    volumedata.write_json(root / "dataset.json", {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1},
+                                                  "file_ending": ".nii.gz", "numTraining": 3})
+    return cases
+
+
+def _by_hand(cases: dict[str, tuple[np.ndarray, np.ndarray]], units: list[str]) -> tuple[float, float]:
+    """(mean over `units` of each case's Dice, Dice of their voxels pooled)."""
+    dice = {n: 2 * (t & p).sum() / (t.sum() + p.sum()) for n, (t, p) in cases.items()}
+    assert [round(float(dice[n]), 4) for n in ("c0", "c1", "c2")] == [1.0, 0.6667, 0.5]
+    tp = sum((cases[n][0] & cases[n][1]).sum() for n in units)
+    return float(np.mean([dice[n] for n in units])), 2 * tp / sum(cases[n][0].sum() + cases[n][1].sum() for n in units)
+
+
+BOX_DATA = ("  classes: [a]", "  val_fraction: 0.6", "  normalize: [none]")
+
+
+def test_validation_scores_volumes_per_case_as_evaluate_does(tmp_path, monkeypatch):
+    """Whichever two of the `_boxes` cases the split holds back, training's validation score is the mean of
+    their Dice computed by hand, not the pooled one (which differs for every pair), and equals what
+    `evaluate` reports for them from whole predicted volumes."""
+    from segkit.data.dataset import SegmentationDataset
+    from segkit.data.transforms import eval_transform
+    from segkit.data.volumes import VolumeDataset
+    from segkit.evaluate_volumes import evaluate_volumes
+    from segkit.infer import Segmenter
+    from segkit.metrics import summarize_units
+    from segkit.train import validate
+    from test_infer_volumes import oracle_checkpoint
+
+    root = tmp_path / "Dataset901_Boxes"
+    cases = _boxes(root)
+    cfg = load_config(_config(tmp_path, root, "sigmoid", *BOX_DATA))
+    seg = Segmenter.load(oracle_checkpoint(monkeypatch, tmp_path, "sigmoid", {"a": (1,)}), device="cpu")
+    assert cfg.head().classes == seg.classes == ["a"]
+    data = training_data(cfg, seg.head, 1 << 30)
+    units = list(dict.fromkeys(r.sample.scored_in for r in data.val))
+    assert len(units) == 2
+    _, counts = validate(seg, seg.head.loss("bce+dice"), SegmentationDataset(data.val, data.reader, seg.head,
+                                                                             eval_transform(), data.norm), units, 4)
+    per_case, pooled = _by_hand(cases, units)
+    validated = summarize_units(counts, seg.classes)["mean"]["dice"]
+    assert validated == pytest.approx(per_case, abs=1e-12) and abs(validated - pooled) > 0.05
+    ds = VolumeDataset.from_root(root, seg.classes)
+    evaluated = evaluate_volumes(seg, ds, [c for c in ds.cases("train") if c.name in units])
+    assert evaluated["mean"]["dice"] == pytest.approx(validated, abs=1e-12)
+
+
+def test_training_chooses_best_by_the_per_case_score(cli, tmp_path, monkeypatch):
+    """`segkit train` on the `_boxes` cases with the oracle as its network (its one weight enters the logits
+    multiplied by 0, so training cannot change them): the validation Dice in metrics.csv is the per-case mean by hand, not the pooled Dice."""
+    from test_infer_volumes import Oracle
+
+    class Trainable(Oracle):
+        def __init__(self, class_values):
+            super().__init__(class_values)
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return super().forward(x) + 0 * self.w
+
+    monkeypatch.setattr("segkit.train.build_model", lambda *a, **k: Trainable([(1,)]))
+    root = tmp_path / "Dataset901_Boxes"
+    cases = _boxes(root)
+    out = tmp_path / "run"
+    result = _train(cli, _config(tmp_path, root, "sigmoid", *BOX_DATA), out, "--set", "train.steps_per_epoch=1")
+    assert result.code == 0, result.err
+    units = json.loads((out / "last" / "model.json").read_text())["data"]["val_cases"]
+    per_case, pooled = _by_hand(cases, units)
+    lines = (out / "metrics.csv").read_text().splitlines()
+    row = dict(zip(lines[0].split(","), lines[-1].split(",")))
+    assert float(row["val_mean_dice"]) == pytest.approx(per_case, abs=1e-9) and abs(per_case - pooled) > 0.05

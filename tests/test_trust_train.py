@@ -153,7 +153,7 @@ def test_early_stop_stops_at_the_epoch_the_patience_says(tiny_nuclei, tmp_path, 
     def scripted(*args, **kwargs):
         tp, wrong = next(script)
         calls.append(tp)
-        return 0.5, np.array([[tp, wrong, 0, 100]])
+        return 0.5, {None: np.array([[tp, wrong, 0, 100]])}  # images: one pooled unit
 
     monkeypatch.setattr(segkit.train, "validate", scripted)
     run = tmp_path / "run"

@@ -36,6 +36,12 @@ class Sample:
     image: Path
     mask: Path | dict[str, Path] | None
 
+    @property
+    def scored_in(self) -> str | None:
+        """The unit validation scores are reduced over: None pools every image (dataset-level, as
+        `segkit evaluate` reports images); a volume's slices name their case."""
+        return None
+
 
 @dataclass
 class Pairing:
