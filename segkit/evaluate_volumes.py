@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ def volume_cases(seg: Segmenter, root: Path | str, split: str) -> tuple[VolumeDa
                         "checkpoint was trained on volume slices. Fix: give the dataset's folder (nnU-Net: the one "
                         "with dataset.json, imagesTr/, labelsTr/).")
     ignore = None if (root / "dataset.json").is_file() else spec.ignore_label  # a dataset.json names its own
-    ds = VolumeDataset.from_root(root, seg.classes, ignore)
+    ds = replace(VolumeDataset.from_root(root, seg.classes, ignore), canonical=spec.canonical)
     if ds.class_values != spec.class_values:
         raise DataError(f"{root}: its classes are the label values {ds.class_values}, but the checkpoint was "
                         f"trained on {spec.class_values}. Fix: evaluate on data labelled as the training data.")

@@ -186,7 +186,7 @@ def write_prediction(volume: Volume, pred: VolumePrediction, files: Sequence[Pat
     if len(arrays) != len(files):
         raise ValueError(f"{len(arrays)} arrays for {len(files)} files")
     for array, rel in zip(arrays, files):
-        save_nifti(array, volume, output_dir / rel)
+        save_nifti(volume.to_file(array), volume, output_dir / rel)
 
 
 @dataclass
@@ -241,7 +241,7 @@ def plan_volumes(seg: Segmenter, spec: VolumeSpec, input_dir: Path, output_dir: 
     for case in cases:
         job = VolumeJob(case, output_files(seg, spec, case.name, probs))
         try:
-            check_channels(Volume(case.name, case.images), spec)
+            check_channels(Volume(case.name, case.images, spec.canonical), spec)
         except UnreadableError as err:  # reported and skipped in its turn, the other cases go on
             job.unreadable = str(err)
         except DataError as err:  # readable, but not a case of this model (channels, dimensions, grids)
@@ -290,7 +290,7 @@ def predict_volume_folder(seg: Segmenter, input_dir: str | Path, output_dir: str
         try:
             if job.unreadable:
                 raise DataError(job.unreadable)
-            volume = Volume(job.case.name, job.case.images)
+            volume = Volume(job.case.name, job.case.images, spec.canonical)
             pred = predict_volume(seg, volume, probs)
         except DataError as err:
             log.error("skipped %s", err)

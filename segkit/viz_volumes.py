@@ -68,6 +68,7 @@ class VolumeClasses:
     axis: int | None = None
     channel_files: bool | None = None
     channel_names: list[str] | None = None
+    canonical: bool = True  # volumes read on RAS axes (False: a model trained before orientations)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path) -> VolumeClasses:
@@ -78,7 +79,7 @@ class VolumeClasses:
                               "the checkpoint of a model trained on a volume dataset, or leave out --checkpoint.")
         head = head_from_metadata(meta)
         return cls(list(head.classes), [tuple(c) for c in head.colors], dict(spec.class_values), spec.ignore_label,
-                   spec.slice_axis, spec.channel_files, list(spec.channel_names))
+                   spec.slice_axis, spec.channel_files, list(spec.channel_names), spec.canonical)
 
     @classmethod
     def from_config(cls, config: Path) -> VolumeClasses:
@@ -176,8 +177,8 @@ class _Masks:
         return set().union(*self.per_class.values()) if self.per_class else set(self.combined)
 
 
-def _read(path: Path, case: str) -> np.ndarray:
-    return Volume(case, [path]).data[..., 0]
+def _read(path: Path, case: str, canonical: bool) -> np.ndarray:
+    return Volume(case, [path], canonical).data[..., 0]
 
 
 def _check_shape(case: str, path: Path, shape: tuple[int, ...], image: Path, image_shape: tuple[int, ...]) -> None:
@@ -216,7 +217,7 @@ class _Case:
 
 
 def _class_folders(case: VolumeCase, masks: _Masks, classes: list[str], colors: list[tuple[int, int, int]],
-                   shape: tuple[int, int, int]) -> np.ndarray:
+                   shape: tuple[int, int, int], canonical: bool) -> np.ndarray:
     """(K, X, Y, Z) bool from the binary volumes of the class folders (a class coloured black may lack one)."""
     pred = np.zeros((len(classes), *shape), bool)
     for k, (name, color) in enumerate(zip(classes, colors)):
@@ -229,7 +230,7 @@ def _class_folders(case: VolumeCase, masks: _Masks, classes: list[str], colors: 
         if case.name not in files:
             raise DataError(f"case {case.name}: no mask in {masks.folder / name}, but other class folders have one. "
                             "Fix: predict the case again.")
-        layer = _read(files[case.name], case.name)
+        layer = _read(files[case.name], case.name, canonical)
         _check_shape(case.name, files[case.name], layer.shape, case.images[0], shape)
         pred[k] = layer != 0
     return pred
@@ -237,21 +238,21 @@ def _class_folders(case: VolumeCase, masks: _Masks, classes: list[str], colors: 
 
 def _load_case(case: VolumeCase, masks: _Masks, truth: dict[str, Path] | None, spec: VolumeClasses) -> _Case:
     """Read and check one case: masks and truth on the image's grid, their values known."""
-    volume = Volume(case.name, case.images[:1])
+    volume = Volume(case.name, case.images[:1], spec.canonical)
     first = volume.data[..., 0]
     low, high = (float(v) for v in np.percentile(first, WINDOW))
     axis = spec.axis if spec.axis is not None else slice_axis(volume.spacing, volume.shape)
     true_label = None
     if truth is not None:
-        true_label = _read(truth[case.name], case.name)
+        true_label = _read(truth[case.name], case.name, spec.canonical)
         _check_shape(case.name, truth[case.name], true_label.shape, case.images[0], volume.shape)
     if masks.per_class:
         classes = spec.classes or sorted(masks.per_class)
         colors = spec.colors or default_colors(classes)
-        pred = _class_folders(case, masks, classes, colors, volume.shape)
+        pred = _class_folders(case, masks, classes, colors, volume.shape, spec.canonical)
     else:
         path = masks.combined[case.name]
-        label = _read(path, case.name)
+        label = _read(path, case.name, spec.canonical)
         _check_shape(case.name, path, label.shape, case.images[0], volume.shape)
         top = int(max(label.max(), true_label.max() if true_label is not None else 0, 0))
         classes = spec.classes or ["background", *(f"class_{v}" for v in range(1, top + 1))]

@@ -85,13 +85,13 @@ def test_hippocampus_montage_slices_and_error_colours(tmp_path):
         pred[(truth == 0) & (np.arange(truth.shape[1])[None, :, None] < 4)] = 1  # a false-positive band
         _save_like(pred, HIPPO / "labelsTr" / f"{case}.nii.gz", predicted / f"{case}.nii.gz")
         truth_of[case], pred_of[case] = truth, pred
-    montages, skipped = visualize_volumes(images, predicted, tmp_path / "out", VolumeClasses(None, None),
-                                          HIPPO / "labelsTr")
+    montages, skipped = visualize_volumes(images, predicted, tmp_path / "out", VolumeClasses(None, None, axis=0),
+                                          HIPPO / "labelsTr")  # sagittal sections, asked for (auto: axial)
     assert skipped == [] and [m.case for m in montages] == ["hippocampus_001", "hippocampus_004"]
     colors = default_colors(["background", "class_1", "class_2"])
     for m in montages:
         truth, pred = truth_of[m.case], pred_of[m.case]
-        assert m.axis == 0  # 1 mm isotropic: the axis with the fewest voxels
+        assert m.axis == 0
         assert m.slices == _expected_slices((truth > 0) | (pred > 0), 0) and 1 < len(m.slices) <= 12
         assert m.scale == math.ceil(160 / max(truth.shape[1:])) and m.panels == 3
         picture = np.asarray(Image.open(m.path).convert("RGB"))
@@ -167,15 +167,17 @@ def test_region_class_folders_with_checkpoint(cli, tmp_path):
 # --- one axis per case without a checkpoint: the spinal cord's oblique 7.5 mm case --------------------------
 
 def test_each_case_is_cut_along_its_coarsest_axis(cli, tmp_path):
+    """On the canonical (RAS) axes: t2sw along its 7.5 mm axis; t1w and t2w (stored P-S-R) are 1 mm isotropic,
+    a tie, so axial sections, like the others: every case along the head-foot axis. Expected slices from
+    nibabel's as_closest_canonical, an independent reorientation."""
     predicted = tmp_path / "pred"
     for label in sorted((CORD / "labelsTr").iterdir()):
         _save_like(_voxels(label), label, predicted / label.name)
     r = cli("visualize", CORD / "imagesTr", predicted, tmp_path / "out")
     assert r.code == 0, r.err
     lines = dict(re.findall(r"^(\S+): (slices .*)$", r.out, re.M))
-    for case, axis in (("errsm30_t1w", 0), ("errsm30_t2sw", 2), ("errsm30_t2w", 2)):
-        # t1w 42x76x77 and t2w 60x55x52 at 1 mm: the fewest voxels; t2sw 0.5 x 0.5 x 7.5 mm: the 7.5 mm axis
-        label = _voxels(CORD / "labelsTr" / f"{case}.nii.gz")
+    for case, axis in (("errsm30_t1w", 2), ("errsm30_t2sw", 2), ("errsm30_t2w", 2)):
+        label = np.asanyarray(nib.as_closest_canonical(nib.load(CORD / "labelsTr" / f"{case}.nii.gz")).dataobj)
         on = (label > 0).any(axis=tuple(a for a in range(3) if a != axis))
         assert lines[case] == (f"slices {_expected_slices(label > 0, axis)} along axis {axis} "
                                f"({int(on.sum())} of {label.shape[axis]} with foreground)")

@@ -99,35 +99,53 @@ def read_by_hand(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float
     return voxels, affine, tuple(float(z) * unit for z in pixdim[1:4])
 
 
+def ras_by_hand(voxels: np.ndarray, affine: np.ndarray, spacing: tuple[float, ...]
+                ) -> tuple[np.ndarray, tuple[float, ...]]:
+    """The voxels and spacing on the closest RAS axes, by hand: voxel axis i runs mostly along the world axis
+    of its affine column's largest component (flipped where that component is negative)."""
+    world = np.abs(affine[:3, :3]).argmax(axis=0)
+    assert sorted(world.tolist()) == [0, 1, 2]
+    for i in range(3):
+        if affine[world[i], i] < 0:
+            voxels = np.flip(voxels, axis=i)
+    order = np.argsort(world)  # RAS axis a comes from voxel axis order[a]
+    return np.transpose(voxels, order), tuple(spacing[i] for i in order)
+
+
 @pytest.mark.parametrize("root", [HIPPO, CORD], ids=["hippocampus", "spinalcord"])
 def test_geometry_and_voxels_equal_the_files_read_by_hand(root):
-    """Every case against its bytes parsed by hand and against SOURCE.json (shape, type, orientation, value
-    range and voxels per label recorded when the samples were collected)."""
+    """Every case against its bytes parsed by hand (then put on RAS axes by hand) and against SOURCE.json
+    (shape, type, orientation, value range and voxels per label recorded when the samples were collected)."""
     ds = VolumeDataset.from_root(root)
     for case in ds.cases("train"):
-        voxels, affine, spacing = read_by_hand(case.images[0])
+        stored, affine, stored_spacing = read_by_hand(case.images[0])
+        voxels, spacing = ras_by_hand(stored, affine, stored_spacing)
         known = SOURCE[case.name]
         volume = ds.image(case)
-        assert volume.shape == tuple(known["image"]["shape"]) == voxels.shape and volume.channels == 1
+        assert tuple(known["image"]["shape"]) == stored.shape and volume.shape == voxels.shape
+        assert volume.channels == 1
         np.testing.assert_array_equal(volume.affine, affine)
         np.testing.assert_allclose(volume.affine, known["image"]["affine"], atol=1e-5)
         assert "".join(nib.aff2axcodes(volume.affine)) == known["image"]["orientation"]
         assert volume.spacing == spacing
         assert volume.data.shape == (*voxels.shape, 1) and volume.data.dtype == np.dtype(known["image"]["dtype"])
         np.testing.assert_array_equal(volume.data[..., 0], voxels)
+        np.testing.assert_array_equal(volume.to_file(volume.data[..., 0]), stored)
         assert [volume.data.min(), volume.data.max()] == pytest.approx(known["image"]["value_range"])
         label = ds.label_volume(case)
         assert np.issubdtype(label.dtype, np.integer) and label.shape == volume.shape
-        np.testing.assert_array_equal(label, read_by_hand(case.label)[0])
+        label_stored, label_affine, _ = read_by_hand(case.label)
+        np.testing.assert_array_equal(label, ras_by_hand(label_stored, label_affine, stored_spacing)[0])
         values, counts = np.unique(label, return_counts=True)
         assert dict(zip(map(str, values.tolist()), counts.tolist())) == known["label"]["voxels_per_label"]
         ds.check_labels(case)  # the real labels use only declared values
 
 
-def test_voxels_keep_their_stored_order_in_a_permuted_copy(tmp_path):
-    """A thick-slice hippocampus case (1 x 1 x 3 mm) saved with its axes permuted (3, 1, 1 mm; the affine's
-    columns permuted with them, so every voxel keeps its place in the scanner): the volume is the stored
-    array, not reoriented, its spacing and slice axis follow the stored axes."""
+def test_a_permuted_copy_reads_as_the_original(tmp_path):
+    """A thick-slice hippocampus case (1 x 1 x 3 mm, stored R-A-S) saved with its axes permuted (3, 1, 1 mm;
+    the affine's columns permuted with them, so every voxel keeps its place in the scanner): read on RAS
+    axes it is the original array again, with the original spacing and slice axis; `to_file` gives back the
+    stored order."""
     image, labels, affine = volumedata.thick_volume("hippocampus_004")
     order = (2, 0, 1)
     permuted = affine.copy()
@@ -138,13 +156,15 @@ def test_voxels_keep_their_stored_order_in_a_permuted_copy(tmp_path):
                                                       "labels": {"background": 0, "anterior": 1, "posterior": 2}})
     ds = VolumeDataset.from_root(tmp_path)
     volume = ds.image(_case(ds, "p"))
-    assert volume.shape == (13, 36, 52) and volume.spacing == (3.0, 1.0, 1.0)
-    np.testing.assert_array_equal(volume.data[..., 0], image.transpose(order))
-    np.testing.assert_array_equal(ds.label_volume(_case(ds, "p")), labels.transpose(order))
+    assert nib.aff2axcodes(affine) == ("R", "A", "S") and nib.aff2axcodes(permuted) == ("S", "R", "A")
+    assert volume.shape == (36, 52, 13) and volume.spacing == (1.0, 1.0, 3.0)
+    np.testing.assert_array_equal(volume.data[..., 0], image)
+    np.testing.assert_array_equal(ds.label_volume(_case(ds, "p")), labels)
+    np.testing.assert_array_equal(volume.to_file(volume.data[..., 0]), image.transpose(order))
     k, i, j = 5, 20, 30  # one voxel: the same place in the scanner in both files
     np.testing.assert_array_equal(volume.affine @ [k, i, j, 1], affine @ [i, j, k, 1])
-    assert volume.data[k, i, j, 0] == image[i, j, k]
-    assert slice_axis(volume.spacing, volume.shape) == 0
+    assert volume.data[i, j, k, 0] == image.transpose(order)[k, i, j]
+    assert slice_axis(volume.spacing, volume.shape) == 2
 
 
 def test_slice_axis_is_the_coarse_axis_of_the_oblique_case():
@@ -155,13 +175,14 @@ def test_slice_axis_is_the_coarse_axis_of_the_oblique_case():
     # Independently: the voxel axis whose affine column is longest (the 7.5 mm one) despite the obliquity.
     assert int(np.argmax(np.linalg.norm(oblique.affine[:3, :3], axis=0))) == 2
     assert slice_axis(oblique.spacing, oblique.shape) == 2
-    permuted = ds.image(_case(ds, "errsm30_t2w"))  # 1 mm isotropic, P-S-R: a tie, so the fewest voxels (52)
-    assert permuted.shape == (60, 55, 52) and slice_axis(permuted.spacing, permuted.shape) == 2
+    permuted = ds.image(_case(ds, "errsm30_t2w"))  # 1 mm isotropic, stored P-S-R (60, 55, 52): read R-A-S
+    assert permuted.shape == (52, 60, 55) and slice_axis(permuted.spacing, permuted.shape) == 2  # a tie: axial
 
 
 def test_slice_axis_ties():
-    assert slice_axis((1.0, 1.0, 1.0), (10, 5, 7)) == 1  # isotropic: the axis with the fewest voxels
-    assert slice_axis((1.0, 1.0, 1.0), (35, 51, 35)) == 0  # then the lowest index
+    assert slice_axis((1.0, 1.0, 1.0), (10, 5, 7)) == 2  # isotropic: axial (head-foot on RAS axes)
+    assert slice_axis((2.0, 2.0, 1.0), (10, 5, 7)) == 1  # a tie without the axial axis: the fewest voxels
+    assert slice_axis((2.0, 2.0, 1.0), (5, 5, 7)) == 0  # then the lowest index
     assert slice_axis((0.5, 7.499999, 7.5), (9, 40, 30)) == 2  # float32 header noise ties
     assert slice_axis((3.0, 0.7, 0.7), (20, 512, 512)) == 0
     with pytest.raises(ValueError):

@@ -1,8 +1,8 @@
 """A volume dataset as 2-D training samples: every slice along the slice axis is a `Record`, so the 2-D path
 (crops, augmentation, foreground oversampling, validation, checkpoints) trains on it unchanged.
 
-A slice is the case's volume indexed at k along the slice axis, the two remaining axes in order as
-(height, width); prediction cuts volumes the same way. Each case is normalised as a whole
+A slice is the case's volume (on its closest RAS axes, `Volume`) indexed at k along the slice axis, the two
+remaining axes in order as (height, width); prediction cuts volumes the same way. Each case is normalised as a whole
 (`VolumeNormalization.case_params`) before it is cut, and its slices are kept in memory while they fit the
 cache budget (`data.cache_mb`); the rest are read slice by slice from the files (cheap for uncompressed .nii,
 which nibabel memory-maps; a .nii.gz is decompressed up to the slice) and normalised with the case's stored
@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import nibabel as nib
 import numpy as np
 
 from segkit.config import DataConfig
@@ -27,7 +26,7 @@ from segkit.data.layout import Sample
 from segkit.data.readers import Window
 from segkit.data.volume_norm import VolumeNormalization, foreground_sample, schemes_for
 from segkit.data.volume_spec import VolumeSpec
-from segkit.data.volumes import Volume, VolumeCase, VolumeDataset, case_split, slice_axis
+from segkit.data.volumes import Volume, VolumeCase, VolumeDataset, case_split, read_slice, slice_axis
 from segkit.errors import DataError
 from segkit.heads import Head
 
@@ -98,22 +97,18 @@ class SliceReader:
         self.ds, self.spec = ds, spec
         self.cases: dict[str, VolumeCase] = {}
         self.params: dict[str, np.ndarray] = {}
+        self.ornt: dict[str, np.ndarray] = {}
 
-    def add(self, case: VolumeCase, params: np.ndarray) -> None:
-        self.cases[case.name], self.params[case.name] = case, params
-
-    def _slice(self, path, index: int) -> np.ndarray:
-        proxy = nib.load(path).dataobj
-        slicer = [slice(None)] * len(proxy.shape)
-        slicer[self.spec.slice_axis] = index
-        return np.asarray(proxy[tuple(slicer)])
+    def add(self, case: VolumeCase, params: np.ndarray, ornt: np.ndarray) -> None:
+        self.cases[case.name], self.params[case.name], self.ornt[case.name] = case, params, ornt
 
     def read(self, sample: SliceSample, window: Window | None = None) -> Pixels:
         case = self.cases[sample.case]
-        parts = [self._slice(p, sample.index) for p in case.images]
+        ornt, axis = self.ornt[sample.case], self.spec.slice_axis
+        parts = [read_slice(p, sample.index, axis, ornt) for p in case.images]
         raw = parts[0] if parts[0].ndim == 3 else np.stack(parts, axis=-1)
         image = self.spec.normalization.apply(raw, self.params[sample.case])
-        labels, valid = self.ds.layers(self._slice(case.label, sample.index))
+        labels, valid = self.ds.layers(read_slice(case.label, sample.index, axis, ornt))
         real = _real(raw)
         if window is not None:
             t, l, h, w = window
@@ -137,7 +132,7 @@ def case_records(ds: VolumeDataset, case: VolumeCase, spec: VolumeSpec, head: He
     except DataError as err:
         return str(err)
     params = spec.normalization.case_params(volume.data)
-    reader.add(case, params)
+    reader.add(case, params, volume.ornt)
     image = spec.normalization.apply(volume.data, params) if cache else None
     layers, valid = ds.layers(label)
     real = _real(volume.data)

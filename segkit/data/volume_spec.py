@@ -16,7 +16,8 @@ class VolumeSpec:
     """`layout`: the training dataset's (nnunet: one file per channel, `<case>_0000`); `slice_axis`: the voxel
     axis (0, 1, 2) the 2-D slices were cut along; `class_values`: the label values of each output class (an
     index output writes the class's first value); `regions_class_order`: nnU-Net's rule to paint region masks
-    back into one label map (None unless the classes are regions)."""
+    back into one label map (None unless the classes are regions); `canonical`: slices are cut on the closest
+    RAS axes (`orientation: RAS` in model.json; models from before orientations were stored cut file axes)."""
 
     layout: str
     channel_names: tuple[str, ...]
@@ -25,13 +26,14 @@ class VolumeSpec:
     class_values: dict[str, tuple[int, ...]]
     regions_class_order: tuple[int, ...] | None = None
     ignore_label: int | None = None
+    canonical: bool = True
 
     def to_meta(self) -> dict:
         return {"layout": self.layout, "channel_names": list(self.channel_names), "slice_axis": self.slice_axis,
                 "normalization": self.normalization.to_meta(),
                 "class_values": {k: list(v) for k, v in self.class_values.items()},
                 "regions_class_order": list(self.regions_class_order) if self.regions_class_order else None,
-                "ignore_label": self.ignore_label}
+                "ignore_label": self.ignore_label, "orientation": "RAS" if self.canonical else "file"}
 
     @classmethod
     def from_meta(cls, meta: dict) -> VolumeSpec | None:
@@ -44,7 +46,7 @@ class VolumeSpec:
                        VolumeNormalization.from_meta(v["normalization"]),
                        {k: tuple(int(x) for x in vals) for k, vals in v["class_values"].items()},
                        tuple(v["regions_class_order"]) if v.get("regions_class_order") else None,
-                       v.get("ignore_label"))
+                       v.get("ignore_label"), v.get("orientation") == "RAS")
         except (KeyError, TypeError, ValueError) as err:
             raise SegkitError(f"model.json: damaged `data.volume` section ({type(err).__name__}: {err}). "
                               "Fix: use the model.json written with the checkpoint.") from None

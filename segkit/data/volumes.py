@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from segkit.data.masks import distinct
 from segkit.data.layout import seeded_split
@@ -97,13 +98,35 @@ def _voxels(image: nib.Nifti1Image, path: Path, case: str) -> np.ndarray:
                         "Fix: copy or re-export the file again; it is probably truncated.") from err
 
 
+CANONICAL = axcodes2ornt(("R", "A", "S"))
+"""Voxel axes point (closest to) right, anterior, superior: the orientation every volume is read in."""
+IDENTITY = np.array([[0, 1], [1, 1], [2, 1]], float)
+
+
+def to_canonical(affine: np.ndarray) -> np.ndarray:
+    """The nibabel orientation transform (3, 2) from a file's voxel axes to the closest RAS axes: a
+    permutation and flips, never a resampling."""
+    return ornt_transform(io_orientation(affine), CANONICAL)
+
+
+def reorient(array: np.ndarray, ornt: np.ndarray, leading: int = 0) -> np.ndarray:
+    """`array` with its spatial axes (after `leading` ones) moved and flipped by `ornt` (a view)."""
+    moved = np.moveaxis(array, list(range(leading)), list(range(-leading, 0))) if leading else array
+    out = apply_orientation(moved, ornt)
+    return np.moveaxis(out, list(range(-leading, 0)), list(range(leading))) if leading else out
+
+
 class Volume:
     """One case's image. The header, affine and shape are read at once; the voxels on first use of `data`,
     since volumes can be large. `data` is (X, Y, Z, C): nnU-Net's one file per channel (`_0000`, `_0001`, ...)
     stacked on the last axis, or a 4-D (MSD) file's 4th axis, or C = 1. `header` and `affine` are the first
-    file's; every channel file is checked to share its grid. `spacing` is in mm whatever the header's unit."""
+    file's; every channel file is checked to share its grid. `spacing` is in mm whatever the header's unit.
 
-    def __init__(self, case: str, paths: Sequence[Path]):
+    With `canonical` (every model trained since orientations are stored), `data`, `shape` and `spacing` are on
+    the closest RAS axes, so axis 2 is the body's head-foot axis whatever order the file stores; `to_file`
+    turns an array on those axes back into the file's own order for writing on its grid."""
+
+    def __init__(self, case: str, paths: Sequence[Path], canonical: bool = True):
         self.case = case
         self.paths = [Path(p) for p in paths]
         self._images = [_load(p, case) for p in self.paths]
@@ -125,18 +148,39 @@ class Volume:
                     f"{self.paths[0].name}; nnU-Net requires it too.")
         self.header = first.header
         self.affine: np.ndarray = np.array(first.affine, dtype=float)
-        self.shape: tuple[int, int, int] = tuple(int(n) for n in first.shape[:3])
+        self.ornt = to_canonical(self.affine) if canonical else IDENTITY
+        self._back = ornt_transform(CANONICAL, io_orientation(self.affine)) if canonical else IDENTITY
         unit = MM_PER_UNIT.get(first.header.get_xyzt_units()[0], 1.0)  # "unknown" is read as mm, as nnU-Net does
-        self.spacing: tuple[float, float, float] = tuple(float(z) * unit for z in first.header.get_zooms()[:3])
+        zooms = [float(z) * unit for z in first.header.get_zooms()[:3]]
+        order = np.argsort(self.ornt[:, 0])  # canonical axis a comes from file axis order[a]
+        self.shape: tuple[int, int, int] = tuple(int(first.shape[f]) for f in order)
+        self.spacing: tuple[float, float, float] = tuple(zooms[f] for f in order)
         self.channels = len(self._images) if first.ndim == 3 else int(first.shape[3])
+
+    def to_file(self, array: np.ndarray, leading: int = 0) -> np.ndarray:
+        """An array on this volume's (canonical) axes, after `leading` axes, in the file's axis order."""
+        return reorient(array, self._back, leading)
 
     @cached_property
     def data(self) -> np.ndarray:
         """(X, Y, Z, C) voxels in their stored (scaled) type."""
         arrays = [_voxels(image, path, self.case) for path, image in zip(self.paths, self._images)]
         if arrays[0].ndim == 4:
-            return arrays[0]
-        return arrays[0][..., None] if len(arrays) == 1 else np.stack(arrays, axis=-1)  # one channel: a view
+            stored = arrays[0]
+        else:
+            stored = arrays[0][..., None] if len(arrays) == 1 else np.stack(arrays, axis=-1)  # one channel: a view
+        return reorient(stored, self.ornt)  # a view: axes moved and flipped, nothing copied
+
+
+def read_slice(path: Path, index: int, axis: int, ornt: np.ndarray) -> np.ndarray:
+    """Slice `index` along canonical `axis` of one file, reading only that slice from it (uncompressed .nii
+    is memory-mapped; a .nii.gz is decompressed up to it): the same pixels as `np.take(Volume.data, ...)`."""
+    proxy = nib.load(path).dataobj
+    f = int(np.flatnonzero(ornt[:, 0] == axis)[0])  # the file axis that becomes `axis`
+    k = proxy.shape[f] - 1 - index if ornt[f, 1] < 0 else index
+    slicer = [slice(None)] * len(proxy.shape)
+    slicer[f] = slice(k, k + 1)
+    return np.take(reorient(np.asarray(proxy[tuple(slicer)]), ornt), 0, axis=axis)
 
 
 @dataclass(frozen=True)
@@ -176,6 +220,7 @@ class VolumeDataset:
     label_values: frozenset[int]
     splits: dict[str, list[VolumeCase]]
     class_values: dict[str, tuple[int, ...]]
+    canonical: bool = True  # read on RAS axes (False: file axes, for models trained before orientations)
 
     @property
     def multilabel(self) -> bool:
@@ -267,7 +312,7 @@ class VolumeDataset:
 
     def image(self, case: VolumeCase) -> Volume:
         """The case's image, checked to have the dataset's channels."""
-        volume = Volume(case.name, case.images)
+        volume = Volume(case.name, case.images, self.canonical)
         if volume.channels != len(self.channel_names):
             raise DataError(f"case {case.name}: {volume.channels} channel(s) in {[str(p) for p in case.images]}, "
                             f"but the dataset has {len(self.channel_names)} ({self.channel_names}). "
@@ -279,7 +324,7 @@ class VolumeDataset:
         if case.label is None:
             raise DataError(f"case {case.name}: no label file. Fix: add one, or use the case for prediction only.")
         image = self.image(case)
-        label = Volume(case.name, [case.label])
+        label = Volume(case.name, [case.label], self.canonical)
         if label.channels != 1:
             raise DataError(f"case {case.name}: label {case.label} has {label.channels} channels. "
                             "Fix: save one 3-D integer label map per case.")
@@ -569,13 +614,14 @@ def folder_cases(folder: Path, channel_names: Sequence[str], channel_files: bool
 
 def slice_axis(spacing: Sequence[float], shape: Sequence[int]) -> int:
     """The axis to cut 2-D slices along: the coarsest spacing, as nnU-Net's 2-D configuration does, so that
-    each slice keeps the finest in-plane resolution. Spacings within SPACING_RTOL tie; of tied axes the one
-    with the fewest voxels wins (the largest slices), then the lowest index."""
+    each slice keeps the finest in-plane resolution. Spacings within SPACING_RTOL tie; of tied axes the axial
+    one (2: head-foot on the canonical RAS axes volumes are read in) wins, as scans are read, else the one
+    with the fewest voxels (the largest slices), then the lowest index."""
     if len(spacing) != 3 or len(shape) != 3:
         raise ValueError(f"3 spacings and 3 sizes expected, got {tuple(spacing)} and {tuple(shape)}")
     spacing = np.asarray(spacing, dtype=float)
     tied = np.flatnonzero(np.isclose(spacing, spacing.max(), rtol=SPACING_RTOL, atol=0))
-    return int(min(tied, key=lambda axis: (shape[axis], axis)))
+    return 2 if 2 in tied else int(min(tied, key=lambda axis: (shape[axis], axis)))
 
 
 def case_split(cases: Sequence[VolumeCase], val_fraction: float,
