@@ -105,6 +105,9 @@ def predict_volume(seg: Segmenter, volume: Volume, probs: bool = False) -> Volum
     """Masks (and probabilities) of one case at its own shape; see VolumePrediction."""
     spec = volume_spec(seg)
     check_channels(volume, spec)
+    problem = spec.spacing_problem(volume.case, volume.spacing)
+    if problem:
+        log.warning(problem)
     head, axis, shape = seg.head, spec.slice_axis, volume.shape
     sigmoid = head.name == "sigmoid"
     masks = labels = prob = None

@@ -95,7 +95,7 @@ def test_rescale_augmentation_takes_32_bit_images():
 
     image = np.arange(64 * 64 * 2, dtype=np.int32).reshape(64, 64, 2)
     stack = np.zeros((64, 64, 1), np.uint8)
-    out, bits = Augment(32, scale=(0.5, 0.9))(image, stack, np.random.default_rng(0))
+    out, bits = Augment(32, scale=(0.5, 0.9))(image, stack, np.random.default_rng(0), 0)
     assert out.shape == (32, 32, 2) and bits.shape == (32, 32, 1)
 
 
@@ -163,3 +163,30 @@ def test_normalisation_and_thresholds_reach_the_device_once(monkeypatch):
     np.testing.assert_allclose(first.numpy(), want, rtol=1e-6)
     probs = 1 / (1 + np.exp(-(raw - 40)))
     np.testing.assert_array_equal(decoded.numpy(), probs > np.array([0.3, 0.7])[:, None, None])
+
+
+@pytest.mark.parametrize("dtype, nodata", [(np.int16, -9999), (np.float32, np.nan), (np.uint8, 0)])
+def test_rescale_never_mixes_no_data_into_valid_pixels(dtype, nodata):
+    """The left third of a 60 x 60 image is no-data (its value far from the rest, or NaN), the rest a constant
+    100: after random rescales (x0.6-1.4) every pixel still marked real is 100 (linear interpolation of a
+    constant), however close to the border. Plain bilinear gave mixtures such as -3266 (or NaN) there."""
+    from segkit.data.dataset import Pixels, pack, unpack
+    from segkit.data.transforms import Augment
+
+    image = np.full((60, 60, 1), 100, dtype)
+    image[:, :20] = nodata
+    real = np.ones((60, 60), bool)
+    real[:, :20] = False
+    labels = np.zeros((60, 60, 1), np.uint8)
+    labels[10:50, 25:55] = 1
+    stack = pack(Pixels(image, labels, real.copy(), real))
+    augment = Augment(48, scale=(0.6, 1.4))
+    seen_edges = 0
+    for seed in range(40):
+        out, bits = augment(image, stack, np.random.default_rng(seed), 1)
+        _, valid, out_real = unpack(np.ascontiguousarray(bits), 1)
+        assert out_real.any() and (valid <= out_real).all()
+        got = out[..., 0][out_real]  # integers exactly; float32 up to the rounding of weight sum / weight
+        np.testing.assert_allclose(got, 100, rtol=0 if np.issubdtype(dtype, np.integer) else 1e-6)
+        seen_edges += int((out_real & ~np.roll(out_real, 1, axis=1)).sum())  # real pixels beside no-data
+    assert seen_edges > 100  # the border was inside the crop in many of the draws

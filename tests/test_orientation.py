@@ -16,7 +16,8 @@ from samples import CORD
 from segkit.config import load_config
 from segkit.data.training_data import training_data
 from segkit.data.volumes import Volume, read_slice
-from test_infer_volumes import files, labels, oracle_checkpoint, same_grid
+from segkit.heads import build_head
+from test_infer_volumes import Oracle, files, labels, oracle_checkpoint, same_grid
 
 CASES = {"errsm30_t1w": ("R", "A", "S"), "errsm30_t2sw": ("L", "A", "S"), "errsm30_t2w": ("P", "S", "R")}
 
@@ -91,3 +92,37 @@ def test_a_model_from_before_orientations_keeps_cutting_file_axes(tmp_path):
     assert VolumeSpec.from_meta(meta).canonical is False
     meta["data"]["volume"]["orientation"] = "RAS"
     assert VolumeSpec.from_meta(meta).canonical is True
+
+
+def test_a_case_far_from_the_training_spacing_is_reported_once(cli, tmp_path, monkeypatch, caplog):
+    """model.json holds the training cases' median spacing (here set to 1 mm); a case at 0.25 mm in-plane (4x
+    finer) is predicted and reported once by name; the 1 mm case is not. Training writes the median spacing."""
+    label = CORD / "labelsTr" / "errsm30_t1w.nii.gz"  # 1 mm isotropic, stored R-A-S
+    stored = nib.load(label)
+    (tmp_path / "in").mkdir()
+    shutil.copy(label, tmp_path / "in" / "coarse_0000.nii.gz")
+    fine = stored.affine.copy()
+    fine[:3, :2] *= 0.25
+    nib.save(nib.Nifti1Image(np.asanyarray(stored.dataobj), fine), tmp_path / "in" / "fine_0000.nii.gz")
+    ckpt = oracle_checkpoint(monkeypatch, tmp_path, "softmax", {"background": (0,), "cord": (1,)})
+    meta = json.loads((ckpt / "model.json").read_text())
+    meta["data"]["volume"]["spacing"] = [1.0, 1.0, 1.0]
+    monkeypatch.setattr("segkit.infer.load_checkpoint", lambda path, device: (
+        Oracle([(0,), (1,)]), build_head("softmax", ["background", "cord"]), meta))
+    caplog.clear()
+    result = cli("predict", ckpt, tmp_path / "in", tmp_path / "out", "--device", "cpu", "--no-progress")
+    assert result.code == 0, result.err
+    warned = [r.getMessage() for r in caplog.records if "trained at" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("case fine: in-plane spacing 0.25 x 0.25 mm"), warned
+    assert "larger than in training" in warned[0]
+
+
+def test_training_records_the_median_spacing_of_its_cases(tmp_path):
+    root = Path(shutil.copytree(CORD, tmp_path / "cord"))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  root: {root}\n  val_fraction: 0.34\nmodel:\n  head: softmax\n")
+    cfg = load_config(config)
+    data = training_data(cfg, cfg.head(), 0)
+    spacings = [nib.as_closest_canonical(nib.load(CORD / "imagesTr" / f"{c}_0000.nii.gz")).header.get_zooms()
+                for c in data.meta["train_cases"]]
+    assert data.meta["volume"]["spacing"] == pytest.approx(np.median(spacings, axis=0).tolist())

@@ -374,7 +374,7 @@ class SegmentationDataset(Dataset):
         else:
             r = self.records[i]
             window = crop_window(r.height, r.width, self.window, rng) if self.window else None
-        image, bits = self.transform(*self.packed(r, window), rng)
+        image, bits = self.transform(*self.packed(r, window), rng, self.classes)
         labels, valid, real = unpack(np.ascontiguousarray(bits), self.classes)
         jitter = (1.0, 0.0)
         if self.color and rng.random() < self.color:  # light contrast/brightness jitter, in normalised units

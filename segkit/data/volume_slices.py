@@ -81,8 +81,9 @@ def fit_spec(ds: VolumeDataset, cases: Sequence[VolumeCase], d: DataConfig, seed
         return read
 
     norm = VolumeNormalization.fit(schemes, [sample(i, case) for i, case in enumerate(cases)])
+    spacing = tuple(float(s) for s in np.median([v.spacing for v in volumes], axis=0))
     return VolumeSpec(ds.layout, tuple(ds.channel_names), axis, norm, dict(ds.class_values),
-                      ds.regions_class_order, ds.ignore_label)
+                      ds.regions_class_order, ds.ignore_label, spacing=spacing)
 
 
 def _take(array: np.ndarray, index: int, axis: int) -> np.ndarray:

@@ -10,6 +10,9 @@ import numpy as np
 from segkit.data.volume_norm import VolumeNormalization
 from segkit.errors import SegkitError
 
+SPACING_FACTOR = 2.0
+"""In-plane spacing further than this factor from training's is reported at prediction."""
+
 
 @dataclass(frozen=True)
 class VolumeSpec:
@@ -27,13 +30,15 @@ class VolumeSpec:
     regions_class_order: tuple[int, ...] | None = None
     ignore_label: int | None = None
     canonical: bool = True
+    spacing: tuple[float, float, float] | None = None  # the training cases' median, mm, on the slicing axes
 
     def to_meta(self) -> dict:
         return {"layout": self.layout, "channel_names": list(self.channel_names), "slice_axis": self.slice_axis,
                 "normalization": self.normalization.to_meta(),
                 "class_values": {k: list(v) for k, v in self.class_values.items()},
                 "regions_class_order": list(self.regions_class_order) if self.regions_class_order else None,
-                "ignore_label": self.ignore_label, "orientation": "RAS" if self.canonical else "file"}
+                "ignore_label": self.ignore_label, "orientation": "RAS" if self.canonical else "file",
+                "spacing": list(self.spacing) if self.spacing else None}
 
     @classmethod
     def from_meta(cls, meta: dict) -> VolumeSpec | None:
@@ -46,7 +51,8 @@ class VolumeSpec:
                        VolumeNormalization.from_meta(v["normalization"]),
                        {k: tuple(int(x) for x in vals) for k, vals in v["class_values"].items()},
                        tuple(v["regions_class_order"]) if v.get("regions_class_order") else None,
-                       v.get("ignore_label"), v.get("orientation") == "RAS")
+                       v.get("ignore_label"), v.get("orientation") == "RAS",
+                       tuple(float(x) for x in v["spacing"]) if v.get("spacing") else None)
         except (KeyError, TypeError, ValueError) as err:
             raise SegkitError(f"model.json: damaged `data.volume` section ({type(err).__name__}: {err}). "
                               "Fix: use the model.json written with the checkpoint.") from None
@@ -55,6 +61,21 @@ class VolumeSpec:
     def channel_files(self) -> bool:
         """Whether cases come as one file per channel (`<case>_0000`, `<case>_0001`, ...)."""
         return self.layout == "nnunet"
+
+    def spacing_problem(self, case: str, spacing: tuple[float, ...]) -> str | None:
+        """A sentence when `case`'s in-plane spacing differs from training's by more than SPACING_FACTOR: the
+        network then sees its structures at another scale (nnU-Net would resample; segkit says so)."""
+        if self.spacing is None:
+            return None
+        plane = [a for a in range(3) if a != self.slice_axis]
+        ratios = [spacing[a] / self.spacing[a] for a in plane]
+        if all(1 / SPACING_FACTOR <= r <= SPACING_FACTOR for r in ratios):
+            return None
+        fmt = lambda s: " x ".join(f"{s[a]:.3g}" for a in plane)  # noqa: E731
+        return (f"case {case}: in-plane spacing {fmt(spacing)} mm, the model was trained at {fmt(self.spacing)} mm "
+                f"(more than {SPACING_FACTOR:g}x apart): its structures look {'smaller' if max(ratios) > 1 else 'larger'} "
+                "than in training and the masks may suffer. Fix: resample the case to the training spacing, or "
+                "train with such cases.")
 
     def index_values(self) -> np.ndarray:
         """Class index -> the label value an index (softmax) output writes for it."""
