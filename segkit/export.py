@@ -30,6 +30,7 @@ import torch
 import segkit
 from segkit.data.io import atomic_path
 from segkit.data.normalize import Normalization
+from segkit.data.volume_spec import input_normalization
 from segkit.errors import SegkitError
 from segkit.heads import Head
 from segkit.infer import STRIDE, Segmenter, list_images
@@ -97,7 +98,7 @@ def export_onnx(checkpoint: str | Path, path: str | Path, opset: int = 17, dynam
                 "segkit_version": segkit.__version__, "torch_version": torch.__version__}
         props = {META_KEY: json.dumps(meta), EXPORT_KEY: json.dumps(info), "head": head.name,
                  "classes": json.dumps(head.classes), "thresholds": json.dumps(head.thresholds),
-                 "normalization": json.dumps(Normalization.from_meta(meta).to_meta()),
+                 "normalization": json.dumps(input_normalization(meta)),
                  "in_channels": str(channels)}
         del proto.metadata_props[:]
         for key, value in props.items():

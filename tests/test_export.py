@@ -316,3 +316,39 @@ def test_without_onnxruntime_the_message_names_the_extra(exported, monkeypatch, 
     monkeypatch.setitem(sys.modules, "onnx", None)
     r = run_cli("export", exported["softmax"][0], tmp_path / "m.onnx")
     assert_refused(r, tmp_path / "m.onnx", "pip install 'segkit[export]'")
+
+
+def test_an_exported_volume_model_states_its_normalisation_and_writes_the_same_masks(tmp_path, tmp_path_factory):
+    """A region model trained on volume slices (its weights made to follow the image): the ONNX file's
+    `normalization` key gives the per-case z-score it needs, not the `none` of its network input (a pipeline
+    would otherwise feed raw voxels), and `segkit predict model.onnx` writes the NIfTI masks the checkpoint
+    writes, voxels differing only where a logit is within TIE of 0."""
+    import nibabel as nib
+    import onnx
+
+    import volumedata
+    from segkit.model import load_checkpoint
+
+    ckpt = volumedata.region_content(tmp_path_factory)
+    path = segkit.export.export_onnx(ckpt, tmp_path / "regions.onnx")
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(props["normalization"]) == {"mode": "volume_case", "channels": [
+        {"scheme": "zscore", "low": None, "high": None, "mean": None, "std": None}], "slice_axis": 2,
+        "orientation": "RAS"}
+    cases = {}
+    for case in ("hippocampus_001", "hippocampus_004"):
+        crop, _, affine = volumedata.thick_volume(case, crop=volumedata.CROP)
+        cases[case] = crop
+        volumedata.save_nifti(crop, affine, tmp_path / "in" / f"{case}_0000.nii.gz")
+    for model, out in ((ckpt, "torch"), (path, "onnx")):
+        r = run_cli("predict", model, tmp_path / "in", tmp_path / out, "--device", "cpu", "--no-progress")
+        assert r.code == 0, r.err
+    net, _, _ = load_checkpoint(ckpt)
+    for case, crop in cases.items():
+        x = torch.from_numpy(np.moveaxis(volumedata.zscore(crop), 2, 0)[:, None].astype(np.float32))
+        with torch.no_grad():
+            tie = np.abs(np.moveaxis(net(x).numpy(), 0, -1)) < TIE  # (2, X, Y, Z): whole, core
+        for k, name in enumerate(("whole", "core")):
+            a, b = (np.asanyarray(nib.load(tmp_path / side / name / f"{case}.nii.gz").dataobj) for side in ("torch", "onnx"))
+            assert 0.1 < a.mean() < 0.9, (case, name)
+            assert tie[k][a != b].all(), (case, name, int((a != b).sum()))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from segkit.data.normalize import Normalization
 from segkit.data.volume_norm import VolumeNormalization
 from segkit.errors import SegkitError
 
@@ -80,3 +81,17 @@ class VolumeSpec:
     def index_values(self) -> np.ndarray:
         """Class index -> the label value an index (softmax) output writes for it."""
         return np.array([values[0] for values in self.class_values.values()])
+
+
+def input_normalization(meta: dict) -> dict:
+    """What a pipeline does to raw pixels before the network, from model.json: a volume model's per-channel
+    schemes (applied to each whole case on its RAS axes before it is cut into slices along `slice_axis`:
+    `zscore` over the case's nonzero voxels, `ct` clip and dataset statistics, `none`), else the image
+    normalisation. A volume model's own `normalization` key is `none`: the network sees slices already
+    normalised, and an exported file must not tell a pipeline to feed it raw voxels."""
+    spec = VolumeSpec.from_meta(meta)
+    if spec is None:
+        return Normalization.from_meta(meta).to_meta()
+    return {"mode": "volume_case", "channels": spec.normalization.to_meta(), "slice_axis": spec.slice_axis,
+            "orientation": "RAS" if spec.canonical else "file"}
+
