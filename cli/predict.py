@@ -11,7 +11,8 @@ from cli.app import app
 
 Checkpoint = Annotated[Path, typer.Argument(help="Checkpoint folder (a run's best/ or last/).")]
 BatchSize = Annotated[int, typer.Option(help="Images (or windows) per forward pass.")]
-Workers = Annotated[int, typer.Option(help="Processes decoding images (and threads encoding masks).")]
+Workers = Annotated[int, typer.Option(help="Processes decoding images (and threads encoding masks); for volumes on a GPU, "
+                                             "threads reading the next cases while one is predicted.")]
 Tile = Annotated[int, typer.Option(help="Images larger than this go through sliding windows of this size.")]
 Overlap = Annotated[int, typer.Option(help="Overlap of neighbouring windows, pixels.")]
 Tta = Annotated[bool, typer.Option("--tta", help="Average flips (in logit space).")]
@@ -54,7 +55,7 @@ def refuse_volumes(input_dir: Path) -> None:
 
 
 def predict_volumes(seg, input_dir: Path, output_dir: Path, save_probs: bool, vectorize: bool, overwrite: bool,
-                    progress: bool) -> None:
+                    progress: bool, workers: int) -> None:
     """The volume path of `predict`: NIfTI cases in, NIfTI masks out; a failed case makes the exit code 1."""
     from segkit import distributed
     from segkit.errors import SegkitError
@@ -64,7 +65,7 @@ def predict_volumes(seg, input_dir: Path, output_dir: Path, save_probs: bool, ve
         raise SegkitError("--vectorize: polygons are for georeferenced 2-D rasters; this checkpoint predicts NIfTI "
                           "volumes. Fix: leave out --vectorize.")
     summary = predict_volume_folder(seg, input_dir, output_dir, probs=save_probs, overwrite=overwrite,
-                                    progress=progress and distributed.rank() == 0)
+                                    progress=progress and distributed.rank() == 0, workers=workers)
     report(summary.failed, f"{summary.volumes} volumes ({summary.slices} slices) in {summary.seconds:.1f} s "
                            f"({summary.seconds_per_volume:.2f} s/volume), {len(summary.failed)} failed; "
                            f"masks in {output_dir}")
@@ -113,7 +114,7 @@ def predict(
     rank_device = distributed.device_for_rank(resolve_device(device))  # under torchrun: this rank's own GPU
     seg = load_segmenter(checkpoint, str(rank_device), batch_size, tile, overlap, tta, threshold)
     if is_volume_model(seg):
-        predict_volumes(seg, input_dir, output_dir, save_probs, vectorize, overwrite, progress)
+        predict_volumes(seg, input_dir, output_dir, save_probs, vectorize, overwrite, progress, workers)
         return
     refuse_volumes(input_dir)
     summary = seg.predict_folder(input_dir, output_dir, probs=save_probs, overwrite=overwrite, workers=workers,

@@ -421,3 +421,27 @@ def test_a_case_is_the_same_network_input_in_training_and_prediction(tmp_path, m
             np.testing.assert_array_equal(inputs[record.sample.index], record.cached.image)
             np.testing.assert_allclose(inputs[record.sample.index][..., 0],
                                        np.take(expected, record.sample.index, axis), rtol=1e-5, atol=1e-5)
+
+
+def test_cases_read_ahead_give_the_same_files_and_skip_the_unreadable(cli, tmp_path, monkeypatch):
+    """Four real hippocampus cases and a truncated one between them, each case read in its turn and read
+    ahead by 2 threads (what --workers 2 does on a GPU; forced here): byte-identical output files, the same
+    case reported and skipped, the others written."""
+    (tmp_path / "in").mkdir()
+    for case in ("hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"):
+        shutil.copy(HIPPO / "imagesTr" / f"{case}_0000.nii.gz", tmp_path / "in")
+    bad = tmp_path / "in" / "hippocampus_002_0000.nii.gz"
+    bad.write_bytes((HIPPO / "imagesTr" / "hippocampus_007_0000.nii.gz").read_bytes()[:3000])
+    ckpt = oracle_checkpoint(monkeypatch, tmp_path, "softmax", {"bg": (0,), "fg": (1,)})
+    outputs = {}
+    from segkit import infer_volumes
+
+    read_ahead = infer_volumes._read_ahead
+    for workers in (0, 2):
+        monkeypatch.setattr(infer_volumes, "_read_ahead", lambda jobs, canonical, _, w=workers: read_ahead(jobs, canonical, w))
+        out = tmp_path / f"out{workers}"
+        result = cli("predict", ckpt, tmp_path / "in", out, "--device", "cpu", "--no-progress")
+        assert result.code == 1 and "case hippocampus_002" in result.err and "4 volumes" in result.out
+        outputs[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert sorted(outputs[2]) == [f"hippocampus_00{k}.nii.gz" for k in (1, 3, 4, 6)]
+    assert outputs[0] == outputs[2]
