@@ -86,8 +86,12 @@ def plan_heads(cfg: Config, report: Report, heads: Sequence[str], exclusive_part
 
 
 def head_config(cfg: Config, head: str, classes: list[str], seed: int, epochs: int | None,
-                ignore_overlap: bool = False) -> Config:
+                ignore_overlap: bool = False, split_seed: int | None = None) -> Config:
+    """One run's config. The seed varies initialisation and augmentation; the validation share stays the
+    one `split_seed` draws (the config's own, else the first seed), so seeds differ in training only."""
     raw = cfg.model_dump(mode="json")
+    if raw["data"]["split_seed"] is None:
+        raw["data"]["split_seed"] = seed if split_seed is None else split_seed
     raw["data"]["classes"] = classes
     raw["data"]["overlap"] = "ignore" if ignore_overlap else cfg.data.overlap
     if cfg.data.colors and cfg.data.mask != "color":
@@ -195,7 +199,7 @@ def run_one(cfg: Config, folder: Path, progress: bool, device: str) -> Run:
     result = train(cfg, folder, progress=progress)
     seg = Segmenter.load(folder / "best", device=device)
     analysis = Analysis(seg.head)
-    samples = eval_samples(cfg.data, "val", cfg.train.seed)
+    samples = eval_samples(cfg.data, "val", cfg.split_seed())
     scores = evaluate(seg, samples, pair_reader(cfg.data), workers=cfg.train.workers, observe=analysis)
     history = read_history(folder / "metrics.csv")
     info = {"reliability": analysis.reliability(), "pixel_accuracy": analysis.pixel_accuracy(),
@@ -210,7 +214,7 @@ def degenerate_run(cfg: Config, steps: int = 5) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.arch, cfg.model.encoder, 1, cfg.data.channels)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    samples = eval_samples(cfg.data, "val", cfg.train.seed)
+    samples = eval_samples(cfg.data, "val", cfg.split_seed())
     reader = pair_reader(cfg.data)
     records = scan(samples, reader)
     norm = fit_normalization(cfg.data.normalize, records, reader, cfg.data.channels, cfg.data.mean, cfg.data.std,
@@ -437,7 +441,8 @@ def compare(cfg: Config, out: Path, heads: Sequence[str] = ("softmax", "sigmoid"
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {','.join(map(str, seeds))}: a seed repeats. Fix: give each seed once, e.g. 0,1,2.")
     plan = plan_heads(cfg, inspect(cfg.data.root, DataGuess.from_config(cfg.data)), heads, softmax_exclusive)
-    configs = [(h, s, head_config(cfg, h, classes, s, epochs, plan.exclusive_part and h == "softmax"))
+    configs = [(h, s, head_config(cfg, h, classes, s, epochs, plan.exclusive_part and h == "softmax", seeds[0]
+                                  if seeds else None))
                for h, classes in plan.classes.items() for s in seeds]
     if not configs:
         raise ConfigError(f"nothing to train: --heads {','.join(heads)} with --seeds {','.join(map(str, seeds))} "

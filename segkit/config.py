@@ -43,6 +43,9 @@ class DataConfig(_Strict):
     ignore_index: int | None = Field(None, ge=0, le=65535)
     colors: list[tuple[int, int, int]] | None = None
     val_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int | None = Field(
+        None, ge=0, description="seed of the validation share drawn when there is no val/ split (default: "
+                                "train.seed); segkit compare fixes it, so every run validates on the same data")
     channels: int | None = Field(None, ge=1, description="network input channels; default len(bands), else 3")
     bands: list[int] | None = Field(None, min_length=1, description="1-based bands to read, e.g. [1, 2, 3, 8]")
     normalize: Literal["auto", "imagenet", "dataset", "per_image", "none", "explicit"] | list[
@@ -54,7 +57,8 @@ class DataConfig(_Strict):
     cache: bool | Literal["auto"] = "auto"
     cache_mb: int | None = Field(None, ge=0, description="memory for cached images; default a quarter of RAM")
     slice_axis: Literal["auto", 0, 1, 2] = Field(
-        "auto", description="volumes: the voxel axis to cut 2-D slices along; auto: the coarsest median spacing")
+        "auto", description="volumes: the axis (of the closest RAS axes) to cut 2-D slices along; auto: the "
+                            "coarsest median spacing, axial on a tie")
     overlap: Literal["error", "ignore"] = Field(
         "error", description="pixels with several labels: refused by softmax, or 'ignore' them (excluded from "
                              "loss and scores) to train softmax on the exclusive part")
@@ -124,6 +128,10 @@ class Config(_Strict):
     data: DataConfig
     model: ModelConfig
     train: TrainConfig = TrainConfig()
+
+    def split_seed(self) -> int:
+        """The seed of the validation share: data.split_seed, else train.seed."""
+        return self.data.split_seed if self.data.split_seed is not None else self.train.seed
 
     def head(self) -> Head:
         """The head this config asks for; raises ConfigError for impossible combinations."""

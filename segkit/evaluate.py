@@ -49,7 +49,7 @@ def samples_for(seg: Segmenter, root: Path, split: str, config: Path | None = No
     when given, else the encoding the checkpoint was trained on."""
     if config is not None:
         full = load_config(config, [f"data.root={root}"])
-        cfg, seed = full.data, full.train.seed
+        cfg, seed = full.data, full.split_seed()
         if cfg.classes != seg.classes:
             raise SegkitError(f"{config}: data.classes {cfg.classes} differ from the checkpoint's {seg.classes}.")
     else:

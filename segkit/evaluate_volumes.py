@@ -53,7 +53,7 @@ def volume_cases(seg: Segmenter, root: Path | str, split: str) -> tuple[VolumeDa
         from segkit.data.volume_slices import train_val_cases
 
         data = seg.meta.get("data") or {}
-        cases = train_val_cases(ds, float(data.get("val_fraction", 0.2)), int(data.get("seed", 0)))[1]
+        cases = train_val_cases(ds, float(data.get("val_fraction", 0.2)), int(data.get("split_seed", data.get("seed", 0))))[1]
         trained = data.get("val_cases")
         if trained is not None and sorted(trained) != sorted(c.name for c in cases):
             log.warning("the val cases of %s %s differ from the ones training held back %s (another dataset?)",

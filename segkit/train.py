@@ -589,7 +589,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) 
                            data={"mask": d.mask, "ignore_index": d.ignore_index,
                                  "foreground_value": d.foreground_value, "binary_threshold": d.binary_threshold,
                                  "colors": d.colors, "bands": d.bands, "nodata": d.nodata,
-                                 "val_fraction": d.val_fraction, "seed": t.seed, "overlap": d.overlap,
+                                 "val_fraction": d.val_fraction, "split_seed": cfg.split_seed(), "overlap": d.overlap,
                                  **data.meta})
     seg = Segmenter(model, head, meta, device, amp=t.amp)
 

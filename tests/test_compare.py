@@ -305,7 +305,7 @@ def val_truth(data: Path, out: Path) -> dict[str, np.ndarray]:
 
     cfg = load_config(out / "config.yaml")
     slices = hippo_slice_arrays(NESTED_CASES, EVERY)
-    return {s.stem: slices[s.stem][1] for s in eval_samples(cfg.data, "val", cfg.train.seed)}
+    return {s.stem: slices[s.stem][1] for s in eval_samples(cfg.data, "val", cfg.split_seed())}
 
 
 def test_overlapping_compare_trains_only_sigmoid_and_says_why(overlapping, nested, tmp_path):
@@ -323,9 +323,10 @@ def test_overlapping_compare_trains_only_sigmoid_and_says_why(overlapping, neste
     assert stated in report["skipped"]["softmax"]
     assert "softmax gives each pixel exactly one class and cannot represent them" in md
     assert "Only the sigmoid head was trained" in report["conclusion"] and report["conclusion"] in stdout
+    assert sorted(val_truth(nested, out / "sigmoid" / "seed0")) == sorted(val_truth(nested, out / "sigmoid" / "seed1"))
     for seed in (0, 1):
         run = report["heads"]["sigmoid"]["runs"][seed]
-        truth = val_truth(nested, out / "sigmoid" / f"seed{seed}")  # each seed draws its own split
+        truth = val_truth(nested, out / "sigmoid" / f"seed{seed}")  # both seeds validate on the first seed's split
         assert len(truth) == round(0.34 * len(slices))  # the seeded validation share of the flat layout
         direct = evaluate_json(out / "sigmoid" / f"seed{seed}" / "best", nested, tmp_path / f"sig{seed}.json",
                                "--threshold", "hippocampus=0.5,posterior=0.5")  # as scored, before tuning
@@ -549,3 +550,26 @@ def test_convert_head_of_a_folder_that_is_no_checkpoint_exits_2(tmp_path):
     err = cli_fails("convert-head", tmp_path / "empty", tmp_path / "out")
     assert "not a segkit checkpoint" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_every_compare_run_validates_on_the_same_images(tmp_path):
+    """Ten real nuclei pairs with no val/ split: seeds 0 and 3 draw different validation shares on their own,
+    but the configs `compare` makes for them validate (in training and in scoring) on the first seed's share,
+    while their training seeds still differ."""
+    from conftest import copy_nuclei
+    from segkit.compare import head_config
+    from segkit.config import load_config
+    from segkit.data.training_data import training_data
+
+    data = copy_nuclei(tmp_path / "data", 10)
+    config = tmp_path / "c.yaml"
+    config.write_text((CONFIGS / "nuclei-sigmoid.yaml").read_text().replace("root: data/nuclei", f"root: {data}"))
+
+    def val(cfg):
+        return sorted(r.sample.stem for r in training_data(cfg, cfg.head(), 1 << 20).val)
+
+    alone = [load_config(config, [f"train.seed={s}"]) for s in (0, 3)]
+    assert val(alone[0]) != val(alone[1])
+    a, b = (head_config(alone[0], "sigmoid", ["nucleus"], s, None, split_seed=0) for s in (0, 3))
+    assert (a.train.seed, b.train.seed) == (0, 3) and a.split_seed() == b.split_seed() == 0
+    assert val(a) == val(b) == val(alone[0])

@@ -169,7 +169,7 @@ def test_checkpoint_metadata(runs, head):
         norm = meta["normalization"]  # 8-bit RGB: ImageNet statistics, in pixel units
         assert norm["mode"] == "imagenet" and norm["mean"] == pytest.approx([255 * m for m in IMAGENET[0]])
         assert norm["std"] == pytest.approx([255 * s for s in IMAGENET[1]])
-        assert meta["data"]["mask"] == "binary" and meta["data"]["seed"] == 0
+        assert meta["data"]["mask"] == "binary" and meta["data"]["split_seed"] == 0
         assert (meta["thresholds"] == [0.5]) if head == "sigmoid" else (meta["thresholds"] is None)
     last = json.loads((runs[head] / "last" / "model.json").read_text())
     assert last["epoch"] == 2

@@ -77,4 +77,4 @@ def checkpoint_data(meta: dict, root: Path) -> tuple[DataConfig, int]:
                      colors=d.get("colors"), val_fraction=d.get("val_fraction", 0.2),
                      channels=int(meta["in_channels"]), bands=d.get("bands"), nodata=d.get("nodata"),
                      overlap=d.get("overlap", "error"))
-    return cfg, int(d.get("seed", 0))
+    return cfg, int(d.get("split_seed", d.get("seed", 0)))  # "seed": checkpoints before split_seed

@@ -33,7 +33,7 @@ def training_data(cfg: Config, head: Head, budget: int) -> TrainingData:
         return _volumes(cfg, head, budget)
     d, t = cfg.data, cfg.train
     reader: PairReader = pair_reader(d)
-    train_samples, val_samples = train_val_samples(d, t.seed)
+    train_samples, val_samples = train_val_samples(d, cfg.split_seed())
     per_image = d.normalize == "per_image"
     foreground = foreground_classes(head.classes) if t.foreground_oversample else []
     train = scan(train_samples, reader, head, cache=d.cache, budget=budget, per_image=per_image,
@@ -50,7 +50,7 @@ def _volumes(cfg: Config, head: Head, budget: int) -> TrainingData:
 
     d, t = cfg.data, cfg.train
     ds = volume_dataset(d)
-    train_cases, val_cases = train_val_cases(ds, d.val_fraction, t.seed)
+    train_cases, val_cases = train_val_cases(ds, d.val_fraction, cfg.split_seed())
     spec = fit_spec(ds, train_cases, d, t.seed)
     reader = SliceReader(ds, spec)
     budget = budget if d.cache else 0

@@ -124,7 +124,7 @@ def test_softmax_exclusive_trains_softmax_with_the_overlap_ignored(isic, tmp_pat
     assert_same_scores(direct, run["scores"])
     cfg = load_config(out / "softmax" / "seed0" / "config.yaml")
     single = both = 0
-    for sample in eval_samples(cfg.data, "val", cfg.train.seed):
+    for sample in eval_samples(cfg.data, "val", cfg.split_seed()):
         stem = sample.image.stem
         lesion = read_png(isic / "masks" / "lesion" / f"{stem}_Segmentation.png") > 127
         pigment = read_png(isic / "masks" / "pigment_network" / f"{stem}_attribute_pigment_network.png") > 127
