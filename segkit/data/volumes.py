@@ -53,7 +53,7 @@ def _load(path: Path, case: str) -> nib.Nifti1Image:
         return nib.load(path)
     except (ImageFileError, OSError, EOFError) as err:
         raise UnreadableError(f"{path} (case {case}): not a readable NIfTI file ({err}). "
-                        "Fix: re-export it as .nii.gz, or remove the case.") from err
+                              "Fix: re-export it as .nii.gz, or remove the case.") from err
 
 
 def _stored_bytes(path: Path, need: int) -> int:
@@ -85,9 +85,9 @@ def _check_stored(image: nib.Nifti1Image, path: Path, case: str) -> None:
     have = _stored_bytes(path, need)
     if have < need:
         raise UnreadableError(f"{path} (case {case}): the header declares {'x'.join(map(str, shape))} voxels of "
-                        f"{header.get_data_dtype()} ({need / 1e6:.3g} MB with the header), but the file holds "
-                        f"{have / 1e6:.3g} MB. Fix: re-export the file (it is truncated or its header is wrong), "
-                        "or remove the case.")
+                              f"{header.get_data_dtype()} ({need / 1e6:.3g} MB with the header), but the file holds "
+                              f"{have / 1e6:.3g} MB. Fix: re-export the file (it is truncated or its header is "
+                              "wrong), or remove the case.")
 
 
 def _voxels(image: nib.Nifti1Image, path: Path, case: str) -> np.ndarray:
@@ -95,7 +95,7 @@ def _voxels(image: nib.Nifti1Image, path: Path, case: str) -> np.ndarray:
         return np.asanyarray(image.dataobj)
     except (OSError, EOFError, zlib.error, ValueError) as err:  # truncated or corrupt .nii(.gz)
         raise UnreadableError(f"{path} (case {case}): the header reads but the voxels do not ({err}). "
-                        "Fix: copy or re-export the file again; it is probably truncated.") from err
+                              "Fix: copy or re-export the file again; it is probably truncated.") from err
 
 
 CANONICAL = axcodes2ornt(("R", "A", "S"))
@@ -109,11 +109,10 @@ def to_canonical(affine: np.ndarray) -> np.ndarray:
     return ornt_transform(io_orientation(affine), CANONICAL)
 
 
-def reorient(array: np.ndarray, ornt: np.ndarray, leading: int = 0) -> np.ndarray:
-    """`array` with its spatial axes (after `leading` ones) moved and flipped by `ornt` (a view)."""
-    moved = np.moveaxis(array, list(range(leading)), list(range(-leading, 0))) if leading else array
-    out = apply_orientation(moved, ornt)
-    return np.moveaxis(out, list(range(-leading, 0)), list(range(leading))) if leading else out
+def reorient(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """`array` with its first three (spatial) axes moved and flipped by `ornt`; later axes (channels,
+    classes) follow. A view: nothing is copied."""
+    return apply_orientation(array, ornt)
 
 
 class Volume:
@@ -157,9 +156,9 @@ class Volume:
         self.spacing: tuple[float, float, float] = tuple(zooms[f] for f in order)
         self.channels = len(self._images) if first.ndim == 3 else int(first.shape[3])
 
-    def to_file(self, array: np.ndarray, leading: int = 0) -> np.ndarray:
-        """An array on this volume's (canonical) axes, after `leading` axes, in the file's axis order."""
-        return reorient(array, self._back, leading)
+    def to_file(self, array: np.ndarray) -> np.ndarray:
+        """An array on this volume's (canonical) axes, spatial axes first, in the file's axis order."""
+        return reorient(array, self._back)
 
     @cached_property
     def data(self) -> np.ndarray:
