@@ -2,8 +2,8 @@
 
 Images: counts are summed over the whole dataset before dividing (dataset-level scores), so
 small images do not weigh more than large ones. Volumes: counts are summed per case, each case
-scored, then the scores averaged over cases (`summarize_units`), as `segkit.metrics3d` reports them. The head decides how pixels are
-counted (`Head.stats`); this module only divides.
+scored, then the scores averaged over cases (`summarize_units`), as `segkit.metrics3d` reports
+them. The head decides how pixels are counted (`Head.stats`); this module only divides.
 """
 
 from __future__ import annotations
