@@ -5,8 +5,8 @@ Labels travel through it bit-packed (`np.packbits` of the C class layers + 'vali
 so a sample moves ceil((C + 2) / 8) bytes per pixel instead of C + 2. Padding fills zeros: padded
 pixels come out invalid and not real. Flips and turns are numpy views; only a rescale
 interpolates (linear for the image, nearest for the labels). The image is interpolated from real
-pixels only (normalised by their weight), so a no-data value never leaks into a valid pixel beside it. Intensity work (normalisation,
-jitter) happens later, on the device (`segkit.data.dataset.to_network`).
+pixels only (normalised by their weight), so a no-data value never leaks into a valid pixel beside
+it. Intensity work (normalisation, jitter) happens later, on the device (`segkit.data.dataset.to_network`).
 """
 
 from __future__ import annotations
