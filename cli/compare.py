@@ -21,7 +21,7 @@ def _ints(text: str, option: str) -> list[int]:
 
 @app.command()
 def compare(
-    config: Annotated[Path, typer.Argument(help="YAML config describing the data (its head is ignored).")],
+    config: Annotated[Path, typer.Argument(help="YAML config describing the data (its head, loss, thresholds and class weights are ignored).")],
     out: Annotated[Path | None, typer.Option(help="Report folder; default runs/compare-<config name>.")] = None,
     heads: Annotated[str, typer.Option(help="Heads to train, comma-separated.")] = "softmax,sigmoid",
     epochs: Annotated[int | None, typer.Option(help="Override train.epochs for every run.")] = None,
@@ -37,10 +37,9 @@ def compare(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = False,
 ) -> None:
     """Train softmax and sigmoid heads on the same data and seeds; write report.md/json and figures."""
-    from segkit.compare import compare as run
-    from segkit.config import load_config
+    from segkit.compare import compare as run, load_compare_config
 
-    cfg = load_config(config, list(set_ or []))
+    cfg = load_compare_config(config, list(set_ or []))
     report, summary = run(cfg, out or Path("runs") / f"compare-{config.stem}",
                           heads=[h.strip() for h in heads.split(",") if h.strip()], seeds=_ints(seeds, "--seeds"),
                           epochs=epochs, include_degenerate=include_degenerate, tune_thresholds=write_thresholds,

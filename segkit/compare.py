@@ -16,16 +16,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segkit.config import Config, parse_config
-from segkit.data.inspect import DataGuess, Report, inspect
+from segkit.config import Config, load_config, parse_config
+from segkit.data.inspect import Report, inspect_data
+from segkit.data.inspect_volumes import VolumeReport
 from segkit.data.dataset import fit_normalization, scan
 from segkit.data.source import ImageSource
 from segkit.data.io import write_bytes, write_json
 from segkit.data.splits import eval_samples, pair_reader
 from segkit.errors import ConfigError, SegkitError
-from segkit.evaluate import evaluate
+from segkit.evaluate import evaluate_split
 from segkit.heads import Head
-from segkit.infer import Prediction, Segmenter, forward_padded
+from segkit.infer import Segmenter, forward_padded
 from segkit.metrics import class_scores
 from segkit.model import META, build_model, read_meta
 from segkit.train import read_history, train
@@ -48,20 +49,32 @@ class Plan:
     skipped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     exclusive_part: bool = False  # softmax trained with overlapping pixels ignored
+    unit: str = "pixels"  # what a mask labels: pixels of images, voxels of volumes
 
 
-def plan_heads(cfg: Config, report: Report, heads: Sequence[str], exclusive_part: bool = False) -> Plan:
+def plan_heads(cfg: Config, report: Report | VolumeReport, heads: Sequence[str], exclusive_part: bool = False
+               ) -> Plan:
     """Class lists from the data: binary -> sigmoid [fg] vs softmax [background, fg]; exclusive ->
     the same N classes for both (plus background for softmax where pixels have no class);
-    overlapping -> sigmoid only, with the share of pixels softmax cannot represent."""
+    overlapping -> sigmoid only, with the share of pixels (voxels) softmax cannot represent."""
     names = cfg.data.classes
     fg = [c for c in names if c.lower() != "background"]
+    unit = report.unit
     if cfg.data.mask == "binary":
         plan = Plan("binary", {"sigmoid": fg, "softmax": ["background", *fg]})
     elif report.overlap_share > 0:
         plan = Plan("overlapping", {"sigmoid": fg})
-        cannot = (f"{report.overlap_share:.2%} of pixels carry more than one label; softmax gives each pixel "
-                  "exactly one class and cannot represent them")
+        cannot = (f"{report.overlap_share:.2%} of {unit} carry more than one label; softmax gives each "
+                  f"{unit[:-1]} exactly one class and cannot represent them")
+        if isinstance(report, VolumeReport):
+            pairs = report.dataset.overlapping()
+            cannot += (" (nested regions: " + "; ".join(
+                f"{a} {list(report.dataset.class_values[a])} and {b} {list(report.dataset.class_values[b])} "
+                "share label values" for a, b in pairs[:4]) + ")")
+            if exclusive_part:
+                raise ConfigError("--softmax-exclusive: the classes of a volume dataset with nested regions have "
+                                  "no exclusive part to train softmax on (a voxel of an inner region is in every "
+                                  "region around it). Fix: leave out --softmax-exclusive.")
         if exclusive_part:
             plan.classes["softmax"] = ["background", *fg]
             plan.exclusive_part = True
@@ -75,14 +88,28 @@ def plan_heads(cfg: Config, report: Report, heads: Sequence[str], exclusive_part
         plan = Plan("exclusive", {"sigmoid": list(names) if covering else fg,
                                   "softmax": list(names) if covering else ["background", *fg]})
         if not covering:
-            plan.notes.append(f"{report.unlabeled_share:.2%} of pixels have no class: softmax gets a "
+            plan.notes.append(f"{report.unlabeled_share:.2%} of {unit} have no class: softmax gets a "
                               "`background` class for them.")
+    plan.unit = unit
+    needs, why = report.advice()
+    plan.notes.insert(0, f"the data needs: {needs}. {why[0].upper()}{why[1:]}")
     unknown = [h for h in heads if h not in ("softmax", "sigmoid")]
     if unknown:
         raise ConfigError(f"--heads: {unknown} unknown. Fix: softmax, sigmoid or both.")
     plan.classes = {h: c for h, c in plan.classes.items() if h in heads}
     plan.skipped = {h: why for h, why in plan.skipped.items() if h in heads}
     return plan
+
+
+PER_HEAD = ("model.head=sigmoid", "model.thresholds=", "train.loss=", "train.class_weights=")
+"""Keys `head_config` sets for each run; a config read for compare has them neutral, so that a head the data
+refuses (softmax on nested regions) or its loss does not stop the comparison before it starts."""
+
+
+def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """A config file read for `compare`: its head, thresholds, loss and class weights are ignored (each run
+    gets its own, see `head_config`); sigmoid, which every dataset allows, stands in while it is checked."""
+    return load_config(path, [*overrides, *PER_HEAD])
 
 
 def head_config(cfg: Config, head: str, classes: list[str], seed: int, epochs: int | None,
@@ -109,8 +136,10 @@ def head_config(cfg: Config, head: str, classes: list[str], seed: int, epochs: i
 # -- analysis accumulated while evaluating -------------------------------------------------
 
 class Analysis:
-    """Per-class probability histograms (positives, negatives, summed probability) and pixel
-    agreement, from which calibration, threshold curves and accuracy follow."""
+    """Per-class probability histograms (positives, negatives, summed probability) for calibration, counts
+    above each threshold of THRESHOLDS for the Dice-against-threshold curves, and pixel agreement. The
+    threshold counts follow the head's decoding rule exactly (float32 probability strictly above the
+    float32 threshold), so a curve's Dice at t is what `segkit evaluate --threshold t` reports."""
 
     def __init__(self, head: Head) -> None:
         c = head.channels
@@ -118,19 +147,23 @@ class Analysis:
         self.pos = np.zeros((c, BINS), np.int64)
         self.neg = np.zeros((c, BINS), np.int64)
         self.psum = np.zeros((c, BINS), np.float64)
+        self.cuts = np.array(THRESHOLDS, np.float32)
+        self.pos_cut = np.zeros((c, len(THRESHOLDS) + 1), np.int64)  # by how many thresholds lie below p
+        self.neg_cut = np.zeros((c, len(THRESHOLDS) + 1), np.int64)
         self.correct = self.valid = self.no_class = self.multi_class = 0
 
-    def __call__(self, pred: Prediction, target: torch.Tensor) -> None:
-        truth, valid = self.head.target_multihot(target[None])
-        truth, valid = truth[0].numpy(), valid[0].numpy()
-        probs = pred.probs.astype(np.float32)
-        decoded = self.head.multihot(torch.from_numpy(pred.mask)[None])[0].numpy()
+    def __call__(self, probs: np.ndarray, decoded: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> None:
+        """One image or case: float32 probabilities (C, ...), decoded and true classes (C, ...) bool, and
+        the (...) scored items (`evaluate_volumes.Observer`)."""
         idx = np.minimum((probs * BINS).astype(np.int64), BINS - 1)
         for c in range(self.head.channels):
             pv, iv, tv = probs[c][valid], idx[c][valid], truth[c][valid]
             self.pos[c] += np.bincount(iv[tv], minlength=BINS)
             self.neg[c] += np.bincount(iv[~tv], minlength=BINS)
             self.psum[c] += np.bincount(iv, weights=pv, minlength=BINS)
+            below = np.searchsorted(self.cuts, pv, side="left")  # thresholds t < p
+            self.pos_cut[c] += np.bincount(below[tv], minlength=len(THRESHOLDS) + 1)
+            self.neg_cut[c] += np.bincount(below[~tv], minlength=len(THRESHOLDS) + 1)
         count = decoded.sum(0)[valid]
         self.no_class += int((count == 0).sum())
         self.multi_class += int((count > 1).sum())
@@ -154,14 +187,13 @@ class Analysis:
         return {"confidence": conf.tolist(), "frequency": freq.tolist(), "count": tot.tolist(), "ece": ece}
 
     def threshold_curve(self) -> dict[str, list[float]]:
-        """Dice per class at each threshold in THRESHOLDS (probability >= t is positive)."""
+        """Dice per class at each threshold in THRESHOLDS (probability > t is positive, as decoding)."""
         out = {}
         for c, name in enumerate(self.head.classes):
             dice = []
-            for t in THRESHOLDS:
-                k = int(round(t * BINS))
-                tp, fp = self.pos[c, k:].sum(), self.neg[c, k:].sum()
-                fn = self.pos[c, :k].sum()
+            for j in range(len(THRESHOLDS)):
+                tp, fp = self.pos_cut[c, j + 1:].sum(), self.neg_cut[c, j + 1:].sum()
+                fn = self.pos_cut[c, :j + 1].sum()
                 dice.append(class_scores(int(tp), int(fp), int(fn))["dice"])
             out[name] = dice
         return out
@@ -199,8 +231,7 @@ def run_one(cfg: Config, folder: Path, progress: bool, device: str) -> Run:
     result = train(cfg, folder, progress=progress)
     seg = Segmenter.load(folder / "best", device=device)
     analysis = Analysis(seg.head)
-    samples = eval_samples(cfg.data, "val", cfg.split_seed())
-    scores = evaluate(seg, samples, pair_reader(cfg.data), workers=cfg.train.workers, observe=analysis)
+    scores = evaluate_split(seg, cfg.data.root, "val", cfg, workers=cfg.train.workers, observe=analysis)
     history = read_history(folder / "metrics.csv")
     info = {"reliability": analysis.reliability(), "pixel_accuracy": analysis.pixel_accuracy(),
             "empty_or_overlap": analysis.empty_or_overlap(), "thresholds": analysis.threshold_curve()}
@@ -291,6 +322,7 @@ def summarize_runs(plan: Plan, runs: list[Run]) -> dict:
             "seeds": [r.seed for r in mine],
             "macro_dice": [r.scores["mean"]["dice"] for r in mine],
             "macro_iou": [r.scores["mean"]["iou"] for r in mine],
+            "macro_hd95": [r.scores["mean"].get("hd95", math.nan) for r in mine],  # volumes: mm
             "common_dice": common_dice,
             "per_class_dice": {c: [r.scores["per_class"][c]["dice"] for r in mine] for c in (mine[0].classes if mine else [])},
             "pixel_accuracy": [r.analysis["pixel_accuracy"] for r in mine],
@@ -305,8 +337,10 @@ def summarize_runs(plan: Plan, runs: list[Run]) -> dict:
                      for r in mine],
         }
     labels = {h: f"{h} (exclusive part only)" if plan.exclusive_part and h == "softmax" else h for h in table}
-    return {"kind": plan.kind, "common_classes": common, "heads": table, "skipped": plan.skipped,
-            "notes": plan.notes, "labels": labels}
+    scoring = ("per case, then averaged over cases (as `segkit evaluate` reports volumes)"
+               if runs and "per_case" in runs[0].scores else "pooled over the split's images")
+    return {"kind": plan.kind, "unit": plan.unit, "scoring": scoring, "common_classes": common, "heads": table,
+            "skipped": plan.skipped, "notes": plan.notes, "labels": labels}
 
 
 def conclusion(summary: dict) -> str:
@@ -380,15 +414,20 @@ def write_report(summary: dict, runs: list[Run], out: Path, degenerate: dict | N
     summary["degenerate"] = degenerate
     summary["conclusion"] = conclusion(summary)
     lines = ["# Softmax or sigmoid? — segkit compare", "",
-             f"Data: **{summary['kind']}**. Scores on the validation split, mean ± standard deviation over seeds.",
+             f"Data: **{summary['kind']}**. Scores on the validation split, {summary['scoring']}; mean ± standard "
+             "deviation over seeds.",
              ""]
     lines += [f"- {h}: {why}" for h, why in summary["skipped"].items()] + [f"- {n}" for n in summary["notes"]]
-    common = summary["common_classes"]
-    lines += ["", f"| head | classes | Dice on {', '.join(common) or '-'} | macro Dice | macro IoU | pixel acc. | "
-                  "ECE | train s | img/s | params |", "|---|---|---|---|---|---|---|---|---|---|"]
+    common, unit = summary["common_classes"], summary["unit"]
+    hd95 = any(not math.isnan(v) for r in summary["heads"].values() for v in r["macro_hd95"])
+    lines += ["", f"| head | classes | Dice on {', '.join(common) or '-'} | macro Dice | macro IoU | "
+                  + ("macro HD95 mm | " if hd95 else "") + f"{unit[:-1]} acc. | ECE | train s | img/s | params |",
+              "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if hd95 else "")]
     for head, r in summary["heads"].items():
-        lines.append(f"| {summary['labels'][head]} | {', '.join(r['classes'])} | {_pm(r['common_dice'])} | {_pm(r['macro_dice'])} | "
-                     f"{_pm(r['macro_iou'])} | {_pm(r['pixel_accuracy'])} | {_pm(r['ece'])} | "
+        lines.append(f"| {summary['labels'][head]} | {', '.join(r['classes'])} | {_pm(r['common_dice'])} | "
+                     f"{_pm(r['macro_dice'])} | {_pm(r['macro_iou'])} | "
+                     + (f"{_pm(r['macro_hd95'], 2)} | " if hd95 else "")
+                     + f"{_pm(r['pixel_accuracy'])} | {_pm(r['ece'])} | "
                      f"{_pm(r['train_seconds'], 0)} | {_pm(r['images_per_s'], 1)} | {r['parameters']:,} |")
     if degenerate:
         lines.append(f"| {degenerate['label']} | {', '.join(degenerate['classes'])} | 0.0000 (constant) | - | - | "
@@ -407,7 +446,7 @@ def write_report(summary: dict, runs: list[Run], out: Path, degenerate: dict | N
         for c, t in sig["best_thresholds"].items():
             lines.append(f"| {c} | {t['threshold']:.2f} | {t['dice']:.4f} | {t['dice_at_0.5']:.4f} |")
         if summary["kind"] == "exclusive":
-            lines += ["", f"{head}: pixels with no class after thresholding: {_pm(sig['no_class_share'])}; "
+            lines += ["", f"{head}: {unit} with no class after thresholding: {_pm(sig['no_class_share'])}; "
                           f"with more than one class: {_pm(sig['multi_class_share'])} (exclusive data: "
                           "softmax has exactly one by construction)."]
     if degenerate:
@@ -440,7 +479,11 @@ def compare(cfg: Config, out: Path, heads: Sequence[str] = ("softmax", "sigmoid"
         raise SegkitError(f"{out}: folder exists and is not empty. Fix: --out a new folder.")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {','.join(map(str, seeds))}: a seed repeats. Fix: give each seed once, e.g. 0,1,2.")
-    plan = plan_heads(cfg, inspect(cfg.data.root, DataGuess.from_config(cfg.data)), heads, softmax_exclusive)
+    report = inspect_data(cfg.data.root, cfg.data)
+    if include_degenerate and isinstance(report, VolumeReport):
+        raise ConfigError("--include-degenerate: the 1-channel softmax row is shown on 2-D images only. Fix: leave "
+                          "out --include-degenerate for a volume dataset.")
+    plan = plan_heads(cfg, report, heads, softmax_exclusive)
     configs = [(h, s, head_config(cfg, h, classes, s, epochs, plan.exclusive_part and h == "softmax", seeds[0]
                                   if seeds else None))
                for h, classes in plan.classes.items() for s in seeds]

@@ -12,6 +12,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save
 
 from segkit.data.io import write_bytes
+from segkit.data.volume_spec import VolumeSpec
 from segkit.errors import SegkitError
 from segkit.heads import head_from_metadata
 from segkit.model import META, WEIGHTS, read_meta
@@ -37,6 +38,9 @@ def softmax_to_sigmoid(src: str | Path, dst: str | Path) -> Path:
     data = dict(meta.get("data") or {})
     if data.get("mask") == "index":
         data["mask"] = "binary"  # index 0/1 masks read as binary give the one foreground class
+    volume = VolumeSpec.from_meta(meta)
+    if volume is not None:
+        data["volume"] = volume.for_classes(sigmoid.classes).to_meta()
     new_meta["data"] = data or None
     write_bytes(dst / WEIGHTS, save({k: v.contiguous() for k, v in state.items()}))
     write_bytes(dst / META, json.dumps(new_meta, indent=2).encode())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,12 @@ from segkit.data.dataset import PairReader
 from segkit.data.layout import Sample
 from segkit.data.source import ImageSource
 from segkit.data.splits import checkpoint_data, eval_samples, pair_reader
-from segkit.config import load_config
-from segkit.errors import DataError, SegkitError
-from segkit.infer import Prediction, Segmenter, keep_arrays
+from segkit.config import Config, load_config
+from segkit.data.volume_spec import VolumeSpec
+from segkit.data.volumes import is_volume_root
+from segkit.errors import ConfigError, DataError, SegkitError
+from segkit.evaluate_volumes import Observer, evaluate_volumes, format_volume_scores, volume_cases
+from segkit.infer import Segmenter, keep_arrays
 from segkit.metrics import summarize
 
 
@@ -43,15 +46,14 @@ class _Pairs(Dataset):
         return self.head.targets(px.labels, px.valid), px.image, px.nodata, None
 
 
-def samples_for(seg: Segmenter, root: Path, split: str, config: Path | None = None
+def samples_for(seg: Segmenter, root: Path, split: str, config: Config | None = None
                 ) -> tuple[list[Sample], PairReader]:
     """The samples of one split of `root` and the reader for their masks: the config's data section
     when given, else the encoding the checkpoint was trained on."""
     if config is not None:
-        full = load_config(config, [f"data.root={root}"])
-        cfg, seed = full.data, full.split_seed()
+        cfg, seed = config.data, config.split_seed()
         if cfg.classes != seg.classes:
-            raise SegkitError(f"{config}: data.classes {cfg.classes} differ from the checkpoint's {seg.classes}.")
+            raise SegkitError(f"--config: data.classes {cfg.classes} differ from the checkpoint's {seg.classes}.")
     else:
         cfg, seed = checkpoint_data(seg.meta, root)
     return eval_samples(cfg, split, seed), pair_reader(cfg)
@@ -67,11 +69,12 @@ def background_classes(classes: Sequence[str]) -> list[str]:
 
 def evaluate(seg: Segmenter, samples: Sequence[Sample], reader: PairReader, exclude: Sequence[str] = (),
              workers: int = 2, progress: bool = False,
-             observe: Callable[[Prediction, torch.Tensor], None] | None = None) -> dict:
+             observe: Observer | None = None) -> dict:
     """Dataset-level scores of `seg` on `samples`: per class, macro mean, micro; confusion for softmax.
 
-    `observe(prediction, target)` sees every prediction with its probabilities (for
-    analyses such as calibration) without a second pass over the data.
+    `observe(probs, decoded, truth, valid)` sees every image's float32 probabilities (C, H, W), its decoded
+    and true classes (C, H, W) bool and its scored pixels (H, W), for analyses such as calibration, without
+    a second pass over the data.
     """
     head = seg.head
     counts = torch.zeros(head.channels, 4, dtype=torch.int64)
@@ -97,7 +100,8 @@ def evaluate(seg: Segmenter, samples: Sequence[Sample], reader: PairReader, excl
         if conf is not None:
             confusion = conf if confusion is None else confusion + conf
         if observe is not None:
-            observe(pred, target)
+            labels, valid = head.target_multihot(truth)
+            observe(pred.probs, head.multihot(mask)[0].numpy(), labels[0].numpy(), valid[0].numpy())
         n += 1
     if failed:
         raise DataError(f"{len(failed)} of {len(samples)} samples could not be read, no scores written:\n  "
@@ -111,6 +115,35 @@ def evaluate(seg: Segmenter, samples: Sequence[Sample], reader: PairReader, excl
     if head.thresholds is not None:
         result["thresholds"] = dict(zip(head.classes, head.thresholds))
     return result
+
+
+def evaluate_split(seg: Segmenter, root: Path | str, split: str, config: Config | Path | None = None,
+                   exclude: Sequence[str] = (), workers: int = 2, progress: bool = False,
+                   observe: Observer | None = None) -> dict:
+    """Scores of `seg` on one split of the dataset at `root`, by the rule of its data: images pooled over the
+    split (`evaluate`), a model trained on volume slices case by case (`evaluate_volumes`). Image masks are
+    read as `config`'s data section says (a Config, or a config file read with data.root = `root`), else as
+    the checkpoint was trained; a volume dataset's labels always as its dataset.json says."""
+    root = Path(root)
+    if VolumeSpec.from_meta(seg.meta) is not None:
+        if config is not None and (not isinstance(config, Config) or config.data.mask != "volume"):
+            raise ConfigError("--config: a volume model reads labels as its dataset.json (or, in segkit's layout, "
+                              "its model.json classes) says. Fix: leave out --config.")
+        ds, cases = volume_cases(seg, root, split)
+        return evaluate_volumes(seg, ds, cases, exclude, progress, observe)
+    if is_volume_root(root):
+        raise SegkitError(f"{root}: a volume dataset (NIfTI), but this checkpoint was trained on 2-D images "
+                          "(its model.json has no data.volume). Fix: train on this dataset (data.root: "
+                          f"{root}) and evaluate that checkpoint.")
+    if config is not None and not isinstance(config, Config):
+        config = load_config(config, [f"data.root={root}"])
+    samples, reader = samples_for(seg, root, split, config)
+    return evaluate(seg, samples, reader, exclude, workers, progress, observe)
+
+
+def format_result(result: dict) -> str:
+    """The terminal table of `evaluate_split`'s result, images or volumes."""
+    return format_volume_scores(result) if "per_case" in result else format_scores(result)
 
 
 def _fmt(v: float) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +30,10 @@ from segkit.metrics3d import EMPTY_RULE_3D, case_scores, summarize_cases
 log = logging.getLogger("segkit")
 
 SPLITS = ("test", "val", "train")
+
+Observer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+"""observe(probs, decoded, truth, valid): one image's or case's float32 probabilities (C, ...), decoded and
+true classes (C, ...) bool, and the (...) bool items that are scored, as `metrics` counts them."""
 
 
 def volume_cases(seg: Segmenter, root: Path | str, split: str) -> tuple[VolumeDataset, list[VolumeCase]]:
@@ -77,24 +81,31 @@ def _index_map(masks: Sequence[np.ndarray], shape: tuple[int, ...]) -> np.ndarra
 
 
 def score_case(pred: VolumePrediction, label: np.ndarray, ds: VolumeDataset, spec: VolumeSpec,
-               spacing: tuple[float, ...]) -> dict[str, dict[str, float]]:
+               spacing: tuple[float, ...], observe: Observer | None = None) -> dict[str, dict[str, float]]:
     """`metrics3d.case_scores` of one case's prediction against its label map."""
     layers, valid = ds.layers(label)
     if pred.nodata is not None:
         valid &= ~pred.nodata
     classes = list(spec.class_values)
+    truth = np.moveaxis(layers, -1, 0).view(bool)
     if pred.masks is not None:
-        return case_scores(pred.masks, np.moveaxis(layers, -1, 0), classes, spacing, multilabel=True, valid=valid)
-    valid &= layers.any(axis=-1)
-    truth = _index_map([layers[..., k].view(bool) for k in range(len(classes))], label.shape)
-    predicted = _index_map([pred.labels == value for value in spec.index_values()], label.shape)
-    return case_scores(predicted, truth, classes, spacing, multilabel=False, valid=valid)
+        decoded = pred.masks
+        scores = case_scores(decoded, truth, classes, spacing, multilabel=True, valid=valid)
+    else:
+        valid &= layers.any(axis=-1)
+        decoded = np.stack([pred.labels == value for value in spec.index_values()])
+        scores = case_scores(_index_map(decoded, label.shape), _index_map(truth, label.shape), classes, spacing,
+                             multilabel=False, valid=valid)
+    if observe is not None:
+        observe(pred.probs, decoded, truth, valid)
+    return scores
 
 
 def evaluate_volumes(seg: Segmenter, ds: VolumeDataset, cases: Sequence[VolumeCase], exclude: Sequence[str] = (),
-                     progress: bool = False) -> dict:
+                     progress: bool = False, observe: Observer | None = None) -> dict:
     """Per-case and mean 3-D scores of `seg` on `cases`; `exclude`d classes stay out of the macro mean. Cases
-    that cannot be read are all reported together, and then nothing is scored."""
+    that cannot be read are all reported together, and then nothing is scored. `observe` sees each case's
+    float32 probabilities with its masks (see `Observer`)."""
     spec = volume_spec(seg)
     per_case: dict[str, dict[str, dict[str, float]]] = {}
     spacing: dict[str, list[float]] = {}
@@ -106,11 +117,11 @@ def evaluate_volumes(seg: Segmenter, ds: VolumeDataset, cases: Sequence[VolumeCa
             check_channels(volume, spec)
             label = ds.label_volume(case)
             ds.check_labels(case, label)
-            pred = predict_volume(seg, volume)
+            pred = predict_volume(seg, volume, probs=observe is not None, probs_dtype=np.float32)
         except DataError as err:
             failed.append(str(err))
             continue
-        per_case[case.name] = score_case(pred, label, ds, spec, volume.spacing)
+        per_case[case.name] = score_case(pred, label, ds, spec, volume.spacing, observe)
         spacing[case.name] = list(volume.spacing)
     if failed:
         raise DataError(f"{len(failed)} of {len(cases)} cases could not be scored, no scores written:\n  "

@@ -104,7 +104,7 @@ class Prediction:
     """One image's result, at the image's own size.
 
     mask: softmax -> (H, W) class indices; sigmoid -> (C, H, W) bool.
-    probs: (C, H, W) float16 probabilities when asked for.
+    probs: (C, H, W) float32 probabilities when asked for (files keep float16, see writers).
     valid: (H, W) bool, False where the input was no-data (None when it has none).
     """
 
@@ -235,7 +235,7 @@ class Segmenter:
         if mask.dtype != torch.bool and self.head.channels <= 256:
             mask = mask.to(torch.uint8)  # on the device: a quarter of int32's bytes cross back
         mask = mask.cpu().numpy()
-        p = self.head.activate(logits[None])[0].half().cpu().numpy() if probs else None
+        p = self.head.activate(logits[None].float())[0].cpu().numpy() if probs else None
         return Prediction(mask, p, valid)
 
     def _valid_rows(self, src: ImageSource, top: int, n: int) -> np.ndarray | None:
@@ -415,7 +415,7 @@ class _Collect:
         self.mask = np.empty(head.mask_shape(src.height, src.width), head.mask_dtype if head.channels <= 256
                              or head.mask_dtype is bool else np.int64)
         self.probs = probs
-        self.prob = np.empty((head.channels, src.height, src.width), np.float16) if probs else None
+        self.prob = np.empty((head.channels, src.height, src.width), np.float32) if probs else None
         self.valid: np.ndarray | None = None
         self.shape = src.shape
 

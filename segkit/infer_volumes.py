@@ -49,7 +49,7 @@ class VolumePrediction:
     labels: softmax -> label values; sigmoid region models -> the regions combined by `regions_class_order`;
             otherwise None.
     masks: sigmoid -> (K, X, Y, Z) bool, one per class; softmax -> None.
-    probs: (K, X, Y, Z) float16 probabilities when asked for.
+    probs: (K, X, Y, Z) probabilities when asked for (float16 unless asked otherwise).
     nodata: (X, Y, Z) bool voxels with a NaN or infinite channel (background in every output, 0 in probs,
             left out of scores), or None when there are none.
     """
@@ -104,8 +104,10 @@ def _predict_slices(seg: Segmenter, batch: np.ndarray, probs: bool) -> list[Pred
     return [seg.predict(image, probs) for image in batch]
 
 
-def predict_volume(seg: Segmenter, volume: Volume, probs: bool = False) -> VolumePrediction:
-    """Masks (and probabilities) of one case at its own shape; see VolumePrediction."""
+def predict_volume(seg: Segmenter, volume: Volume, probs: bool = False, probs_dtype: type = np.float16
+                   ) -> VolumePrediction:
+    """Masks (and probabilities, float16 as written to files unless `probs_dtype` says otherwise) of one case
+    at its own shape; see VolumePrediction."""
     spec = volume_spec(seg)
     check_channels(volume, spec)
     problem = spec.spacing_problem(volume.case, volume.spacing)
@@ -122,7 +124,7 @@ def predict_volume(seg: Segmenter, volume: Volume, probs: bool = False) -> Volum
         labels = np.empty(shape, label_dtype(values))
         lut, label_stack = values.astype(labels.dtype), np.moveaxis(labels, axis, 0)
     if probs:
-        prob = np.empty((head.channels, *shape), np.float16)
+        prob = np.empty((head.channels, *shape), probs_dtype)
         prob_stack = np.moveaxis(prob, axis + 1, 1)
     for start, batch in normalised_slices(spec, volume.data, seg.batch_size):
         for k, pred in enumerate(_predict_slices(seg, batch, probs), start):

@@ -16,11 +16,13 @@ import numpy as np
 
 from segkit.config import DataConfig
 from segkit.data.dataset import label_stats
+from segkit.data.inspect_volumes import VolumeReport, inspect_volumes
 from segkit.data.io import image_size, is_image, read_mask_raw
 from segkit.data.layout import Sample, pair, split_dirs
 from segkit.data.masks import MaskFormat, build_mask_format, distinct
 from segkit.data.normalize import sample_windows, valid_pixels
 from segkit.data.source import ImageSource
+from segkit.data.volumes import is_volume_root
 from segkit.errors import DataError, SegkitError
 
 
@@ -139,6 +141,7 @@ class Report:
     data: DataGuess
     splits: list[SplitReport]
     images: ImageSummary = field(default_factory=ImageSummary)
+    unit = "pixels"
 
     def _sum(self, key: str) -> int:
         return sum(getattr(s, key) for s in self.splits)
@@ -296,3 +299,11 @@ def inspect(root: str | Path, data: DataGuess | None = None, threads: int = 4) -
         splits.append(s)
     images = [i for _, (images_dir, _) in split_dirs(root).items() for i in _files(images_dir)]
     return Report(root, data, splits, summarize_images(images, data.bands, data.nodata))
+
+
+def inspect_data(root: str | Path, data: DataConfig | None = None) -> Report | VolumeReport:
+    """`inspect` for images, `inspect_volumes` for a volume dataset; `data` (a config's data section) says how
+    to read masks, or, for volumes, selects or renames classes."""
+    if is_volume_root(Path(root)):
+        return inspect_volumes(root, data.classes if data else None, data.ignore_index if data else None)
+    return inspect(root, DataGuess.from_config(data) if data else None)

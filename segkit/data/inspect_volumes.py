@@ -93,6 +93,7 @@ class VolumeReport:
     split_counts: dict[str, int]
     guessed: bool = False
     classes_given: bool = False
+    unit = "voxels"
 
     # -- label statistics, from the histograms ------------------------------------------------------------
 

@@ -3,7 +3,7 @@ stored in model.json as `data.volume`, written by training, read by prediction, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -77,6 +77,11 @@ class VolumeSpec:
                 f"(more than {SPACING_FACTOR:g}x apart): its structures look {'smaller' if max(ratios) > 1 else 'larger'} "
                 "than in training and the masks may suffer. Fix: resample the case to the training spacing, or "
                 "train with such cases.")
+
+    def for_classes(self, names: list[str]) -> VolumeSpec:
+        """The spec of a model whose output classes are `names`, a subset of these (a 2-class softmax model
+        converted to its 1-channel sigmoid twin keeps its foreground class and that class's label values)."""
+        return replace(self, class_values={name: self.class_values[name] for name in names})
 
     def index_values(self) -> np.ndarray:
         """Class index -> the label value an index (softmax) output writes for it."""
