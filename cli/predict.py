@@ -36,41 +36,6 @@ def load_segmenter(checkpoint: Path, device: str, batch_size: int, tile: int, ov
     return seg
 
 
-def is_volume_model(seg) -> bool:
-    """Whether the checkpoint was trained on volume slices (its model.json has data.volume)."""
-    from segkit.data.volume_spec import VolumeSpec
-
-    return VolumeSpec.from_meta(seg.meta) is not None
-
-
-def refuse_volumes(input_dir: Path) -> None:
-    """A 2-D model given NIfTI volumes: say so, instead of finding 'no images'."""
-    from segkit.data.volumes import is_volume_folder
-    from segkit.errors import SegkitError
-
-    if is_volume_folder(input_dir):
-        raise SegkitError(f"{input_dir}: NIfTI volumes, but this checkpoint was trained on 2-D images (its "
-                          "model.json has no data.volume). Fix: train on the volume dataset (data.root: its folder "
-                          "with dataset.json) and predict with that checkpoint.")
-
-
-def predict_volumes(seg, input_dir: Path, output_dir: Path, save_probs: bool, vectorize: bool, overwrite: bool,
-                    progress: bool, workers: int) -> None:
-    """The volume path of `predict`: NIfTI cases in, NIfTI masks out; a failed case makes the exit code 1."""
-    from segkit import distributed
-    from segkit.errors import SegkitError
-    from segkit.infer_volumes import predict_volume_folder
-
-    if vectorize:
-        raise SegkitError("--vectorize: polygons are for georeferenced 2-D rasters; this checkpoint predicts NIfTI "
-                          "volumes. Fix: leave out --vectorize.")
-    summary = predict_volume_folder(seg, input_dir, output_dir, probs=save_probs, overwrite=overwrite,
-                                    progress=progress and distributed.rank() == 0, workers=workers)
-    report(summary.failed, f"{summary.volumes} volumes ({summary.slices} slices) in {summary.seconds:.1f} s "
-                           f"({summary.seconds_per_volume:.2f} s/volume), {len(summary.failed)} failed; "
-                           f"masks in {output_dir}")
-
-
 def report(failed: list, line: str) -> None:
     """Each failure on stderr, the summary line once (rank 0), and exit 1 when anything failed."""
     from segkit import distributed
@@ -110,14 +75,10 @@ def predict(
     for volumes (<case>.nii.gz label map, or <class>/<case>.nii.gz per sigmoid class)."""
     from segkit import distributed
     from segkit.device import resolve_device
+    from segkit.predict import predict_files
 
     rank_device = distributed.device_for_rank(resolve_device(device))  # under torchrun: this rank's own GPU
     seg = load_segmenter(checkpoint, str(rank_device), batch_size, tile, overlap, tta, threshold)
-    if is_volume_model(seg):
-        predict_volumes(seg, input_dir, output_dir, save_probs, vectorize, overwrite, progress, workers)
-        return
-    refuse_volumes(input_dir)
-    summary = seg.predict_folder(input_dir, output_dir, probs=save_probs, overwrite=overwrite, workers=workers,
-                                 progress=progress and distributed.rank() == 0, vectorize=vectorize)
-    report(summary.failed, f"{summary.images} images in {summary.seconds:.1f} s ({summary.images_per_s:.2f} "
-                           f"images/s), {len(summary.failed)} failed; masks in {output_dir}")
+    summary = predict_files(seg, input_dir, output_dir, probs=save_probs, overwrite=overwrite, workers=workers,
+                            progress=progress and distributed.rank() == 0, vectorize=vectorize)
+    report(summary.failed, summary.line(output_dir))

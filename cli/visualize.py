@@ -26,33 +26,10 @@ def visualize(
 ) -> None:
     """Overlays of masks on images with a legend; with --truth, error panels. For volumes (NIfTI), a montage
     of the slices with foreground per case; --checkpoint or --config are optional there."""
-    from segkit.data.volumes import is_volume_folder
-    from segkit.viz import sources_for, visualize_folder
+    from segkit.visualize import visualize_files
 
-    if is_volume_folder(images_dir):
-        _volumes(images_dir, masks_dir, out_dir, checkpoint, config, alpha, truth, overwrite)
-        return
-    head, masks, truth_src = sources_for(masks_dir, checkpoint, config, truth)
-    written, skipped = visualize_folder(images_dir, masks, out_dir, head.classes, head.colors, truth_src, alpha,
-                                        overwrite)
-    if skipped:
-        typer.echo(f"{len(skipped)} images have no mask and were skipped (e.g. {skipped[0].name})", err=True)
-    typer.echo(f"{written} pictures in {out_dir}")
-
-
-def _volumes(images_dir: Path, masks_dir: Path, out_dir: Path, checkpoint: Path | None, config: Path | None,
-             alpha: float, truth: Path | None, overwrite: bool) -> None:
-    from segkit.errors import SegkitError
-    from segkit.viz_volumes import VolumeClasses, visualize_volumes
-
-    if checkpoint is not None and config is not None:
-        raise SegkitError("visualize takes one of --checkpoint or --config (for class names and colours), not both.")
-    spec = (VolumeClasses.from_checkpoint(checkpoint) if checkpoint is not None
-            else VolumeClasses.from_config(config) if config is not None else VolumeClasses(None, None))
-    montages, skipped = visualize_volumes(images_dir, masks_dir, out_dir, spec, truth, alpha, overwrite)
-    if skipped:
-        what = "mask or label" if truth is not None else "mask"
-        typer.echo(f"{len(skipped)} cases have no {what} and were skipped (e.g. {skipped[0]})", err=True)
-    for m in montages:
-        typer.echo(f"{m.case}: slices {m.slices} along axis {m.axis} ({m.foreground} of {m.depth} with foreground)")
-    typer.echo(f"{len(montages)} montages in {out_dir}")
+    summary = visualize_files(images_dir, masks_dir, out_dir, checkpoint, config, alpha, truth, overwrite)
+    if summary.warning():
+        typer.echo(summary.warning(), err=True)
+    for line in summary.lines(out_dir):
+        typer.echo(line)

@@ -452,15 +452,30 @@ def batches_by_shape(items: Iterator[tuple[Any, np.ndarray]], size: int,
 
 @dataclass
 class FolderSummary:
-    """What a folder prediction did: images written, files that failed (path, reason), time."""
+    """What a folder prediction did, images or volumes alike: inputs written (`images`; for volumes the cases,
+    `unit` "volumes", with their `slices`), inputs that failed (file or case, reason), time."""
 
-    images: int
-    seconds: float
-    failed: list[tuple[Path, str]] = field(default_factory=list)
+    images: int = 0
+    seconds: float = 0.0
+    failed: list[tuple[Path | str, str]] = field(default_factory=list)
+    unit: str = "images"
+    slices: int = 0
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / self.images if self.images else 0.0
+
+    def line(self, output_dir: Path | str) -> str:
+        """The one line `segkit predict` ends with."""
+        slices = f" ({self.slices} slices)" if self.slices else ""
+        rate = (f"{self.seconds_per_image:.2f} s/{self.unit[:-1]}" if self.unit != "images"
+                else f"{self.images_per_s:.2f} {self.unit}/s")
+        return (f"{self.images} {self.unit}{slices} in {self.seconds:.1f} s ({rate}), {len(self.failed)} failed; "
+                f"masks in {output_dir}")
 
 
 def list_images(folder: Path) -> list[Path]:

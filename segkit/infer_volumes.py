@@ -35,7 +35,7 @@ from segkit.data.io import atomic_path, no_data
 from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import NIFTI_ENDINGS, Volume, VolumeCase, combine_regions, folder_cases, is_volume_folder
 from segkit.errors import DataError, SegkitError, UnreadableError
-from segkit.infer import Prediction, Segmenter
+from segkit.infer import FolderSummary, Prediction, Segmenter
 
 log = logging.getLogger("segkit")
 
@@ -206,20 +206,6 @@ class VolumeJob:
     unreadable: str | None = None
 
 
-@dataclass
-class VolumeSummary:
-    """What a folder prediction did: volumes and slices predicted, cases that failed (case, reason), time."""
-
-    volumes: int = 0
-    slices: int = 0
-    seconds: float = 0.0
-    failed: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def seconds_per_volume(self) -> float:
-        return self.seconds / self.volumes if self.volumes else 0.0
-
-
 def _input_problem(input_dir: Path) -> str | None:
     if not input_dir.is_dir():
         return f"{input_dir}: input folder not found."
@@ -311,7 +297,7 @@ def _read_ahead(jobs: Sequence[VolumeJob], canonical: bool, workers: int) -> Ite
 
 
 def predict_volume_folder(seg: Segmenter, input_dir: str | Path, output_dir: str | Path, probs: bool = False,
-                          overwrite: bool = False, progress: bool = False, workers: int = 2) -> VolumeSummary:
+                          overwrite: bool = False, progress: bool = False, workers: int = 2) -> FolderSummary:
     """Masks of every case in `input_dir` (nnU-Net cases `<case>_0000.nii.gz, ...` grouped when the model was
     trained on such a dataset) written under `output_dir` (see the module docstring). A case whose files cannot
     be read is reported and skipped; the others are written. One thread writes a case's files while the next
@@ -323,7 +309,7 @@ def predict_volume_folder(seg: Segmenter, input_dir: str | Path, output_dir: str
     spec = volume_spec(seg)
     jobs = plan_volumes(seg, spec, input_dir, output_dir, probs, overwrite)
     dist.barrier()  # every rank has checked for existing outputs before any rank writes
-    summary = VolumeSummary()
+    summary = FolderSummary(unit="volumes")
     began = time.perf_counter()
     mine = jobs[dist.rank()::dist.world_size()]
     with ThreadPoolExecutor(1) as writer:
@@ -342,12 +328,12 @@ def predict_volume_folder(seg: Segmenter, input_dir: str | Path, output_dir: str
             if written is not None:
                 written.result()
             written = writer.submit(write_prediction, volume, pred, job.files, output_dir)
-            summary.volumes += 1
+            summary.images += 1
             summary.slices += volume.shape[spec.slice_axis]
         if written is not None:
             written.result()
     summary.seconds = time.perf_counter() - began
     if dist.active():
-        volumes, slices, seconds = dist.all_reduce_sum([summary.volumes, summary.slices, summary.seconds], seg.device)
-        summary.volumes, summary.slices, summary.seconds = int(volumes), int(slices), seconds / dist.world_size()
+        volumes, slices, seconds = dist.all_reduce_sum([summary.images, summary.slices, summary.seconds], seg.device)
+        summary.images, summary.slices, summary.seconds = int(volumes), int(slices), seconds / dist.world_size()
     return summary
