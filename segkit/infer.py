@@ -351,10 +351,10 @@ class Segmenter:
                 summary.images += len(done)
                 bar.update(len(done))
                 while len(pending) > 4 * max(1, workers):
-                    if not _written(*pending.pop(0), summary):
+                    if not wait_written(*pending.pop(0), summary):
                         unwritten += 1
             for path, job in pending:
-                if not _written(path, job, summary):
+                if not wait_written(path, job, summary):
                     unwritten += 1
         bar.update(len(summary.failed) - unwritten)
         bar.close()
@@ -621,9 +621,9 @@ def _readable(reader: Iterable, summary: FolderSummary, seg: Segmenter) -> Itera
             yield path, ImageSource.from_array(pixels, seg.in_channels, nodata, str(path), geometry)
 
 
-def _written(path: Path, job: Future, summary: FolderSummary) -> bool:
-    """Wait for one image's outputs; whether they were written. A write the system refused (disk full,
-    permissions) is reported for that image, which no longer counts as done, and the other images go on."""
+def wait_written(path: Path | str, job: Future, summary: FolderSummary) -> bool:
+    """Wait for one image's (or volume's) outputs; whether they were written. A write the system refused (disk
+    full, permissions) is reported for that input, which no longer counts as done, and the others go on."""
     try:
         job.result()
     except SegkitError as err:

@@ -35,7 +35,7 @@ from segkit.data.io import atomic_path, no_data
 from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import NIFTI_ENDINGS, Volume, VolumeCase, combine_regions, folder_cases, is_volume_folder
 from segkit.errors import DataError, SegkitError, UnreadableError
-from segkit.infer import FolderSummary, Prediction, Segmenter
+from segkit.infer import FolderSummary, Prediction, Segmenter, wait_written
 
 log = logging.getLogger("segkit")
 
@@ -296,6 +296,13 @@ def _read_ahead(jobs: Sequence[VolumeJob], canonical: bool, workers: int) -> Ite
             yield job, future.result()
 
 
+def _settle(written: tuple[str, Future, int] | None, summary: FolderSummary) -> None:
+    """Wait for a case's files: its slices count once they are written; a refused write (disk full) is
+    reported for that case, and the others go on (`wait_written`)."""
+    if written is not None and wait_written(written[0], written[1], summary):
+        summary.slices += written[2]
+
+
 def predict_volume_folder(seg: Segmenter, input_dir: str | Path, output_dir: str | Path, probs: bool = False,
                           overwrite: bool = False, progress: bool = False, workers: int = 2) -> FolderSummary:
     """Masks of every case in `input_dir` (nnU-Net cases `<case>_0000.nii.gz, ...` grouped when the model was
@@ -313,7 +320,7 @@ def predict_volume_folder(seg: Segmenter, input_dir: str | Path, output_dir: str
     began = time.perf_counter()
     mine = jobs[dist.rank()::dist.world_size()]
     with ThreadPoolExecutor(1) as writer:
-        written: Future | None = None  # at most one case's files in flight; its errors surface here
+        written: tuple[str, Future, int] | None = None  # one case's files in flight (case, job, slices)
         ahead = workers if seg.device.type == "cuda" else 0
         for job, volume in tqdm(_read_ahead(mine, spec.canonical, ahead), total=len(mine), desc="predict",
                                 unit="volume", disable=not progress, dynamic_ncols=True):
@@ -325,13 +332,11 @@ def predict_volume_folder(seg: Segmenter, input_dir: str | Path, output_dir: str
                 log.error("skipped %s", err)
                 summary.failed.append((job.case.name, str(err)))
                 continue
-            if written is not None:
-                written.result()
-            written = writer.submit(write_prediction, volume, pred, job.files, output_dir)
+            _settle(written, summary)
+            written = (job.case.name, writer.submit(write_prediction, volume, pred, job.files, output_dir),
+                       volume.shape[spec.slice_axis])
             summary.images += 1
-            summary.slices += volume.shape[spec.slice_axis]
-        if written is not None:
-            written.result()
+        _settle(written, summary)
     summary.seconds = time.perf_counter() - began
     if dist.active():
         volumes, slices, seconds = dist.all_reduce_sum([summary.images, summary.slices, summary.seconds], seg.device)

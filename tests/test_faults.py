@@ -28,6 +28,7 @@ from affine import Affine
 from PIL import Image
 from rasterio.windows import Window
 
+import volumedata
 from conftest import NUCLEI, ROOT, run_cli, small_nuclei_stems
 from samples import SPACENET
 from segkit.data.io import write_bytes
@@ -278,6 +279,35 @@ def test_predict_on_a_full_disk_reports_each_file_and_keeps_the_previous_masks(t
     assert sorted(now) == sorted(before)  # no temporary file left
     assert all(now[k] == before[k] for k in named)
     assert all(now[k] in (before[k], after_ok[k]) for k in now)
+
+
+def test_predict_volumes_on_a_full_disk_reports_each_case_and_writes_what_fits(tmp_path, monkeypatch,
+                                                                              tmp_path_factory):
+    """Three NIfTI cases (a region model: a label map and a mask per region each) with room for the first
+    case's files and part of the second's: the cases that do not fit are reported by file (exit 1), the first
+    is written complete and equal to a run with room, nothing partial is left. Before, the first refused
+    write ended the command with no summary."""
+    ckpt = volumedata.region_content(tmp_path_factory)
+    inp, out, ref = tmp_path / "in", tmp_path / "out", tmp_path / "ref"
+    volumedata.thick_regions(tmp_path / "data")
+    shutil.copytree(tmp_path / "data" / "imagesTr", inp)
+    assert run_cli("predict", ckpt, inp, ref, "--device", "cpu", "--no-progress").code == 0
+    files = _snapshot(ref)
+    first = [k for k in files if volumedata.REGION_CASES[0] in k]
+    assert len(files) == 3 * len(first) and len(first) >= 2
+    room = sum((ref / k).stat().st_size for k in first)
+    disk = FillingDisk(monkeypatch, out, free=room + 40)  # the second case's first file does not fit
+    r = run_cli("predict", ckpt, inp, out, "--device", "cpu", "--no-progress")
+    assert disk.failed >= 1
+    assert r.code == 1 and "Traceback" not in r.err + r.out, r
+    named = _refused(r.err, out)
+    assert len(named) == 2 == r.err.count("failed: "), r.err
+    assert all(volumedata.REGION_CASES[0] not in n for n in named)
+    found = re.search(r"^(\d+) volumes \((\d+) slices\) in .*, (\d+) failed; masks in", r.out, re.M)
+    assert found and (int(found[1]), int(found[3])) == (1, 2), r.out
+    now = _snapshot(out)
+    assert sorted(now) == sorted(first)  # the first case complete, nothing of the others, no temporary file
+    assert all(now[k] == files[k] for k in first)
 
 
 def test_predict_reports_an_output_the_disk_refuses_and_writes_every_other(tmp_path, monkeypatch,
