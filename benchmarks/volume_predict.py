@@ -32,7 +32,7 @@ from benchmarks.common import EMBEDDED, machine, write_result
 from benchmarks.huge_raster import own_peak_rss_mib
 from segkit import Segmenter
 from segkit.data.normalize import Normalization
-from segkit.data.volume_norm import VolumeNormalization, foreground_sample
+from segkit.data.normalize import VolumeNormalization, foreground_sample
 from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import Volume
 from segkit.heads import build_head

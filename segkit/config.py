@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from segkit.data.volume_norm import schemes_for
+from segkit.data.normalize import schemes_for
 from segkit.data.volumes import VolumeDataset, is_volume_root
 from segkit.errors import ConfigError
 from segkit.heads import Head, build_head

@@ -91,8 +91,8 @@ def normalised_slices(spec: VolumeSpec, data: np.ndarray, batch_size: int) -> It
     """(index of the first slice, (b, h, w, C) float32 network inputs) of a case's raw (X, Y, Z, C) voxels, a
     batch at a time. Slice k is `np.take(data, k, slice_axis)`, as training cuts it, and the case's parameters
     come from the whole volume, so each slice is the input training saw."""
-    params = spec.normalization.case_params(data)
-    stack = np.moveaxis(data, spec.slice_axis, 0)  # a view
+    stack = np.moveaxis(data, spec.slice_axis, 0)  # the case as its slices (a view)
+    params = spec.normalization.case_params(stack)
     for start in range(0, stack.shape[0], batch_size):
         yield start, spec.normalization.apply(stack[start:start + batch_size], params)
 

@@ -637,7 +637,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) 
         log.info("%s head, classes %s; %d train / %d val images; device %s%s; %d steps/epoch of %d; "
                  "%d loader workers", head.name, head.classes, len(train_ds), len(val_records), device,
                  f" ({dtype})" if dtype else "", steps, per_rank_batch * world, workers)
-        log.info("input normalisation %s", norm.describe())
+        log.info("input normalisation %s", data.normalization)
         if data.description != "images":
             log.info("volumes: %s", data.description)
         log.info("validation: %s", validation_rule(units))

@@ -16,7 +16,7 @@ from PIL import Image
 
 import volumedata
 from samples import CORD, HIPPO
-from segkit.data.volume_norm import ChannelNorm, VolumeNormalization
+from segkit.data.normalize import ChannelNorm, VolumeNormalization
 from segkit.data.volume_spec import VolumeSpec
 from segkit.heads import build_head, default_colors
 from segkit.viz import ERROR_COLORS

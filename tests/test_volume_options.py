@@ -148,7 +148,7 @@ def test_an_explicit_slice_axis_cuts_every_case_along_it(tmp_path, axis):
     assert data.meta["volume"]["slice_axis"] == axis
     for case in data.meta["train_cases"] + data.meta["val_cases"]:
         image, label = hippo_volume(case)
-        expected = volumedata.zscore(image)
+        expected = volumedata.zscore(image, axis)
         records = [r for r in data.train + data.val if r.sample.case == case]
         assert [r.sample.index for r in records] == list(range(image.shape[axis]))
         rest = [n for a, n in enumerate(image.shape) if a != axis]
@@ -160,8 +160,9 @@ def test_an_explicit_slice_axis_cuts_every_case_along_it(tmp_path, axis):
     case = data.meta["train_cases"][0]
     r = next(r for r in data.train if r.sample.case == case and r.sample.index == 20)
     image = hippo_volume(case)[0].astype(np.float64)
-    z = (image[20, 3, 7] if axis == 0 else image[3, 20, 7]) - image[image != 0].mean()  # one voxel by hand
-    assert r.cached.image[3, 7, 0] == pytest.approx(z / image[image != 0].std(), abs=1e-5)
+    body = volumedata.body(image, axis)  # holes are filled in the slices the model sees
+    z = (image[20, 3, 7] if axis == 0 else image[3, 20, 7]) - image[body].mean()  # one voxel by hand
+    assert r.cached.image[3, 7, 0] == pytest.approx(z / image[body].std(), abs=1e-5)
 
 
 # --- train.foreground_oversample ----------------------------------------------------------------------------
@@ -247,12 +248,13 @@ def two_channels(module_tmp) -> Path:
     return root
 
 
-def _by_hand(root: Path, case: str, schemes: list[str], train_cases: list[str]) -> np.ndarray:
-    """(X, Y, Z, 2) float64 network input of a case by the README's rules: zscore = mean/std of the case's
-    voxels where any channel is nonzero, 0 elsewhere; ct = clip to the 0.5/99.5 percentiles of every training
-    foreground voxel of the channel, then their mean/std."""
+def _by_hand(root: Path, case: str, schemes: list[str], train_cases: list[str], axis: int) -> np.ndarray:
+    """(X, Y, Z, 2) float64 network input of a case sliced along `axis` by the README's rules: zscore =
+    mean/std of the case's body (voxels where any channel is nonzero, each slice's holes filled), 0
+    elsewhere; ct = clip to the 0.5/99.5 percentiles of every training foreground voxel of the channel, then
+    the mean/std of those voxels clipped."""
     channels = [_voxels(root / "imagesTr" / f"{case}_{c:04d}.nii.gz").astype(np.float64) for c in range(2)]
-    body = (channels[0] != 0) | (channels[1] != 0)
+    body = volumedata.body((channels[0] != 0) | (channels[1] != 0), axis)
     out = []
     for c, (raw, scheme) in enumerate(zip(channels, schemes)):
         if scheme == "zscore":
@@ -261,7 +263,8 @@ def _by_hand(root: Path, case: str, schemes: list[str], train_cases: list[str]) 
         fg = np.concatenate([_voxels(root / "imagesTr" / f"{t}_{c:04d}.nii.gz")[
             _voxels(root / "labelsTr" / f"{t}.nii.gz") > 0].astype(np.float64) for t in train_cases])
         low, high = np.percentile(fg, (0.5, 99.5))
-        out.append((np.clip(raw, low, high) - fg.mean()) / fg.std())
+        clipped = np.clip(fg, low, high)
+        out.append((np.clip(raw, low, high) - clipped.mean()) / clipped.std())
     return np.stack(out, axis=-1)
 
 
@@ -275,12 +278,40 @@ def test_normalize_one_scheme_per_channel_in_training_and_prediction(tmp_path, t
     axis = data.meta["volume"]["slice_axis"]
     train_cases = data.meta["train_cases"]
     for case in train_cases:
-        expected = _by_hand(two_channels, case, schemes, train_cases)
+        expected = _by_hand(two_channels, case, schemes, train_cases, axis)
         for r in (r for r in data.train if r.sample.case == case):
             np.testing.assert_allclose(r.cached.image, np.take(expected, r.sample.index, axis), rtol=1e-5, atol=1e-5)
     (case,) = data.meta["val_cases"]
     spec = VolumeSpec.from_meta({"data": data.meta})
     raw = np.stack([_voxels(two_channels / "imagesTr" / f"{case}_{c:04d}.nii.gz") for c in range(2)], axis=-1)
     slices = np.concatenate([batch for _, batch in normalised_slices(spec, raw, 8)])
-    expected = np.moveaxis(_by_hand(two_channels, case, schemes, train_cases), axis, 0)
+    expected = np.moveaxis(_by_hand(two_channels, case, schemes, train_cases, axis), axis, 0)
     np.testing.assert_allclose(slices, expected, rtol=1e-5, atol=1e-5)
+
+
+# --- z-score body ---------------------------------------------------------------------------------------------
+
+def test_zscore_keeps_zeros_inside_the_body_and_zeroes_the_air():
+    """The spinal-cord T2 case (stored P-S-R; 2,680 voxels of value 0 enclosed by the body in its axial slices,
+    and 125 zeros of air at slice edges): z-scored over the body with each slice's holes filled (scipy's
+    binary_fill_holes here), those zeros keep their normalised value, the air becomes 0, and a slice
+    normalised alone equals the same slice of the whole case. Before, every raw 0 became 0 and was left out of
+    the mean and std."""
+    from segkit.data.normalize import ChannelNorm, VolumeNormalization
+
+    image = _ras(CORD / "imagesTr" / "errsm30_t2w_0000.nii.gz")
+    axis = 2
+    body = volumedata.body(image, axis)
+    holes = body & (image == 0)
+    assert holes.sum() > 2000 and ((image == 0) & ~body).sum() > 100
+    norm = VolumeNormalization((ChannelNorm("zscore"),))
+    stack = np.moveaxis(image, axis, 0)[..., None]
+    params = norm.case_params(stack)
+    out = np.moveaxis(norm.apply(stack, params)[..., 0], 0, axis)
+    raw = image.astype(np.float64)
+    mean, std = raw[body].mean(), raw[body].std()
+    assert params[0, 2:] == pytest.approx((mean, std))
+    np.testing.assert_allclose(out, np.where(body, (raw - mean) / std, 0.0), rtol=1e-5, atol=1e-5)
+    assert np.all(out[holes] == np.float32(-mean / std)) and mean / std > 0.5
+    for k in (0, stack.shape[0] // 2, stack.shape[0] - 1):
+        np.testing.assert_array_equal(norm.apply(stack[k], params), norm.apply(stack, params)[k])

@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from conftest import TINY, follow_content, run_cli
 from samples import HIPPO, HIPPO_CASES, hippo_volume
@@ -89,11 +90,19 @@ def region_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _RUNS["regions"]
 
 
-def zscore(image: np.ndarray) -> np.ndarray:
-    """nnU-Net's z-score of a one-channel case, by hand: mean/std over the nonzero voxels, 0 outside them;
-    a NaN or infinite voxel is no-data (0, and left out of the mean and std)."""
+def body(image: np.ndarray, axis: int = 2) -> np.ndarray:
+    """The body of a one-channel case, by hand: its nonzero voxels with the holes of each slice along `axis`
+    filled (scipy's binary_fill_holes, slice by slice), without NaN or infinite voxels."""
+    nonzero = np.moveaxis(image != 0, axis, 0)
+    filled = np.moveaxis(np.stack([ndimage.binary_fill_holes(plane) for plane in nonzero]), 0, axis)
+    return filled & np.isfinite(image)
+
+
+def zscore(image: np.ndarray, axis: int = 2) -> np.ndarray:
+    """nnU-Net's z-score of a one-channel case sliced along `axis`, by hand: mean/std over the body (`body`),
+    0 outside it; a NaN or infinite voxel is no-data (0, and left out of the mean and std)."""
     raw = image.astype(np.float64)
-    inside = (raw != 0) & np.isfinite(raw)
+    inside = body(image, axis)
     return np.where(inside, (raw - raw[inside].mean()) / raw[inside].std(), 0.0)
 
 

@@ -1,15 +1,29 @@
-"""Input normalisation: one object, built from the config and the training data, stored in
-model.json, applied by training, evaluation, prediction and `Segmenter` alike.
+"""Input normalisation of images and volumes: one definition per scheme, fitted on the training data, stored
+in model.json, applied by training, evaluation, prediction and `Segmenter` alike.
 
 Values are in the file's own pixel units (no division by a type's range), so the same pixel
-value is the same network input whatever the file type, in training and in prediction:
+value is the same network input whatever the file type, in training and in prediction.
 
+Images (`Normalization`, one mode for every band, applied on the device):
 - `imagenet`: 8-bit RGB, the ImageNet mean/std x 255 (as pretrained encoders expect);
-- `dataset`: per band, clip to the training split's 0.5/99.5 percentiles, then its mean/std
-  (nnU-Net's CT scheme; the default for anything but 8-bit RGB);
+- `dataset`: per band, clip to the training split's 0.5/99.5 percentiles, then subtract the mean and divide by
+  the std of the clipped values (`clipped_moments`; the default for anything but 8-bit RGB);
 - `per_image`: z-score per image and band (statistics over the whole image, not the window);
 - `none`: raw values; `explicit`: the config's data.mean/data.std.
-No-data pixels become 0 after normalisation (the mean), and are ignored by loss and scores.
+
+Volumes (`VolumeNormalization`, one scheme per channel, as nnU-Net does, applied to a case's slices with the
+parameters of the whole case):
+- `zscore` (MRI and most modalities; the default): per case, the mean and std over the case's body; voxels
+  outside it become 0. The body is where any channel is nonzero, with the holes of each slice filled: a 0
+  enclosed by the body (a dark vessel, a signal void) is a measurement and keeps its normalised value, while
+  the air and the zero padding around a skull-stripped scan are not. MRI intensities have no absolute scale,
+  so every case is its own reference;
+- `ct`: Hounsfield units are absolute, so one transform for all cases: `dataset`'s definition
+  (`clipped_moments`) fitted on the training cases' foreground (labelled) voxels;
+- `none`: raw values.
+
+No-data pixels (NaN or infinite, `segkit.data.io.no_data`, or the declared nodata value) are left out of every
+statistic, become 0 after normalisation, and are ignored by loss and scores.
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from segkit.data.io import no_data
 from segkit.data.readers import Window
@@ -188,11 +203,19 @@ def fit(mode: str, sources: Iterable[tuple[str, np.dtype, Callable[[], np.ndarra
     if pixels is None:
         raise ConfigError("data.normalize: dataset found no valid (non-nodata) pixel in the training images. "
                           "Fix: check data.nodata.")
+    low, high, mean, std = clipped_moments(pixels)
+    return Normalization("dataset", tuple(mean.tolist()), tuple(std.tolist()), tuple(low.tolist()),
+                         tuple(high.tolist()))
+
+
+def clipped_moments(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per column of (n, C) values: the PERCENTILES (low, high), and the mean and std of the values clipped to
+    them, so the fitted values have mean 0 and std 1 after normalisation (nnU-Net takes the mean and std before
+    clipping). The one definition behind `dataset` (images) and `ct` (volume channels)."""
     low, high = np.percentile(pixels, PERCENTILES, axis=0)
     clipped = np.clip(pixels, low, high)
     sd = clipped.std(0)
-    return Normalization("dataset", tuple(clipped.mean(0).tolist()), tuple(np.where(sd > 0, sd, 1.0).tolist()),
-                         tuple(low.tolist()), tuple(high.tolist()))
+    return low, high, clipped.mean(0), np.where(sd > 0, sd, 1.0)
 
 
 def pixel_sample(read: Callable[[Window], np.ndarray], height: int, width: int, nodata: float | None,
@@ -202,3 +225,165 @@ def pixel_sample(read: Callable[[Window], np.ndarray], height: int, width: int, 
     if len(values) > pixels:
         values = values[rng.choice(len(values), pixels, replace=False)]
     return values
+
+
+# -- volumes ------------------------------------------------------------------------------
+
+SCHEMES = ("zscore", "ct", "none")
+SAMPLES_PER_CASE = 100_000
+"""Foreground voxels per training case kept for the CT statistics (nnU-Net samples a fixed budget too)."""
+
+
+@dataclass(frozen=True)
+class ChannelNorm:
+    """One channel's scheme; for `ct`, the training set's clip range and foreground mean/std."""
+
+    scheme: str
+    low: float | None = None
+    high: float | None = None
+    mean: float | None = None
+    std: float | None = None
+
+
+def schemes_for(setting: str | Sequence[str], channel_names: Sequence[str]) -> list[str]:
+    """`data.normalize` for volumes: `auto` (nnU-Net's rule: a channel named CT gets `ct`, every other
+    `zscore`), or one scheme per channel."""
+    if isinstance(setting, str):
+        if setting != "auto":
+            raise ConfigError(f"data.normalize: '{setting}' is for 2-D images; a volume dataset takes `auto` or one "
+                              f"scheme per channel from {list(SCHEMES)}, e.g. [zscore, ct]. Fix: set it so.")
+        return ["ct" if name.strip().upper() == "CT" else "zscore" for name in channel_names]
+    schemes = list(setting)
+    if len(schemes) != len(channel_names) or not set(schemes) <= set(SCHEMES):
+        raise ConfigError(f"data.normalize: {schemes}; the dataset has {len(channel_names)} channel(s) "
+                          f"{list(channel_names)}. Fix: one of {list(SCHEMES)} per channel, in channel order.")
+    return schemes
+
+
+def foreground_sample(image: np.ndarray, foreground: np.ndarray, rng: np.random.Generator,
+                      size: int = SAMPLES_PER_CASE) -> np.ndarray:
+    """(n, C) float64 intensities of at most `size` seeded finite foreground voxels of an (X, Y, Z, C) case."""
+    hit = no_data(image, None)
+    where = np.flatnonzero(foreground if hit is None else foreground & ~hit)
+    if where.size > size:
+        where = np.sort(rng.choice(where, size, replace=False))
+    return image.reshape(-1, image.shape[-1])[where].astype(np.float64)
+
+
+@dataclass(frozen=True)
+class VolumeNormalization:
+    """One scheme per channel (see the module docstring). A case is normalised as a stack of its slices
+    (n, h, w, C), cut along the model's slice axis, with the parameters of the whole case (`case_params`);
+    `apply` works voxel by voxel and fills holes slice by slice, so a slice read alone normalises exactly as
+    it does inside its case. Stored in model.json as `data.volume.normalization`."""
+
+    channels: tuple[ChannelNorm, ...]
+
+    @classmethod
+    def fit(cls, schemes: Sequence[str], samples: Iterable[Callable[[], np.ndarray]]) -> VolumeNormalization:
+        """CT channels from the training cases' foreground samples (each callable gives (n, C) intensities,
+        `foreground_sample`); read only when a channel needs them."""
+        if "ct" not in schemes:
+            return cls(tuple(ChannelNorm(s) for s in schemes))
+        pooled = np.concatenate([sample() for sample in samples])
+        if not len(pooled):
+            raise ConfigError("data.normalize: `ct` needs foreground voxels to fit its range, but the training labels "
+                              "have none. Fix: check the labels, or use zscore.")
+        low, high, mean, std = clipped_moments(pooled)
+        return cls(tuple(ChannelNorm("ct", float(low[c]), float(high[c]), float(mean[c]), float(std[c]))
+                         if scheme == "ct" else ChannelNorm(scheme) for c, scheme in enumerate(schemes)))
+
+    def to_meta(self) -> list[dict]:
+        return [asdict(c) for c in self.channels]
+
+    @classmethod
+    def from_meta(cls, meta: Sequence[dict]) -> VolumeNormalization:
+        return cls(tuple(ChannelNorm(**c) for c in meta))
+
+    def describe(self) -> str:
+        return ", ".join(c.scheme if c.scheme != "ct" else f"ct (clip {c.low:.4g}..{c.high:.4g}, mean {c.mean:.4g}, "
+                         f"std {c.std:.4g})" for c in self.channels)
+
+    def case_params(self, image: np.ndarray) -> np.ndarray:
+        """(C, 4) float64 = low, high, mean, std per channel for one whole case as a stack of its slices
+        (n, h, w, C)."""
+        if image.shape[-1] != len(self.channels):
+            raise ValueError(f"{image.shape[-1]} channels, normalisation for {len(self.channels)}")
+        zscore = [c for c, norm in enumerate(self.channels) if norm.scheme == "zscore"]
+        moments = body_moments(image, zscore)
+        params = np.empty((len(self.channels), 4))
+        for c, norm in enumerate(self.channels):
+            if norm.scheme == "zscore":
+                n, mean, m2 = moments[c]
+                std = float(np.sqrt(m2 / n)) if n else 1.0
+                params[c] = (-np.inf, np.inf, mean if n else 0.0, max(std, 1e-8))
+            elif norm.scheme == "ct":
+                params[c] = (norm.low, norm.high, norm.mean, norm.std)
+            else:
+                params[c] = (-np.inf, np.inf, 0.0, 1.0)
+        return params
+
+    def apply(self, image: np.ndarray, params: np.ndarray) -> np.ndarray:
+        """float32 network input of slices (..., h, w, C) of a case (all of them, a batch, or one) with its
+        `case_params`."""
+        low, high, mean, std = (params[:, i] for i in range(4))
+        out = ((np.clip(image.astype(np.float64), low, high) - mean) / std).astype(np.float32)
+        zscore = np.array([c.scheme == "zscore" for c in self.channels])
+        if zscore.any():
+            out[..., zscore] = np.where(body(image)[..., None], out[..., zscore], np.float32(0))
+        hit = no_data(image, None)
+        if hit is not None:
+            out[hit] = 0
+        return out
+
+
+CHUNK_VOXELS = 1 << 22
+
+
+def body_moments(image: np.ndarray, channels: Sequence[int]) -> dict[int, tuple[int, float, float]]:
+    """Count, mean and sum of squared deviations of each of `channels` over the body (`body`) of a case's
+    slices (n, h, w, C), a chunk of slices at a time, merged exactly (Chan et al.), so a large volume never
+    needs a float64 copy of its voxels."""
+    moments = {c: (0, 0.0, 0.0) for c in channels}
+    if not channels:
+        return moments
+    step = max(1, CHUNK_VOXELS // max(1, int(np.prod(image.shape[1:-1]))))
+    for start in range(0, image.shape[0], step):
+        chunk = image[start:start + step]
+        inside = body(chunk)
+        for c in channels:
+            values = chunk[..., c][inside].astype(np.float64)
+            if not values.size:
+                continue
+            n, mean, m2 = moments[c]
+            nb, mb = values.size, float(values.mean())
+            m2b = float(((values - mb) ** 2).sum())
+            total = n + nb
+            delta = mb - mean
+            moments[c] = (total, mean + delta * nb / total, m2 + m2b + delta * delta * n * nb / total)
+    return moments
+
+
+def body(image: np.ndarray) -> np.ndarray:
+    """(..., h, w) bool: the voxels of slices (..., h, w, C) inside the body: where any channel is nonzero, with
+    the holes of each slice filled (nnU-Net's nonzero region, its holes filled in 2-D so that one slice gives
+    the same as its whole case), and no channel no-data (NaN or infinite)."""
+    inside = np.any(image != 0, axis=-1)
+    inside |= _holes(inside)
+    hit = no_data(image, None)
+    return inside if hit is None else inside & ~hit
+
+
+_PLANE = np.zeros((3, 3, 3), bool)
+_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+"""Connects a voxel to its 4 neighbours in its own slice only (as scipy's binary_fill_holes in 2-D)."""
+
+
+def _holes(mask: np.ndarray) -> np.ndarray:
+    """(..., h, w) bool: the parts of each (h, w) plane outside `mask` that touch no edge of the plane."""
+    planes = mask.reshape(-1, *mask.shape[-2:])
+    outside, _ = ndimage.label(~planes, _PLANE)
+    edges = np.concatenate([outside[:, 0].ravel(), outside[:, -1].ravel(), outside[:, :, 0].ravel(),
+                            outside[:, :, -1].ravel()])
+    holes = (outside > 0) & ~np.isin(outside, np.unique(edges))
+    return holes.reshape(mask.shape)

@@ -24,6 +24,10 @@ class TrainingData:
     foreground: float
     meta: dict = field(default_factory=dict)  # model.json `data` entries of this kind of dataset
     description: str = "images"
+    normalization: str = ""  # what the training log says of it; default: `norm.describe()`
+
+    def __post_init__(self) -> None:
+        self.normalization = self.normalization or self.norm.describe()
 
 
 def training_data(cfg: Config, head: Head, budget: int) -> TrainingData:
@@ -63,4 +67,4 @@ def _volumes(cfg: Config, head: Head, budget: int) -> TrainingData:
                         {"volume": spec.to_meta(), "train_cases": [c.name for c in train_cases],
                          "val_cases": [c.name for c in val_cases]},
                         f"slices along axis {spec.slice_axis} of {len(train_cases)} train / {len(val_cases)} val "
-                        f"cases; normalisation per channel: {spec.normalization.describe()}")
+                        "cases", f"per case, per channel: {spec.normalization.describe()} (data.volume.normalization)")

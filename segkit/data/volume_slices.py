@@ -24,7 +24,7 @@ from segkit.data.dataset import Cached, Pixels, Record, foreground_points, label
 from segkit.data.io import no_data
 from segkit.data.layout import Sample
 from segkit.data.readers import Window
-from segkit.data.volume_norm import VolumeNormalization, foreground_sample, schemes_for
+from segkit.data.normalize import VolumeNormalization, foreground_sample, schemes_for
 from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import Volume, VolumeCase, VolumeDataset, case_split, read_slice, slice_axis
 from segkit.errors import DataError
@@ -132,9 +132,10 @@ def case_records(ds: VolumeDataset, case: VolumeCase, spec: VolumeSpec, head: He
         ds.check_labels(case, label)
     except DataError as err:
         return str(err)
-    params = spec.normalization.case_params(volume.data)
+    stack = np.moveaxis(volume.data, spec.slice_axis, 0)  # the case as its slices (a view)
+    params = spec.normalization.case_params(stack)
     reader.add(case, params, volume.ornt)
-    image = spec.normalization.apply(volume.data, params) if cache else None
+    image = np.moveaxis(spec.normalization.apply(stack, params), 0, spec.slice_axis) if cache else None
     layers, valid = ds.layers(label)
     real = _real(volume.data)
     valid &= real

@@ -7,8 +7,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from segkit.data.normalize import Normalization
-from segkit.data.volume_norm import VolumeNormalization
+from segkit.data.normalize import Normalization, VolumeNormalization
 from segkit.errors import SegkitError
 
 SPACING_FACTOR = 2.0
