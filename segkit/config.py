@@ -47,7 +47,9 @@ class DataConfig(_Strict):
         None, ge=0, description="seed of the validation share drawn when there is no val/ split (default: "
                                 "train.seed); segkit compare fixes it, so every run validates on the same data")
     channels: int | None = Field(None, ge=1, description="network input channels; default len(bands), else 3")
-    bands: list[int] | None = Field(None, min_length=1, description="1-based bands to read, e.g. [1, 2, 3, 8]")
+    bands: list[int] | list[str] | None = Field(
+        None, min_length=1, description="1-based bands to read, e.g. [1, 2, 3, 8]; or, for images stored as a "
+                                        "folder of one file per band, the band files' names, e.g. [B02, B03, B04, B08]")
     normalize: Literal["auto", "imagenet", "dataset", "per_image", "none", "explicit"] | list[
         Literal["zscore", "ct", "none"]] = Field(
         "auto", description="images: one mode; volumes: auto (CT channels ct, others zscore) or one per channel")
@@ -160,7 +162,7 @@ class Config(_Strict):
                 raise ConfigError(f"data.{key}: only binary and multilabel masks have one; data.mask is "
                                   f"'{d.mask}'. Fix: remove data.{key}.")
         if d.bands is not None:
-            if any(b < 1 for b in d.bands):
+            if any(isinstance(b, int) and b < 1 for b in d.bands):
                 raise ConfigError(f"data.bands: {d.bands}: bands are numbered from 1 (as in GDAL/QGIS). "
                                   "Fix: e.g. [1, 2, 3].")
             if d.channels != len(d.bands):

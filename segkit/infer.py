@@ -27,7 +27,7 @@ from tqdm import tqdm
 from segkit import distributed as dist
 from segkit.data.io import check_channels, image_bands, is_image
 from segkit.data.normalize import Normalization
-from segkit.data.readers import RASTER_EXTS, Geometry, Window, open_raster
+from segkit.data.readers import RASTER_EXTS, Geometry, Window, band_names, is_band_folder, open_raster
 from segkit.data.readers.base import system_error
 from segkit.data.source import ImageSource, pixel_dtype
 from segkit.data.writers import MaskWriter, output_files, writer_for
@@ -478,8 +478,9 @@ class FolderSummary:
                 f"masks in {output_dir}")
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Every image file under `folder`, recursively, in a stable order.
+def list_images(folder: Path, bands: Sequence[int | str] | None = None) -> list[Path]:
+    """Every image file under `folder`, recursively, in a stable order; with `bands` naming band files, a
+    folder holding a file for each is one image (`readers.is_band_folder`), not walked into.
 
     Links to folders are followed (data is often linked in), but each real folder is read once, and
     the folder's own subfolders before any link: a link loop (`loop -> .`, `a/b -> ..`) or a second
@@ -488,6 +489,7 @@ def list_images(folder: Path) -> list[Path]:
     the folder itself unreadable is a DataError.
     """
     found: list[Path] = []
+    names = band_names(bands)
     seen: set[tuple[int, int]] = set()
     folders: list[Path] = [folder]  # real subfolders: read first
     links: list[Path] = []  # links to folders, in the order met: read once every real folder is
@@ -504,7 +506,9 @@ def list_images(folder: Path) -> list[Path]:
                 entries = sorted(it, key=lambda e: e.name)
             for entry in entries:
                 path = current / entry.name
-                if entry.is_dir(follow_symlinks=False):
+                if names and entry.is_dir() and is_band_folder(path, names):
+                    found.append(path)
+                elif entry.is_dir(follow_symlinks=False):
                     folders.append(path)
                 elif entry.is_dir():
                     links.append(path)
@@ -522,7 +526,7 @@ def _header(path: Path, channels: int, bands: Sequence[int] | None,
     """(geometry, misfit) from a file's header: bands or an image type the model does not take. An
     unreadable file gives (None, None) and is reported when it is read."""
     try:
-        with open_raster(path) as r:
+        with open_raster(path, band_names(bands)) as r:
             try:
                 check_channels(len(image_bands(r, bands)), channels, path)
                 if check_dtype is not None:
@@ -545,7 +549,7 @@ def plan_outputs(head: Head, input_dir: Path, output_dir: Path, probs: bool, ove
     if outp == inp or inp in outp.parents:
         raise SegkitError(f"{output_dir}: the output folder is inside the input folder {input_dir}; "
                           "masks would mix with (and be read as) images. Fix: choose an output folder outside it.")
-    files = list_images(input_dir)
+    files = list_images(input_dir, bands)
     if not files:
         raise SegkitError(f"{input_dir}: no images ({', '.join(e.lstrip('.') for e in RASTER_EXTS)}) found.")
     plan, seen, misfits = [], {}, []

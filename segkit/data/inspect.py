@@ -8,6 +8,7 @@ statistics of a sample, which is what normalisation will be built from.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from segkit.config import DataConfig
 from segkit.data.dataset import label_stats
 from segkit.data.inspect_volumes import VolumeReport, inspect_volumes
 from segkit.data.io import image_size, is_image, read_mask_raw
-from segkit.data.layout import Sample, pair, split_dirs
+from segkit.data.layout import Sample, by_stem, pair, split_dirs
 from segkit.data.masks import MaskFormat, build_mask_format, distinct
 from segkit.data.normalize import sample_windows, valid_pixels
 from segkit.data.source import ImageSource
@@ -251,10 +252,11 @@ def guess_data(root: Path) -> DataGuess:
     return DataGuess("index", [f"class_{i}" for i in range(int(max(values)) + 1)], guessed=True)
 
 
-def _inspect_one(sample: Sample, fmt: MaskFormat, background: int | None) -> dict:
+def _inspect_one(sample: Sample, fmt: MaskFormat, background: int | None,
+                 bands: Sequence[int | str] | None = None) -> dict:
     out: dict = {"sample": sample}
     try:
-        ih, iw = image_size(sample.image)
+        ih, iw = image_size(sample.image, bands)
         labels, valid = fmt.read(sample.mask)
     except SegkitError as err:
         out["error"] = str(err)
@@ -276,13 +278,13 @@ def inspect(root: str | Path, data: DataGuess | None = None, threads: int = 4) -
     splits = []
     for name, (images_dir, masks_dir) in split_dirs(root).items():
         s = SplitReport(name)
-        pairing = pair(images_dir, masks_dir, data.classes, multilabel=data.mask == "multilabel")
+        pairing = pair(images_dir, masks_dir, data.classes, multilabel=data.mask == "multilabel", bands=data.bands)
         s.images = len(pairing.samples) + len(pairing.unlabeled)
         s.labelled = len(pairing.samples)
         s.without_mask, s.orphan_masks = pairing.unlabeled, pairing.orphan_masks
         s.pixels = np.zeros(len(data.classes), np.int64)
         with ThreadPoolExecutor(threads) as pool:
-            for r in pool.map(lambda smp: _inspect_one(smp, fmt, data.background), pairing.samples):
+            for r in pool.map(lambda smp: _inspect_one(smp, fmt, data.background, data.bands), pairing.samples):
                 if "error" in r:
                     s.unreadable.append(r["error"])
                     continue
@@ -297,7 +299,7 @@ def inspect(root: str | Path, data: DataGuess | None = None, threads: int = 4) -
                 s.multi += st.multi
                 s.unlabeled += st.unlabeled
         splits.append(s)
-    images = [i for _, (images_dir, _) in split_dirs(root).items() for i in _files(images_dir)]
+    images = [i for _, (images_dir, _) in split_dirs(root).items() for i in by_stem(images_dir, data.bands).values()]
     return Report(root, data, splits, summarize_images(images, data.bands, data.nodata))
 
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from segkit.data.readers import Raster, Window, is_raster, open_raster
+from segkit.data.readers import Raster, Window, band_names, is_raster, open_raster
 from segkit.data.readers.base import system_error
 from segkit.errors import DataError
 
@@ -47,12 +47,19 @@ def no_data(pixels: np.ndarray, nodata: float | None) -> np.ndarray | None:
     return hit
 
 
-def image_bands(raster: Raster, bands: Sequence[int] | None) -> list[int]:
-    """0-based bands to use: the 1-based `bands` asked for, or every band the file does not declare
-    alpha (PNG RGBA, TIFF ExtraSamples = alpha, GDAL colour interpretation = alpha)."""
+def image_bands(raster: Raster, bands: Sequence[int | str] | None) -> list[int]:
+    """0-based bands to use: the 1-based `bands` asked for, the band files `bands` names (a folder read as one
+    image opens exactly those, in that order), or every band the file does not declare alpha (PNG RGBA, TIFF
+    ExtraSamples = alpha, GDAL colour interpretation = alpha)."""
     count = 3 if raster.palette is not None else raster.bands
     if bands is None:
         return [b for b in range(count) if b not in raster.alpha]
+    names = band_names(bands)
+    if names is not None:
+        if list(getattr(raster, "band_names", ())) != names:
+            raise DataError(f"{raster.path}: one file, but data.bands {names} names band files (a folder per image "
+                            "holding B02.tif, ...). Fix: give the folders, or number this file's bands in data.bands.")
+        return list(range(len(names)))
     bad = [b for b in bands if not 1 <= b <= count]
     if bad:
         raise DataError(f"{raster.path}: data.bands {list(bands)} asks for band(s) {bad}, but the image has "
@@ -99,10 +106,10 @@ def image_pixels(raster: Raster, channels: int | None = None, bands: Sequence[in
     return match_channels(arr, channels, raster.path)
 
 
-def read_image(path: Path, channels: int | None = 3, bands: Sequence[int] | None = None,
+def read_image(path: Path, channels: int | None = 3, bands: Sequence[int | str] | None = None,
                window: Window | None = None) -> np.ndarray:
     """An image (or a window of it) as (H, W, C), keeping its stored type (8/16-bit, float)."""
-    with open_raster(path) as raster:
+    with open_raster(path, band_names(bands)) as raster:
         return image_pixels(raster, channels, bands, window)
 
 
@@ -127,9 +134,9 @@ def read_mask_raw(path: Path, as_palette_index: bool, window: Window | None = No
         return mask_pixels(raster, as_palette_index, window)
 
 
-def image_size(path: Path) -> tuple[int, int]:
+def image_size(path: Path, bands: Sequence[int | str] | None = None) -> tuple[int, int]:
     """(height, width) from the header, where the format allows, without decoding the pixels."""
-    with open_raster(path) as raster:
+    with open_raster(path, band_names(bands)) as raster:
         return raster.shape
 
 

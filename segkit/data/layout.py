@@ -5,6 +5,8 @@ Accepted layouts (DESIGN.md):
   ROOT/images/<split> + ROOT/masks/<split>
   ROOT/images + ROOT/masks                      (flat; validation is a seeded share of it)
 Multi-label masks live in masks/<class name>/ folders, one binary mask per class.
+An image stored as one file per band is a folder of them (images/<stem>/B02.tif, ...), recognised when
+`data.bands` names the band files.
 A mask pairs with the image of the same stem, or, failing that, with the image whose
 stem is the longest prefix followed by `_` (ISIC's `X_segmentation.png` -> `X`).
 """
@@ -20,6 +22,7 @@ from typing import TypeVar
 import numpy as np
 
 from segkit.data.io import is_image
+from segkit.data.readers import band_names, is_band_folder, open_raster
 from segkit.errors import DataError
 
 log = logging.getLogger("segkit")
@@ -71,12 +74,16 @@ def split_dirs(root: Path) -> dict[str, tuple[Path, Path]]:
     return found
 
 
-def _by_stem(folder: Path) -> dict[str, Path]:
+def by_stem(folder: Path, bands: Sequence[int | str] | None = None) -> dict[str, Path]:
+    """Stem -> image file (or band folder, when `bands` names band files) of `folder`."""
     files: dict[str, Path] = {}
     if not folder.is_dir():
         return files
+    names = band_names(bands)
     for path in sorted(folder.iterdir()):
-        if path.is_file() and is_image(path):
+        if names and path.is_dir() and not is_band_folder(path, names) and any(map(is_image, path.iterdir())):
+            open_raster(path, names).close()  # raises: names the band files it lacks
+        if (path.is_file() and is_image(path)) or is_band_folder(path, names):
             if path.stem in files:
                 raise DataError(f"{path}: two files with stem '{path.stem}' ({files[path.stem].name}). "
                                 "Fix: keep one; images and masks pair by stem.")
@@ -103,14 +110,15 @@ def _match(masks: dict[str, Path], stems: set[str]) -> tuple[dict[str, Path], li
     return matched, orphans
 
 
-def pair(images_dir: Path, masks_dir: Path, classes: list[str] | None = None, multilabel: bool = False) -> Pairing:
+def pair(images_dir: Path, masks_dir: Path, classes: list[str] | None = None, multilabel: bool = False,
+         bands: Sequence[int | str] | None = None) -> Pairing:
     """Pair images with masks; with `multilabel`, one folder per class under masks_dir."""
-    images = _by_stem(images_dir)
+    images = by_stem(images_dir, bands)
     if not images:
         raise DataError(f"{images_dir}: no images ({', '.join(('png', 'jpg', 'tif', 'bmp', 'gif'))}).")
     stems = set(images)
     if not multilabel:
-        matched, orphans = _match(_by_stem(masks_dir), stems)
+        matched, orphans = _match(by_stem(masks_dir), stems)
         samples = [Sample(s, images[s], matched[s]) for s in sorted(images) if s in matched]
         unlabeled = [images[s] for s in sorted(images) if s not in matched]
         return Pairing(samples, unlabeled, orphans)
@@ -126,7 +134,7 @@ def pair(images_dir: Path, masks_dir: Path, classes: list[str] | None = None, mu
     per_class: dict[str, dict[str, Path]] = {}
     orphans: list[Path] = []
     for c in folders:
-        per_class[c], lost = _match(_by_stem(masks_dir / c), stems)
+        per_class[c], lost = _match(by_stem(masks_dir / c), stems)
         orphans += lost
     samples, unlabeled = [], []
     for s in sorted(images):
@@ -142,11 +150,12 @@ def pair(images_dir: Path, masks_dir: Path, classes: list[str] | None = None, mu
     return Pairing(samples, unlabeled, orphans)
 
 
-def find_pairs(root: Path, split: str, classes: list[str] | None = None, multilabel: bool = False) -> Pairing:
+def find_pairs(root: Path, split: str, classes: list[str] | None = None, multilabel: bool = False,
+               bands: Sequence[int | str] | None = None) -> Pairing:
     dirs = split_dirs(root)
     if split not in dirs:
         raise DataError(f"{root}: no '{split}' split (found {sorted(dirs)}).")
-    return pair(*dirs[split], classes=classes, multilabel=multilabel)
+    return pair(*dirs[split], classes=classes, multilabel=multilabel, bands=bands)
 
 
 def seeded_split(samples: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from segkit.data.io import check_channels, image_bands, image_pixels, match_channels, no_data
 from segkit.data.normalize import image_stats
-from segkit.data.readers import Geometry, Raster, Window, open_raster
+from segkit.data.readers import Geometry, Raster, Window, band_names, open_raster
 
 
 class ImageSource:
@@ -19,16 +19,16 @@ class ImageSource:
 
     def __init__(self, height: int, width: int, dtype: np.dtype, nodata: float | None, name: str,
                  geometry: Geometry | None = None, raster: Raster | None = None, array: np.ndarray | None = None,
-                 channels: int | None = None, bands: Sequence[int] | None = None) -> None:
+                 channels: int | None = None, bands: Sequence[int | str] | None = None) -> None:
         self.height, self.width, self.dtype, self.nodata, self.name = height, width, np.dtype(dtype), nodata, name
         self.geometry = geometry or Geometry(height, width)
         self._raster, self._array, self.channels, self.bands = raster, array, channels, bands
         self._stats: np.ndarray | None = None
 
     @classmethod
-    def open(cls, path: str | Path, channels: int | None, bands: Sequence[int] | None = None,
+    def open(cls, path: str | Path, channels: int | None, bands: Sequence[int | str] | None = None,
              nodata: float | None = None) -> ImageSource:
-        raster = open_raster(path)
+        raster = open_raster(path, band_names(bands))
         try:
             check_channels(len(image_bands(raster, bands)), channels, path)  # from the header, before any decode
         except Exception:

@@ -39,7 +39,7 @@ def _labelled(pairing: Pairing, where: str) -> list[Sample]:
 
 def split_samples(cfg: DataConfig, split: str) -> list[Sample]:
     """The labelled samples of one split ('train', 'val', 'test', or 'all' for a flat layout)."""
-    pairing = find_pairs(cfg.root, split, cfg.classes, multilabel=cfg.mask == "multilabel")
+    pairing = find_pairs(cfg.root, split, cfg.classes, multilabel=cfg.mask == "multilabel", bands=cfg.bands)
     return _labelled(pairing, f"{Path(cfg.root)} [{split}]")
 
 
