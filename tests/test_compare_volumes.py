@@ -17,7 +17,7 @@ import volumedata
 from conftest import TINY, assert_refused, run_cli
 from samples import HIPPO_CASES
 
-QUICK = ["--epochs", "1", "--set", "train.steps_per_epoch=6", "--set", "train.crop=32", "--set",
+QUICK = ["--epochs", "1", "--set", "train.steps_per_epoch=3", "--set", "train.crop=32", "--set",
          "train.batch_size=4", "--set", "train.workers=0", "--set", "model.encoder=resnet18", "--set",
          "train.device=cpu", "--set", "train.val_every=1"]
 CASES = HIPPO_CASES[:3]
