@@ -22,14 +22,14 @@ from segkit.config import load_config
 from segkit.data.dataset import SegmentationDataset, fit_normalization, scan
 from segkit.data.splits import pair_reader, train_val_samples
 from segkit.data.transforms import train_transform
-from segkit.train import EpochSampler, _EpochKeyed, _loader_kwargs
+from segkit.loader import EpochKeyed, EpochSampler, loader_kwargs
 
 
 def rate(ds: SegmentationDataset, workers: int, batches: int, batch_size: int = 8) -> float:
     """Samples/s over `batches` batches after the workers have started and delivered one batch."""
     sampler = EpochSampler(len(ds), (batches + 1) * batch_size, seed=0)
-    loader = DataLoader(_EpochKeyed(ds), batch_size=batch_size, sampler=sampler,
-                        **_loader_kwargs(workers, torch.device("cpu")))
+    loader = DataLoader(EpochKeyed(ds), batch_size=batch_size, sampler=sampler,
+                        **loader_kwargs(workers, torch.device("cpu")))
     it = iter(loader)
     next(it)
     began = time.perf_counter()

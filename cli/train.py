@@ -47,7 +47,7 @@ def train(
     """
     from segkit import distributed
     from segkit.config import load_config
-    from segkit.train import Interrupted
+    from segkit.run_control import Interrupted
     from segkit.train import train as run
 
     overrides = list(set_ or [])

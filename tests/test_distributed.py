@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from segkit.model import load_checkpoint
-from segkit.train import EpochSampler
+from segkit.loader import EpochSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 NUCLEI = ROOT / "data" / "nuclei"

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from conftest import ROOT
-from segkit.train import _MALLOC_TRIM
+from segkit.checkpoints import _MALLOC_TRIM
 from segkit.viz import plot_curves
 
 HISTORY = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.5 / e, "val_mean_dice": 0.1 * e} for e in range(1, 8)]
@@ -58,7 +58,7 @@ def test_curves_leave_a_callers_frozen_objects_frozen(tmp_path: Path) -> None:
 
 HEAP_CHECK = """
 from pathlib import Path
-from segkit.train import release_free_memory
+from segkit.checkpoints import release_free_memory
 
 def rss_mib():
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -29,7 +29,7 @@ from segkit.data.masks import build_mask_format
 from segkit.data.readers import Window, open_raster
 from segkit.data.readers.gdal import GdalRaster
 from segkit.data.readers.tiff import TiffRaster
-from segkit.train import LOCK, RunLock
+from segkit.run_control import LOCK, RunLock
 
 BUILDINGS = SPACENET / "images" / "buildings.tif"
 H_AND_E = NUCLEI / "train" / "images" / "00ae65c1c6631ae6f2be1a449902976e6eb8483bf6b0740d00530220832c6d3e.png"

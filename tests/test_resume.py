@@ -30,11 +30,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import segkit.checkpoints
+import segkit.run_control
 import segkit.train
 from conftest import CONFIGS, ROOT, run_cli, train_args
 from segkit.errors import SegkitError
 from segkit.model import load_checkpoint, recover_unit, write_unit
-from segkit.train import LOCK, RunLock
+from segkit.run_control import LOCK, RunLock
 
 SIGMOID = CONFIGS / "nuclei-sigmoid.yaml"
 EPOCHS, STEPS = 3, 2
@@ -195,9 +197,9 @@ def test_train_state_is_what_the_run_ended_with(reference_run):
 
 
 def test_rng_state_round_trips_every_generator():
-    state = segkit.train.rng_state()
+    state = segkit.checkpoints.rng_state()
     drawn = (torch.rand(3), np.random.rand(3), random.random())
-    segkit.train.set_rng_state(state)
+    segkit.checkpoints.set_rng_state(state)
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(drawn[0], again[0]) and np.array_equal(drawn[1], again[1]) and drawn[2] == again[2]
 
@@ -378,14 +380,14 @@ def test_a_failed_checkpoint_write_stops_training_with_exit_1_and_keeps_the_last
         reference, tiny_nuclei, tmp_path, monkeypatch):
     """The disk fills while epoch 4's last/ is written: exit 1 with the cause, last/ is epoch 3's, byte for byte."""
     run = _link_copy(reference, tmp_path / "run")
-    real = segkit.train.write_unit
+    real = segkit.checkpoints.write_unit
 
     def full_at_epoch_4(folder: Path, files: dict) -> None:
         if folder.name == "last" and json.loads(files["model.json"])["epoch"] == 4:
             raise OSError(28, "No space left on device")
         real(folder, files)
 
-    monkeypatch.setattr(segkit.train, "write_unit", full_at_epoch_4)
+    monkeypatch.setattr(segkit.checkpoints, "write_unit", full_at_epoch_4)
     r = run_cli(*train_args(SIGMOID, tiny_nuclei, run, *EXTRA, "--set", "train.steps_per_epoch=1", "--resume",
                             epochs=EPOCHS + 1))
     assert r.code == 1, r.err
@@ -518,7 +520,7 @@ def test_after_the_first_signal_sigterms_are_absorbed_and_ctrl_c_interrupts_at_o
     not kill a process that is writing last/; an impatient second Ctrl-C must still work."""
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as a CLI process starts, whatever ran before here
-    signals = segkit.train.StopSignals()
+    signals = segkit.run_control.StopSignals()
     signals.install()
     try:
         os.kill(os.getpid(), signal.SIGTERM)

@@ -31,7 +31,7 @@ from segkit.evaluate import evaluate
 from segkit.heads import SigmoidHead
 from segkit.infer import Segmenter
 from segkit.model import build_model, load_checkpoint
-from segkit.train import validate
+from segkit.validation import validate
 
 SIGMOID = CONFIGS / "nuclei-sigmoid.yaml"
 SOFTMAX = CONFIGS / "nuclei-softmax.yaml"

@@ -238,7 +238,7 @@ def test_validation_scores_volumes_per_case_as_evaluate_does(tmp_path, monkeypat
     from segkit.evaluate_volumes import evaluate_volumes
     from segkit.infer import Segmenter
     from segkit.metrics import summarize_units
-    from segkit.train import validate
+    from segkit.validation import validate
     from test_infer_volumes import oracle_checkpoint
 
     root = tmp_path / "Dataset901_Boxes"
