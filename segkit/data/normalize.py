@@ -382,8 +382,9 @@ _PLANE[1] = ndimage.generate_binary_structure(2, 1)
 def _holes(mask: np.ndarray) -> np.ndarray:
     """(..., h, w) bool: the parts of each (h, w) plane outside `mask` that touch no edge of the plane."""
     planes = mask.reshape(-1, *mask.shape[-2:])
-    outside, _ = ndimage.label(~planes, _PLANE)
-    edges = np.concatenate([outside[:, 0].ravel(), outside[:, -1].ravel(), outside[:, :, 0].ravel(),
-                            outside[:, :, -1].ravel()])
-    holes = (outside > 0) & ~np.isin(outside, np.unique(edges))
-    return holes.reshape(mask.shape)
+    outside, count = ndimage.label(~planes, _PLANE)
+    open_air = np.zeros(count + 1, bool)  # label -> touches an edge of its plane (0: the mask itself)
+    for edge in (outside[:, 0], outside[:, -1], outside[:, :, 0], outside[:, :, -1]):
+        open_air[edge] = True
+    open_air[0] = True
+    return ~open_air[outside].reshape(mask.shape)
