@@ -107,7 +107,7 @@ def evaluate(seg: Segmenter, samples: Sequence[Sample], reader: PairReader, excl
         raise DataError(f"{len(failed)} of {len(samples)} samples could not be read, no scores written:\n  "
                         + "\n  ".join(failed[:10]))
     result = summarize(counts.numpy(), head.classes, exclude)
-    result.update(images=n, head=head.name, seconds=time.perf_counter() - began,
+    result.update(reducer="pooled", images=n, head=head.name, seconds=time.perf_counter() - began,
                   background_in_mean=any(c.lower() == "background" for c in result["classes_in_mean"]))
     if confusion is not None:
         result["confusion_matrix"] = {"rows": "truth", "columns": "prediction", "classes": head.classes,
@@ -142,8 +142,8 @@ def evaluate_split(seg: Segmenter, root: Path | str, split: str, config: Config 
 
 
 def format_result(result: dict) -> str:
-    """The terminal table of `evaluate_split`'s result, images or volumes."""
-    return format_volume_scores(result) if "per_case" in result else format_scores(result)
+    """The terminal table of `evaluate_split`'s result, by its reducer: pooled over images, or per case."""
+    return format_volume_scores(result) if result["reducer"] == "per_case" else format_scores(result)
 
 
 def _fmt(v: float) -> str:

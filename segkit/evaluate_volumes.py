@@ -128,7 +128,7 @@ def evaluate_volumes(seg: Segmenter, ds: VolumeDataset, cases: Sequence[VolumeCa
                         + "\n  ".join(failed[:10]))
     in_mean = [c for c in seg.classes if c not in exclude]
     result = summarize_cases(per_case, seg.classes)
-    result.update(mean=summarize_cases(per_case, in_mean)["mean"], classes_in_mean=in_mean,
+    result.update(reducer="per_case", mean=summarize_cases(per_case, in_mean)["mean"], classes_in_mean=in_mean,
                   background_in_mean=any(c.lower() == "background" for c in in_mean), head=seg.head.name,
                   seconds=time.perf_counter() - began, per_case=per_case, case_spacing_mm=spacing)
     if seg.head.thresholds is not None:

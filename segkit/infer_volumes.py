@@ -5,18 +5,18 @@ computes them), cut into slices along the model's slice axis, predicted `batch_s
 and put back at the input's exact shape. Working memory is the raw volume, the outputs and one batch of
 normalised slices with its activations: the volume is never converted to float as a whole.
 
-Outputs are NIfTI files on the input's grid (its header copied, so its affine, qform/sform and their codes),
-so they overlay the image in a viewer (3D Slicer, ITK-SNAP):
+Outputs are volumes on the input's grid, in its format (NIfTI with its header copied, so its affine,
+qform/sform and their codes; NRRD and MetaImage with its spacing, origin and direction; DICOM in gives
+NIfTI out), so they overlay the image in a viewer (3D Slicer, ITK-SNAP). With .nii.gz for the ending:
   softmax  OUT/<case>.nii.gz: label values (each class writes its first dataset label value), uint8/uint16
   sigmoid  OUT/<class>/<case>.nii.gz: 0/1 uint8 per class; region models (nnU-Net `regions_class_order`) also
            OUT/<case>.nii.gz, the regions painted into one label map by nnU-Net's rule
   probs    OUT/<case>_probs.nii.gz: (X, Y, Z, K) probabilities, one volume per class along the 4th axis.
-           NIfTI-1 has no 16-bit float type, so the float16 probabilities are stored as float32 (same values).
+           Float16 probabilities are stored as float32 (same values): NIfTI-1 has no 16-bit float type.
 """
 
 from __future__ import annotations
 
-import gzip
 import itertools
 import logging
 import time
@@ -26,21 +26,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
 from segkit import distributed as dist
-from segkit.data.io import atomic_path, no_data
+from segkit.data.io import no_data
+from segkit.data.readers.volume import VOLUME_ENDINGS, output_ending
+from segkit.data.writers import write_volume
 from segkit.data.volume_spec import VolumeSpec
-from segkit.data.volumes import NIFTI_ENDINGS, Volume, VolumeCase, combine_regions, folder_cases, is_volume_folder
+from segkit.data.volumes import Volume, VolumeCase, combine_regions, folder_cases, is_volume_folder
 from segkit.errors import DataError, SegkitError, UnreadableError
 from segkit.infer import FolderSummary, Prediction, Segmenter, wait_written
 
 log = logging.getLogger("segkit")
-
-OUT_ENDING = ".nii.gz"
-
 
 @dataclass
 class VolumePrediction:
@@ -151,15 +149,17 @@ def predict_volume(seg: Segmenter, volume: Volume, probs: bool = False, probs_dt
     return VolumePrediction(labels, masks, prob, hit)
 
 
-def output_files(seg: Segmenter, spec: VolumeSpec, case: str, probs: bool) -> list[Path]:
-    """The files (relative to OUT) one case writes, in the order `write_prediction` writes them."""
+def output_files(seg: Segmenter, spec: VolumeSpec, case: VolumeCase, probs: bool) -> list[Path]:
+    """The files (relative to OUT) one case writes, in the order `write_prediction` writes them, in the
+    format of its input (`readers.volume.output_ending`)."""
+    name, end = case.name, output_ending(case.images[0])
     if seg.head.name == "sigmoid":
-        files = [Path(name) / (case + OUT_ENDING) for name in seg.classes]
+        files = [Path(c) / (name + end) for c in seg.classes]
         if spec.regions_class_order is not None:
-            files.append(Path(case + OUT_ENDING))
+            files.append(Path(name + end))
     else:
-        files = [Path(case + OUT_ENDING)]
-    return files + ([Path(f"{case}_probs{OUT_ENDING}")] if probs else [])
+        files = [Path(name + end)]
+    return files + ([Path(f"{name}_probs{end}")] if probs else [])
 
 
 def _arrays(pred: VolumePrediction) -> list[np.ndarray]:
@@ -172,29 +172,13 @@ def _arrays(pred: VolumePrediction) -> list[np.ndarray]:
     return arrays
 
 
-def save_nifti(array: np.ndarray, reference: Volume, path: Path) -> None:
-    """`array` on `reference`'s grid, written atomically as .nii.gz. The header is the reference's own (so the
-    affine, qform/sform and their codes are exactly the input's), with the array's type (float16 as float32,
-    which NIfTI-1 has) and no intensity scaling, so the values are stored as they are; the display window
-    (cal_min/cal_max) of the image is dropped, since it would hide small label values in a viewer."""
-    header = reference.header.copy()
-    header.set_data_dtype(np.float32 if array.dtype == np.float16 else array.dtype)
-    header.set_slope_inter(1, 0)
-    header["cal_min"] = header["cal_max"] = 0
-    kind = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    image = kind(array, None, header)  # no affine: the header's qform and sform stay as they are
-    with atomic_path(path) as tmp, open(tmp, "wb") as raw, \
-            gzip.GzipFile(filename="", mode="wb", compresslevel=1, fileobj=raw, mtime=0) as stream:
-        image.to_stream(stream)
-
-
 def write_prediction(volume: Volume, pred: VolumePrediction, files: Sequence[Path], output_dir: Path) -> None:
     """Each output of one case (`output_files`) on the case's grid."""
     arrays = _arrays(pred)
     if len(arrays) != len(files):
         raise ValueError(f"{len(arrays)} arrays for {len(files)} files")
     for array, rel in zip(arrays, files):
-        save_nifti(volume.to_file(array), volume, output_dir / rel)
+        write_volume(volume.to_file(array), volume.file, output_dir / rel)
 
 
 @dataclass
@@ -212,7 +196,7 @@ def _input_problem(input_dir: Path) -> str | None:
     if is_volume_folder(input_dir):
         return None
     hint = next((f" ({input_dir / d} holds them?)" for d in ("imagesTs", "imagesTr") if (input_dir / d).is_dir()), "")
-    return (f"{input_dir}: no NIfTI volumes ({', '.join(NIFTI_ENDINGS)}), and this checkpoint was trained on volume "
+    return (f"{input_dir}: no volumes ({', '.join(VOLUME_ENDINGS)}, or DICOM series folders), and this checkpoint was trained on volume "
             f"slices, so it predicts volumes. Fix: point to the folder of the cases' images{hint} (nnU-Net: "
             "imagesTs/ with <case>_0000.nii.gz ...), or use a checkpoint trained on 2-D images.")
 
@@ -233,7 +217,7 @@ def plan_volumes(seg: Segmenter, spec: VolumeSpec, input_dir: Path, output_dir: 
     inputs = {p.resolve() for case in cases for p in case.images}
     jobs, misfits, owner = [], [], {}
     for case in cases:
-        job = VolumeJob(case, output_files(seg, spec, case.name, probs))
+        job = VolumeJob(case, output_files(seg, spec, case, probs))
         try:
             check_channels(Volume(case.name, case.images, spec.canonical), spec)
         except UnreadableError as err:  # reported and skipped in its turn, the other cases go on

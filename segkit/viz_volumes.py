@@ -29,9 +29,9 @@ from PIL import Image, ImageDraw
 from segkit.config import load_config
 from segkit.data.io import write_png
 from segkit.data.masks import distinct
+from segkit.data.readers.volume import case_name, is_volume
 from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import (
-    NIFTI_ENDINGS,
     Volume,
     VolumeCase,
     VolumeDataset,
@@ -135,9 +135,9 @@ def _channel_files(folder: Path) -> tuple[bool, list[str]]:
     0..n-1 (the same n); and the channel names ("0", "1", ...)."""
     groups: dict[str, set[int]] = {}
     for path in folder.iterdir():
-        if path.name.startswith(".") or not path.name.endswith(NIFTI_ENDINGS):
+        if not is_volume(path):
             continue
-        stem = next(path.name[:-len(e)] for e in NIFTI_ENDINGS if path.name.endswith(e))
+        stem = case_name(path)
         match = re.fullmatch(r"(.+)_(\d{4})", stem)
         if match is None:
             return False, ["0"]

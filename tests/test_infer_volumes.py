@@ -261,7 +261,7 @@ def test_volumes_and_2d_models_refuse_each_others_inputs(cli, tmp_path, monkeypa
     shutil.copy(sorted((NUCLEI / "test" / "images").iterdir())[0], tmp_path / "png" / "cells.png")  # a real PNG
     ckpt = oracle_checkpoint(monkeypatch, tmp_path, "softmax", {"bg": (0,), "fg": (255,)})
     out = tmp_path / "out"
-    assert_refused(cli("predict", ckpt, tmp_path / "png", out, "--device", "cpu"), out, "no NIfTI volumes",
+    assert_refused(cli("predict", ckpt, tmp_path / "png", out, "--device", "cpu"), out, "no volumes (.nii.gz",
                    "trained on volume slices")
     ckpt = oracle_checkpoint(monkeypatch, tmp_path, "softmax", {"bg": (0,), "fg": (255,)}, volume=False)
     assert_refused(cli("predict", ckpt, tmp_path / "nifti", out, "--device", "cpu"), out, "trained on 2-D images",

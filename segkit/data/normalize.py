@@ -329,9 +329,9 @@ class VolumeNormalization:
         low, high, mean, std = (params[:, i] for i in range(4))
         out = ((np.clip(image.astype(np.float64), low, high) - mean) / std).astype(np.float32)
         zscore = np.array([c.scheme == "zscore" for c in self.channels])
-        if zscore.any():
-            out[..., zscore] = np.where(body(image)[..., None], out[..., zscore], np.float32(0))
         hit = no_data(image, None)
+        if zscore.any():
+            out[..., zscore] = np.where(_body(image, hit)[..., None], out[..., zscore], np.float32(0))
         if hit is not None:
             out[hit] = 0
         return out
@@ -368,9 +368,13 @@ def body(image: np.ndarray) -> np.ndarray:
     """(..., h, w) bool: the voxels of slices (..., h, w, C) inside the body: where any channel is nonzero, with
     the holes of each slice filled (nnU-Net's nonzero region, its holes filled in 2-D so that one slice gives
     the same as its whole case), and no channel no-data (NaN or infinite)."""
+    return _body(image, no_data(image, None))
+
+
+def _body(image: np.ndarray, hit: np.ndarray | None) -> np.ndarray:
+    """`body` with the no-data voxels `hit` (`io.no_data` of `image`) already found."""
     inside = np.any(image != 0, axis=-1)
     inside |= _holes(inside)
-    hit = no_data(image, None)
     return inside if hit is None else inside & ~hit
 
 

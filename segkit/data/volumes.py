@@ -1,11 +1,11 @@
-"""3-D medical volumes (NIfTI, read with nibabel) as a segmentation dataset, for 2-D training on slices.
+"""3-D medical volumes (NIfTI, NRRD, MetaImage, DICOM series: `readers.volume`) as a segmentation dataset, for 2-D training on slices.
 
 Accepted layouts (ROOT = data.root):
   nnU-Net v2 raw  ROOT/dataset.json (channel_names, labels, file_ending[, regions_class_order]),
                   ROOT/imagesTr/<case>_0000<file_ending> (one 3-D file per channel), ROOT/labelsTr/<case><file_ending>,
                   ROOT/imagesTs/ (+ ROOT/labelsTs/)
   MSD             ROOT/dataset.json (modality, labels, training[, test]); a multi-channel image is one 4-D file
-  segkit          ROOT/{train,val,test}/{images,masks}/<case>.nii.gz (or .nii); no dataset.json, so the classes
+  segkit          ROOT/{train,val,test}/{images,masks}/<case>.nii.gz (or another volume format); no dataset.json, so the classes
                   come from data.classes and a label value is its class index
 With a dataset.json, classes, channels and the label encoding come from it. nnU-Net region labels
 (name -> [values]) are nested and overlap, so they are sigmoid classes; plain labels (name -> value) are exclusive.
@@ -14,29 +14,25 @@ Training cases must have a label; test cases may lack one (prediction only).
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
-import nibabel as nib
 import numpy as np
-from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from segkit.data.masks import distinct
 from segkit.data.layout import seeded_split
-from segkit.errors import ConfigError, DataError, UnreadableError
+from segkit.data.readers.volume import VOLUME_ENDINGS, case_name, ending as volume_ending, is_volume, open_volume, voxels
+from segkit.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from segkit.heads import Head
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")
 SEGKIT_SPLITS = ("train", "val", "test")
 AFFINE_ATOL = 1e-3
 """mm: affines closer than this are the same grid (far below any voxel, above float32 header rounding)."""
@@ -46,56 +42,6 @@ SPACING_RTOL = 1e-3
 Layout = Literal["nnunet", "msd", "segkit"]
 MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}
 """NIfTI xyzt_units of the voxel size -> millimetres: spacing (and HD95) is always in mm."""
-
-
-def _load(path: Path, case: str) -> nib.Nifti1Image:
-    try:
-        return nib.load(path)
-    except (ImageFileError, OSError, EOFError) as err:
-        raise UnreadableError(f"{path} (case {case}): not a readable NIfTI file ({err}). "
-                              "Fix: re-export it as .nii.gz, or remove the case.") from err
-
-
-def _stored_bytes(path: Path, need: int) -> int:
-    """Bytes `path` holds once decompressed, counted up to `need`: a .nii's size; for a .nii.gz, gzip's
-    trailer (the length mod 2**32) when it agrees with `need`, else a streamed count (several gzip
-    members, or more than 4 GiB, or a file that is short)."""
-    if not path.name.endswith(".gz"):
-        return path.stat().st_size
-    with open(path, "rb") as f:
-        f.seek(-4, 2)
-        if int.from_bytes(f.read(4), "little") == need % 2**32:
-            return need
-    have = 0
-    try:
-        with gzip.open(path, "rb") as stream:
-            while have < need and (chunk := stream.read(1 << 24)):
-                have += len(chunk)
-    except (OSError, EOFError, zlib.error):
-        pass  # counted up to where the stream breaks
-    return have
-
-
-def _check_stored(image: nib.Nifti1Image, path: Path, case: str) -> None:
-    """The voxels the header declares must be in the file: refused from the header, before a huge header of
-    a small file asks for memory it cannot have."""
-    header = image.header
-    shape = header.get_data_shape()
-    need = int(header["vox_offset"]) + int(np.prod(shape, dtype=np.int64)) * header.get_data_dtype().itemsize
-    have = _stored_bytes(path, need)
-    if have < need:
-        raise UnreadableError(f"{path} (case {case}): the header declares {'x'.join(map(str, shape))} voxels of "
-                              f"{header.get_data_dtype()} ({need / 1e6:.3g} MB with the header), but the file holds "
-                              f"{have / 1e6:.3g} MB. Fix: re-export the file (it is truncated or its header is "
-                              "wrong), or remove the case.")
-
-
-def _voxels(image: nib.Nifti1Image, path: Path, case: str) -> np.ndarray:
-    try:
-        return np.asanyarray(image.dataobj)
-    except (OSError, EOFError, zlib.error, ValueError) as err:  # truncated or corrupt .nii(.gz)
-        raise UnreadableError(f"{path} (case {case}): the header reads but the voxels do not ({err}). "
-                              "Fix: copy or re-export the file again; it is probably truncated.") from err
 
 
 CANONICAL = axcodes2ornt(("R", "A", "S"))
@@ -118,8 +64,8 @@ def reorient(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
 class Volume:
     """One case's image. The header, affine and shape are read at once; the voxels on first use of `data`,
     since volumes can be large. `data` is (X, Y, Z, C): nnU-Net's one file per channel (`_0000`, `_0001`, ...)
-    stacked on the last axis, or a 4-D (MSD) file's 4th axis, or C = 1. `header` and `affine` are the first
-    file's; every channel file is checked to share its grid. `spacing` is in mm whatever the header's unit.
+    stacked on the last axis, or a 4-D (MSD) file's 4th axis, or C = 1. `affine` is the first
+    file's (`file`); every channel file is checked to share its grid. `spacing` is in mm whatever the header's unit.
 
     With `canonical` (every model trained since orientations are stored), `data`, `shape` and `spacing` are on
     the closest RAS axes, so axis 2 is the body's head-foot axis whatever order the file stores; `to_file`
@@ -128,7 +74,7 @@ class Volume:
     def __init__(self, case: str, paths: Sequence[Path], canonical: bool = True):
         self.case = case
         self.paths = [Path(p) for p in paths]
-        self._images = [_load(p, case) for p in self.paths]
+        self._images = [open_volume(p, case) for p in self.paths]
         first = self._images[0]
         allowed = (3,) if len(self._images) > 1 else (3, 4)
         for path, image in zip(self.paths, self._images):
@@ -136,8 +82,6 @@ class Volume:
                 kind = "one 3-D file per channel" if len(self._images) > 1 else "a 3-D or 4-D (channels last) file"
                 raise DataError(f"{path} (case {case}): {image.ndim}-D, shape {image.shape}; a volume is {kind}. "
                                 "Fix: save each channel as its own 3-D file (<case>_0000, <case>_0001, ...).")
-        for path, image in zip(self.paths, self._images):
-            _check_stored(image, path, case)
         for path, image in zip(self.paths[1:], self._images[1:]):
             if image.shape != first.shape or not np.allclose(image.affine, first.affine, rtol=0, atol=AFFINE_ATOL):
                 raise DataError(
@@ -145,7 +89,7 @@ class Volume:
                     f"(shape {image.shape}) lie on different grids (affines {first.affine.round(4).tolist()} vs "
                     f"{image.affine.round(4).tolist()}). Fix: resample every channel onto the grid of "
                     f"{self.paths[0].name}; nnU-Net requires it too.")
-        self.header = first.header
+        self.file = first  # the first file, opened (`readers.volume.open_volume`): what outputs are written on
         self.affine: np.ndarray = np.array(first.affine, dtype=float)
         self.ornt = to_canonical(self.affine) if canonical else IDENTITY
         self._back = ornt_transform(CANONICAL, io_orientation(self.affine)) if canonical else IDENTITY
@@ -163,7 +107,7 @@ class Volume:
     @cached_property
     def data(self) -> np.ndarray:
         """(X, Y, Z, C) voxels in their stored (scaled) type."""
-        arrays = [_voxels(image, path, self.case) for path, image in zip(self.paths, self._images)]
+        arrays = [voxels(image, path, self.case) for path, image in zip(self.paths, self._images)]
         if arrays[0].ndim == 4:
             stored = arrays[0]
         else:
@@ -174,7 +118,7 @@ class Volume:
 def read_slice(path: Path, index: int, axis: int, ornt: np.ndarray) -> np.ndarray:
     """Slice `index` along canonical `axis` of one file, reading only that slice from it (uncompressed .nii
     is memory-mapped; a .nii.gz is decompressed up to it): the same pixels as `np.take(Volume.data, ...)`."""
-    proxy = nib.load(path).dataobj
+    proxy = open_volume(path, path.name).dataobj
     f = int(np.flatnonzero(ornt[:, 0] == axis)[0])  # the file axis that becomes `axis`
     k = proxy.shape[f] - 1 - index if ornt[f, 1] < 0 else index
     slicer = [slice(None)] * len(proxy.shape)
@@ -449,8 +393,8 @@ def _nnunet(root: Path, meta: Path, spec: dict) -> VolumeDataset:
         raise DataError(f"{meta}: a `dataset` file list is not supported. "
                         "Fix: put the files in imagesTr/ and labelsTr/ under nnU-Net's names, and remove `dataset`.")
     ending = spec["file_ending"]
-    if ending not in NIFTI_ENDINGS:
-        raise DataError(f"{meta}: file_ending {ending!r}; segkit reads NIfTI volumes only. "
+    if ending not in VOLUME_ENDINGS:
+        raise DataError(f"{meta}: file_ending {ending!r}; segkit reads the volume endings {list(VOLUME_ENDINGS)}. "
                         "Fix: convert the images and labels to .nii.gz and set \"file_ending\": \".nii.gz\".")
     channels = _indexed(spec["channel_names"], meta, "channel_names")
     labels = _parse_labels(spec["labels"], spec.get("regions_class_order"), meta)
@@ -522,7 +466,7 @@ def _msd(root: Path, meta: Path, spec: dict) -> VolumeDataset:
 
 
 def _msd_case(root: Path, meta: Path, image: str, label: str | None) -> VolumeCase:
-    case = VolumeCase(_case_name(Path(image)), [root / image], None if label is None else root / label)
+    case = VolumeCase(case_name(Path(image)), [root / image], None if label is None else root / label)
     for path in [*case.images, case.label]:
         if path is not None and not path.is_file():
             raise DataError(f"case {case.name}: {path} (listed in {meta}) not found. Fix: restore it or drop the "
@@ -531,18 +475,15 @@ def _msd_case(root: Path, meta: Path, image: str, label: str | None) -> VolumeCa
     return case
 
 
-def _case_name(path: Path) -> str:
-    return next(path.name[:-len(e)] for e in (*NIFTI_ENDINGS, "") if path.name.endswith(e))
-
-
-def _nifti_files(folder: Path) -> dict[str, Path]:
+def _volume_files(folder: Path) -> dict[str, Path]:
+    """Case -> its volume (a file, or a DICOM series folder) in `folder`."""
     files: dict[str, Path] = {}
     if not folder.is_dir():
         return files
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.name.endswith(NIFTI_ENDINGS):
+        if not is_volume(path):
             continue
-        name = _case_name(path)
+        name = case_name(path)
         if name in files:
             raise DataError(f"{path}: case {name} also in {files[name].name}. Fix: keep one of them.")
         files[name] = path
@@ -567,9 +508,10 @@ def _segkit(root: Path, classes: Sequence[str] | None, ignore_index: int | None)
 
 
 def _segkit_cases(images: Path, masks: Path | None, labelled: bool) -> list[VolumeCase]:
-    image_files, mask_files = _nifti_files(images), _nifti_files(masks) if masks else {}
+    image_files, mask_files = _volume_files(images), _volume_files(masks) if masks else {}
     if not image_files:
-        raise DataError(f"{images}: no .nii.gz or .nii volumes. Fix: add them, or remove the folder.")
+        raise DataError(f"{images}: no volumes ({', '.join(VOLUME_ENDINGS)}, or DICOM series folders). Fix: add "
+                        "them, or remove the folder.")
     orphans = sorted(set(mask_files) - set(image_files))
     if orphans:
         raise DataError(f"case {orphans[0]}: mask {mask_files[orphans[0]]} but no image in {images} "
@@ -582,14 +524,14 @@ def _segkit_cases(images: Path, masks: Path | None, labelled: bool) -> list[Volu
 
 
 def is_volume_folder(folder: Path) -> bool:
-    """Whether `folder` holds NIfTI volumes (a prediction or visualisation input)."""
+    """Whether `folder` holds volumes (a prediction or visualisation input): files of a volume format, or DICOM
+    series folders."""
     folder = Path(folder)
-    return folder.is_dir() and any(p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith(".")
-                                   for p in folder.iterdir())
+    return folder.is_dir() and any(is_volume(p) for p in folder.iterdir())
 
 
 def is_volume_root(root: Path) -> bool:
-    """Whether a data root is a volume dataset: a dataset.json, or NIfTI files in train/images."""
+    """Whether a data root is a volume dataset: a dataset.json, or volumes in train/images."""
     root = Path(root)
     return (root / "dataset.json").is_file() or is_volume_folder(root / "train" / "images")
 
@@ -599,14 +541,16 @@ def folder_cases(folder: Path, channel_names: Sequence[str], channel_files: bool
     case when `channel_files` (the model was trained on an nnU-Net dataset), else one (3-D or 4-D) file each."""
     folder = Path(folder)
     if not is_volume_folder(folder):
-        raise DataError(f"{folder}: no .nii.gz or .nii volumes. Fix: point to the folder of the cases' images "
-                        "(nnU-Net: imagesTs/).")
+        raise DataError(f"{folder}: no volumes ({', '.join(VOLUME_ENDINGS)}, or DICOM series folders). Fix: point "
+                        "to the folder of the cases' images (nnU-Net: imagesTs/).")
     if not channel_files:
         return _segkit_cases(folder, None, labelled=False)
-    names = [p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name.endswith(NIFTI_ENDINGS)]
-    endings = {".nii.gz" if name.endswith(".nii.gz") else ".nii" for name in names}
-    if len(endings) > 1:
-        raise DataError(f"{folder}: both .nii.gz and .nii files. Fix: keep one file ending, as nnU-Net requires.")
+    endings = {volume_ending(p) for p in folder.iterdir() if is_volume(p) and not p.is_dir()}
+    if not endings and len(channel_names) == 1:  # DICOM series only: a folder per case (`<case>[_0000]/`)
+        return [VolumeCase(re.sub(r"_0000$", "", p.name), [p], None) for p in sorted(folder.iterdir()) if is_volume(p)]
+    if len(endings) != 1:
+        raise DataError(f"{folder}: files ending in {sorted(endings)}, and the model reads nnU-Net's channel files "
+                        "(<case>_0000<ending>). Fix: keep one file ending, as nnU-Net requires.")
     return _nnunet_cases(folder, None, endings.pop(), list(channel_names),
                          Path("the checkpoint's model.json"), labelled=False)
 

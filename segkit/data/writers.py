@@ -1,11 +1,13 @@
 """Prediction files: outputs mirror inputs. A plain image gives PNG masks; a georeferenced raster
 gives GeoTIFF masks on exactly its grid (CRS, transform, size), written by rows, so a raster
-larger than memory is never held whole. The head decides what the files hold (one index
-mask, or one binary mask per class); a writer decides how a format stores it."""
+larger than memory is never held whole; a volume gives a volume on its own grid (`write_volume`:
+NIfTI with the input's header, NRRD or MetaImage with its geometry). The head decides what the files
+hold (one index mask, or one binary mask per class); a writer decides how a format stores it."""
 
 from __future__ import annotations
 
 import errno
+import gzip
 import io
 import os
 import shutil
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segkit.data.io import temp_beside, write_bytes, write_json, write_png
+from segkit.data.io import atomic_path, temp_beside, write_bytes, write_json, write_png
 from segkit.data.readers import Geometry
 from segkit.data.readers.base import system_error
 from segkit.errors import SegkitError
@@ -290,3 +292,56 @@ def polygons(masks: Sequence[tuple[Path, MaskLayer]], geometry: Geometry) -> dic
     if geometry.crs:
         doc["crs_wkt"] = geometry.crs
     return doc
+
+
+def write_volume(array: np.ndarray, reference: object, path: Path) -> None:
+    """`array`, in the file axis order of `reference` (an opened input volume, `readers.volume.open_volume`),
+    written atomically on its grid: a NIfTI when `path` ends in .nii.gz, else through SimpleITK (.nrrd, .mha)."""
+    if path.name.endswith(".nii.gz"):
+        _write_nifti(array, reference.header, path)
+    else:
+        _write_itk(array, reference.itk_geometry, path)
+
+
+def _write_nifti(array: np.ndarray, header, path: Path) -> None:
+    """The header is the reference's own (so the affine, qform/sform and their codes are exactly the input's),
+    with the array's type (float16 as float32, which NIfTI-1 has) and no intensity scaling, so the values are
+    stored as they are; the display window (cal_min/cal_max) of the image is dropped, since it would hide
+    small label values in a viewer."""
+    import nibabel as nib
+
+    header = header.copy()
+    header.set_data_dtype(np.float32 if array.dtype == np.float16 else array.dtype)
+    header.set_slope_inter(1, 0)
+    header["cal_min"] = header["cal_max"] = 0
+    kind = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    image = kind(array, None, header)  # no affine: the header's qform and sform stay as they are
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", compresslevel=1, fileobj=raw, mtime=0) as stream:
+        image.to_stream(stream)
+
+
+def _write_itk(array: np.ndarray, geometry: tuple, path: Path) -> None:
+    """(i, j, k[, C]) voxels as SimpleITK's (k, j, i[, C]) image with the input's spacing, origin and
+    direction, compressed; a last axis of classes becomes pixel components."""
+    import SimpleITK as sitk
+
+    if array.dtype == np.float16:
+        array = array.astype(np.float32)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(array, [0, 1, 2], [2, 1, 0])),
+                                   isVector=array.ndim == 4)
+    spacing, origin, direction = geometry
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    with atomic_path(path) as tmp:
+        final = tmp.with_name(tmp.name + "".join(path.suffixes[-1:]))  # SimpleITK picks its writer by ending
+        try:
+            sitk.WriteImage(image, str(final), useCompression=True)
+            os.replace(final, tmp)
+        except RuntimeError as err:
+            raise SegkitError(f"{path}: cannot be written ({str(err).strip().splitlines()[-1]}). Fix: check the "
+                              "disk space and permissions of the output folder.") from None
+        finally:
+            if final.exists():
+                final.unlink()
