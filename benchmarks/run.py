@@ -34,7 +34,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.add_argument("--device", default="auto")
-    p.add_argument("--only", default="data,predict,train,huge,raster,windowed,volume,soak",
+    p.add_argument("--only", default="data,predict,train,huge,raster,windowed,volume,soak,gpusync",
                    help="comma-separated subset")
     p.add_argument("--steps", type=int, default=300, help="training steps of the train comparison")
     p.add_argument("--raster-size", type=int, default=8192, help="side of the huge GeoTIFF (30000 in the notes)")
@@ -92,6 +92,19 @@ def main() -> None:
                      f"{tr['lowest_early_mib']:.0f} / {tr['lowest_late_mib']:.0f} MiB, "
                      f"{tr['growth_mib']:+.1f}", target, status(tr["meets_target"])))
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if "gpusync" in only:
+        if device == "cuda":
+            subprocess.run([sys.executable, "-m", "benchmarks.gpu_sync", "--out", str(out)], stdout=subprocess.DEVNULL,
+                           cwd=ROOT)  # exits 1 when it finds a sync: the row says so
+            r = json.loads((out / "gpu_sync.json").read_text())
+            for part in ("train", "predict"):
+                found = r[part]["sync_found"]
+                rows.append((f"host-device syncs in a {part} step", "none" if not found else found[:22], "none",
+                             status(not found)))
+                rows.append((f"  {part} images/s, GPU utilisation", f"{r[part]['images_per_s']:.0f}, "
+                             f"{r[part]['gpu_utilisation'] or 0:.0f} %", "(reported)", "-"))
+        else:
+            rows.append(("host-device syncs (benchmarks.gpu_sync)", "needs CUDA", "none", "-"))
     width = max(len(r[0]) for r in rows)
     print(f"\nsegkit benchmarks on {device} (JSON in {out})")
     print("\n".join(f"{name:<{width}}  {value:<22}  {target:<30}  {st}" for name, value, target, st in rows))

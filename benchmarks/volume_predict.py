@@ -36,7 +36,7 @@ from segkit.data.normalize import VolumeNormalization, foreground_sample
 from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import Volume
 from segkit.heads import build_head
-from segkit.infer_volumes import output_files, predict_volume, write_prediction
+from segkit.predict import output_files, predict_volume, write_prediction
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
 
 SECTIONS = 30

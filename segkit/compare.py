@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from segkit.config import Config, load_config, parse_config
 from segkit.data.inspect import Report, inspect_data
-from segkit.data.inspect_volumes import VolumeReport
+from segkit.data.inspect import VolumeReport
 from segkit.data.dataset import fit_normalization, scan
 from segkit.data.source import ImageSource
 from segkit.data.io import write_bytes, write_json
@@ -154,7 +154,7 @@ class Analysis:
 
     def __call__(self, probs: np.ndarray, decoded: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> None:
         """One image or case: float32 probabilities (C, ...), decoded and true classes (C, ...) bool, and
-        the (...) scored items (`evaluate_volumes.Observer`)."""
+        the (...) scored items (`evaluate.Observer`)."""
         idx = np.minimum((probs * BINS).astype(np.int64), BINS - 1)
         for c in range(self.head.channels):
             pv, iv, tv = probs[c][valid], idx[c][valid], truth[c][valid]

@@ -1,4 +1,5 @@
-"""The training loop: one readable function, `train`, and the few pieces it calls.
+"""The training loop: `train` builds the run (`build_run`), resumes it (`resumed`), then runs epochs of
+`train_step`s (`_epoch`) and ends each with validation and checkpoints (`_end_epoch`).
 
 AMP (bf16 where the GPU supports it, else fp16 with a scaler) and channels_last (NHWC) on every device;
 DDP when launched by torchrun; `best/` and `last/` checkpoints; resume; early stopping. Its parts live beside
@@ -12,7 +13,7 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,10 +26,11 @@ from segkit.checkpoints import STATE, Checkpointer, check_run_dir, damaged, read
 from segkit.config import Config, dump_config
 from segkit.data.dataset import SegmentationDataset, cache_budget, to_network
 from segkit.data.io import write_bytes
-from segkit.data.training_data import training_data
+from segkit.data.training_data import TrainingData, training_data
 from segkit.data.transforms import eval_transform, train_transform
 from segkit.device import amp_dtype, resolve_device
 from segkit.errors import ConfigError, SegkitError, TrainingError
+from segkit.heads import Head
 from segkit.infer import Segmenter
 from segkit.loader import EpochKeyed, EpochSampler, loader_kwargs, loader_workers, stop_workers
 from segkit.metrics import summarize_units, validation_rule
@@ -89,41 +91,84 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
         lock.release()
 
 
-def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) -> TrainResult:
-    t = cfg.train
+@dataclass
+class Run:
+    """What one run trains with, built once from the config (`build_run`): the data, the model and its optimiser."""
+
+    cfg: Config
+    head: Head
+    device: torch.device
+    dtype: torch.dtype | None
+    data: TrainingData
+    train_ds: SegmentationDataset
+    val_ds: SegmentationDataset
+    units: list[str | None]
+    batch: int  # per rank
+    steps: int
+    sampler: EpochSampler
+    workers: int
+    loader: DataLoader
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    meta: dict
+    seg: Segmenter
+
+    @property
+    def layout(self) -> dict:
+        """What a mid-epoch resume must match: the steps of an epoch, the batch and the processes."""
+        return {"steps": self.steps, "batch_size": self.batch * dist.world_size(), "world": dist.world_size()}
+
+
+@dataclass
+class Progress:
+    """Where training stands: what last/train_state.pt stores, so a resumed run goes on as if never stopped."""
+
+    epoch: int = 0  # epochs done
+    step: int = 0  # steps done in the epoch after them
+    best: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    loss_sum: float = 0.0  # over the steps of the current epoch read back so far
+    seen: int = 0
+    history: list[dict] = field(default_factory=list)
+    val_every: int = 1
+    val_decided: bool = False
+    kept: str = "no checkpoint yet"
+
+    def state(self, run: Run) -> dict:
+        return {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                "scaler": run.scaler.state_dict(), "epoch": self.epoch, "step": self.step, "best": self.best,
+                "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "loss_sum": self.loss_sum,
+                "seen": self.seen, "layout": run.layout, "val_every": self.val_every if self.val_decided else None,
+                "history": self.history, "rng": rng_state()}
+
+
+def build_run(cfg: Config) -> Run:
+    """The data (read and checked), datasets, loader, model, loss, optimiser and schedule of `cfg`."""
+    t, d = cfg.train, cfg.data
     head = cfg.head()
     device = dist.device_for_rank(resolve_device(t.device))
     dtype = amp_dtype(device, t.amp)
     rank, world = dist.rank(), dist.world_size()
-    main = rank == 0
-
-    # Everything is checked before anything is written.
-    if main and out.is_dir():  # a folder another run is writing is refused first, for what it is
-        lock.acquire()
-        if resume:
-            for unit in ("last", "best"):
-                recover_unit(out / unit)
-    check_run_dir(out, cfg, resume)
-    d = cfg.data
     data = training_data(cfg, head, cache_budget(d.cache_mb) // dist.local_world_size())  # a copy per rank
-    reader, train_records, val_records, norm = data.reader, data.train, data.val, data.norm
     aug = t.augment
-    train_ds = SegmentationDataset(train_records, reader, head, train_transform(t.crop, aug), norm, crop=t.crop,
-                                   scale_low=aug.scale[0] if aug.scale else 1.0, color=aug.color, seed=t.seed,
-                                   foreground=data.foreground)
-    val_ds = SegmentationDataset(val_records[rank::world], reader, head, eval_transform(), norm)
-    units = list(dict.fromkeys(r.sample.scored_in for r in val_records))  # images: [None], pooled
-
-    per_rank_batch = max(1, t.batch_size // world)
-    steps = t.steps_per_epoch or max(1, len(train_ds) // (per_rank_batch * world))
-    sampler = EpochSampler(len(train_ds), steps * per_rank_batch, t.seed, rank, world)
+    train_ds = SegmentationDataset(data.train, data.reader, head, train_transform(t.crop, aug), data.norm,
+                                   crop=t.crop, scale_low=aug.scale[0] if aug.scale else 1.0, color=aug.color,
+                                   seed=t.seed, foreground=data.foreground)
+    val_ds = SegmentationDataset(data.val[rank::world], data.reader, head, eval_transform(), data.norm)
+    units = list(dict.fromkeys(r.sample.scored_in for r in data.val))  # images: [None], pooled
+    batch = max(1, t.batch_size // world)
+    steps = t.steps_per_epoch or max(1, len(train_ds) // (batch * world))
+    sampler = EpochSampler(len(train_ds), steps * batch, t.seed, rank, world)
     workers = loader_workers(t.workers, device)
-    train_loader = DataLoader(EpochKeyed(train_ds), batch_size=per_rank_batch, sampler=sampler, drop_last=True,
-                              **loader_kwargs(workers, device))
-
+    loader = DataLoader(EpochKeyed(train_ds), batch_size=batch, sampler=sampler, drop_last=True,
+                        **loader_kwargs(workers, device))
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model.arch, cfg.model.encoder, head.channels, cfg.data.channels,
-                        cfg.model.encoder_weights, cfg.model.encoder_weights_strict
+    model = build_model(cfg.model.arch, cfg.model.encoder, head.channels, d.channels, cfg.model.encoder_weights,
+                        cfg.model.encoder_weights_strict
                         ).to(device, memory_format=torch.channels_last)  # NHWC everywhere:
     if device.type == "cuda":  # measured ~30% faster per CPU step than NCHW (oneDNN), and cuDNN's fast path
         torch.backends.cudnn.benchmark = True
@@ -131,196 +176,119 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) 
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.epochs * steps, min(steps, 100)))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    meta = checkpoint_meta(head, cfg.model.arch, cfg.model.encoder, d.channels, norm,
+    meta = checkpoint_meta(head, cfg.model.arch, cfg.model.encoder, d.channels, data.norm,
                            data={"mask": d.mask, "ignore_index": d.ignore_index,
                                  "foreground_value": d.foreground_value, "binary_threshold": d.binary_threshold,
                                  "colors": d.colors, "bands": d.bands, "nodata": d.nodata,
                                  "val_fraction": d.val_fraction, "split_seed": cfg.split_seed(), "overlap": d.overlap,
                                  **data.meta})
-    seg = Segmenter(model, head, meta, device, amp=t.amp)
+    return Run(cfg, head, device, dtype, data, train_ds, val_ds, units, batch, steps, sampler, workers, loader,
+               model, loss_fn, optimizer, scheduler,
+               torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), meta,
+               Segmenter(model, head, meta, device, amp=t.amp))
 
-    start_epoch, start_step, best, best_epoch, bad_epochs = 0, 0, -1.0, 0, 0
-    carried = (0.0, 0)  # loss sum and count of the steps already done in the epoch resumed mid-way
-    history: list[dict] = []
-    layout = {"steps": steps, "batch_size": per_rank_batch * world, "world": world}
-    val_every = 1 if t.val_every == "auto" else t.val_every
-    val_decided = t.val_every != "auto"
-    kept = "no checkpoint yet"
-    if resume:
-        state = resume_state(out / "last", model, optimizer, scheduler, scaler)
-        scheduler.lr_lambdas[0] = lr_lambda(t.epochs * steps, min(steps, 100))
-        start_epoch, best, best_epoch, bad_epochs = (state["epoch"], state["best"], state["best_epoch"],
-                                                     state["bad_epochs"])
-        start_step = state.get("step", 0)
-        if start_step > steps and state.get("layout") == layout:
-            raise damaged(out / "last" / STATE, f"step {start_step} of an epoch of {steps}")
-        if start_step and state.get("layout") != layout:
-            raise ConfigError(f"{out}/last was written mid-epoch with {state.get('layout')}; resuming that epoch "
-                              f"needs the same steps per epoch, batch size and processes, not {layout}. Fix: "
-                              "resume with the run's train.steps_per_epoch, train.batch_size and --nproc.")
-        if start_step:
-            carried = (state["loss_sum"], state["seen"])
-        history = state["history"] if "history" in state else read_history(out / "metrics.csv")[:start_epoch]
-        if t.val_every == "auto" and state.get("val_every"):
-            val_every, val_decided = state["val_every"], True
-        kept = f"last/ holds epoch {start_epoch + 1} step {start_step}" if start_step else \
-            f"last/ holds epoch {start_epoch}"
-        if start_epoch >= t.epochs:
-            raise SegkitError(f"{out}: already trained for {start_epoch} epochs (train.epochs = {t.epochs}). "
-                              "Fix: raise --epochs to train further.")
-        if main:
-            log.info("resuming %s at epoch %d of %d after step %d of %d", out, start_epoch + 1, t.epochs,
-                     start_step, steps)
+
+def fresh_progress(t) -> Progress:
+    """A new run's progress; `val_every: auto` is decided after the first validation."""
+    return Progress(val_every=1 if t.val_every == "auto" else t.val_every, val_decided=t.val_every != "auto")
+
+
+def resumed(run: Run, out: Path) -> Progress:
+    """The progress last/ holds, its optimiser, schedule and random state loaded into `run`; checked against
+    the config (a mid-epoch state needs the same epoch layout; a finished run needs more epochs)."""
+    t = run.cfg.train
+    state = resume_state(out / "last", run.model, run.optimizer, run.scheduler, run.scaler)
+    run.scheduler.lr_lambdas[0] = lr_lambda(t.epochs * run.steps, min(run.steps, 100))
+    p = fresh_progress(t)
+    p.epoch, p.step, p.best, p.best_epoch, p.bad_epochs = (state["epoch"], state.get("step", 0), state["best"],
+                                                          state["best_epoch"], state["bad_epochs"])
+    if p.step > run.steps and state.get("layout") == run.layout:
+        raise damaged(out / "last" / STATE, f"step {p.step} of an epoch of {run.steps}")
+    if p.step and state.get("layout") != run.layout:
+        raise ConfigError(f"{out}/last was written mid-epoch with {state.get('layout')}; resuming that epoch "
+                          f"needs the same steps per epoch, batch size and processes, not {run.layout}. Fix: "
+                          "resume with the run's train.steps_per_epoch, train.batch_size and --nproc.")
+    if p.step:
+        p.loss_sum, p.seen = state["loss_sum"], state["seen"]
+    p.history = state["history"] if "history" in state else read_history(out / "metrics.csv")[:p.epoch]
+    if t.val_every == "auto" and state.get("val_every"):
+        p.val_every, p.val_decided = state["val_every"], True
+    p.kept = f"last/ holds epoch {p.epoch + 1} step {p.step}" if p.step else f"last/ holds epoch {p.epoch}"
+    if p.epoch >= t.epochs:
+        raise SegkitError(f"{out}: already trained for {p.epoch} epochs (train.epochs = {t.epochs}). "
+                          "Fix: raise --epochs to train further.")
+    if dist.rank() == 0:
+        log.info("resuming %s at epoch %d of %d after step %d of %d", out, p.epoch + 1, t.epochs, p.step, run.steps)
+    return p
+
+
+def train_step(run: Run, net: nn.Module, item) -> torch.Tensor:
+    """One optimisation step on a loader batch; the loss stays on the device (no host-device sync)."""
+    image, target = to_network(item, run.data.norm, run.head, run.device)
+    image = image.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(run.device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
+        logits = net(image)
+    loss = run.loss_fn(logits.float(), target)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    return loss.detach()
+
+
+def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) -> TrainResult:
+    t, main = cfg.train, dist.rank() == 0
+    if main and out.is_dir():  # everything is checked before anything is written; a folder another run is
+        lock.acquire()         # writing is refused first, for what it is
+        if resume:
+            for unit in ("last", "best"):
+                recover_unit(out / unit)
+    check_run_dir(out, cfg, resume)
+    run = build_run(cfg)
+    p = resumed(run, out) if resume else fresh_progress(t)
+    start_epoch, start_step = p.epoch, p.step
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not lock.tried:  # a new folder: lock it, then make sure no other run started in it meanwhile
-            lock.acquire()
-            check_run_dir(out, cfg, resume)
-        write_bytes(out / "config.yaml", dump_config(cfg).encode())
-        log.info("%s head, classes %s; %d train / %d val images; device %s%s; %d steps/epoch of %d; "
-                 "%d loader workers", head.name, head.classes, len(train_ds), len(val_records), device,
-                 f" ({dtype})" if dtype else "", steps, per_rank_batch * world, workers)
-        log.info("input normalisation %s", data.normalization)
-        if data.description != "images":
-            log.info("volumes: %s", data.description)
-        log.info("validation: %s", validation_rule(units))
+        _start(run, out, lock, resume)
+    model = run.model
     if t.sync_batchnorm and dist.active():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = dist.wrap(model, device)
-    net = model
-    if t.compile:
-        net = compiled(model, torch.zeros(1, d.channels, t.crop, t.crop, device=device))
-
-    stopped = "completed"
-    images_seen, train_seconds = 0, 0.0
+    model = dist.wrap(model, run.device)
+    net = compiled(model, torch.zeros(1, cfg.data.channels, t.crop, t.crop, device=run.device)) if t.compile \
+        else model
     saver = Checkpointer(out) if main else None
     board = TensorBoardLog(out / "tensorboard") if main and t.tensorboard else None
-    losses = torch.zeros(t.log_every, device=device)
     signals = StopSignals()
     interrupted: Interrupted | None = None
-
-    def stop_requested() -> bool:
-        """A signal reached this process (or, under DDP, any rank: all ranks stop at the same step)."""
-        if not dist.active():
-            return bool(signals.signum)
-        return dist.all_reduce_sum([1.0 if signals.signum else 0.0], device)[0] > 0
-
-    def training_state(epoch_done: int, step_done: int) -> dict:
-        """last/train_state.pt: everything a resumed run needs to go on as if never stopped."""
-        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch_done, "step": step_done, "best": best,
-                "best_epoch": best_epoch, "bad_epochs": bad_epochs, "loss_sum": loss_sum, "seen": seen,
-                "layout": layout, "val_every": val_every if val_decided else None, "history": history,
-                "rng": rng_state()}
-
+    stopped, images_seen, train_seconds = "completed", 0, 0.0
     signals.install()
     try:
         for epoch in range(start_epoch, t.epochs):
-            first = start_step if epoch == start_epoch else 0
-            sampler.set_epoch(epoch, skip=first * per_rank_batch)
-            model.train()
             began = time.perf_counter()
-            loss_sum, seen = carried if epoch == start_epoch else (0.0, 0)
-            bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}",
-                       disable=not (progress and main), leave=False, dynamic_ncols=True)
-            unread, step = first % t.log_every, first - 1  # losses[unread:] are not read back yet
-            for step, item in enumerate(train_loader, start=first):
-                image, target = to_network(item, norm, head, device)
-                image = image.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    logits = net(image)
-                loss = loss_fn(logits.float(), target)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                k = step % t.log_every
-                losses[k] = loss.detach()
-                # The only read-back: every log_every steps, at the epoch's end, and (one process) on a signal.
-                if k == t.log_every - 1 or step == steps - 1 or (signals.signum and not dist.active()):
-                    values = losses[unread:k + 1].tolist()
-                    bad = next((j for j, v in enumerate(values) if not math.isfinite(v)), None)
-                    if bad is not None:
-                        raise TrainingError(f"non-finite loss ({values[bad]}) at epoch {epoch + 1}, step "
-                                            f"{step - k + unread + bad + 1}; stopped, {kept}. "
-                                            "Fix: lower train.lr, or train.amp: false.")
-                    for v in values:  # one by one: the same float sum however the steps were read back
-                        loss_sum += v
-                    seen += len(values)
-                    unread = (k + 1) % t.log_every
-                    bar.update(len(values))
-                    bar.set_postfix(loss=f"{values[-1]:.4f}")
-                    if board is not None:
-                        board.steps(epoch * steps + step + 1, sum(values) / len(values), optimizer.param_groups[0]["lr"],
-                                    (step + 1 - first) * per_rank_batch * world / (time.perf_counter() - began))
-                    if stop_requested():
-                        interrupted = Interrupted(signals.signum or signal.SIGTERM, epoch + 1, step + 1, steps)
-                        if main:
-                            saver.save(model, {**meta, "epoch": epoch, "step": step + 1}, False, True,
-                                       training_state(epoch, step + 1), history, plot=False)
-                        break
-            bar.close()
+            first = start_step if epoch == start_epoch else 0
+            if epoch != start_epoch:  # a resumed epoch goes on from the losses of the steps it had run
+                p.loss_sum, p.seen = 0.0, 0
+            model.train()
+            interrupted, steps_run = _epoch(run, model, net, p, epoch, first, signals, saver, board, progress)
             if interrupted is not None:
                 break
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)
             seconds = time.perf_counter() - began
-            images = (step + 1 - first) * per_rank_batch * world
-            images_seen += images
-            train_seconds += seconds
-
-            last_epoch = epoch + 1 == t.epochs
-            validated = (epoch + 1) % val_every == 0 or last_epoch
-            val_loss, dice, iou = math.nan, math.nan, math.nan
-            per_class = {c: {"dice": math.nan, "iou": math.nan} for c in head.classes}  # same columns every row
-            if validated:
-                val_began = time.perf_counter()
-                val_loss, counts = validate(seg, loss_fn, val_ds, units, per_rank_batch)
-                scores = summarize_units(counts, head.classes)
-                dice, iou, per_class = scores["mean"]["dice"], scores["mean"]["iou"], scores["per_class"]
-                if not val_decided:  # rank 0 decides, so every rank validates alike
-                    every = spaced_validation(time.perf_counter() - val_began, seconds, main) if main else 0
-                    val_every, val_decided = int(dist.all_reduce_sum([every], device)[0]), True
-            train_loss = dist.all_reduce_sum([loss_sum / max(1, seen)], device)[0] / world
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                   "val_mean_dice": dice, "val_mean_iou": iou,
-                   **{f"dice_{c}": s["dice"] for c, s in per_class.items()},
-                   **{f"iou_{c}": s["iou"] for c, s in per_class.items()},
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-                   "images_per_s": images / max(seconds, 1e-9)}
-            history.append(row)
-            improved = validated and not math.isnan(dice) and dice > best
-            if improved:
-                best, best_epoch, bad_epochs = dice, epoch + 1, 0
-            elif validated:
-                bad_epochs += 1
-            early = bool(t.early_stop_patience and bad_epochs >= t.early_stop_patience)
-            stopping = not (last_epoch or early) and stop_requested()  # a signal during validation
-            if main:
-                epoch_meta = {**meta, "epoch": epoch + 1, "val": {"mean_dice": dice, "mean_iou": iou}}
-                last = (epoch + 1) % t.save_every == 0 or last_epoch or early or stopping
-                saver.save(model, epoch_meta, improved, last, training_state(epoch + 1, 0) if last else None,
-                           history, plot=last_epoch or early or stopping or (epoch + 1) % 5 == 0)
-                kept = f"last/ holds epoch {epoch + 1}" if last else kept
-                if board is not None:
-                    board.epoch(epoch + 1, row, val_pictures(seg, val_ds) if validated else [])
-                shown = " ".join(f"{c}={s['dice']:.3f}" for c, s in per_class.items()) if validated else "not validated"
-                log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val mean Dice %.4f (%s)  %.1f img/s%s",
-                         epoch + 1, t.epochs, train_loss, val_loss, dice, shown, images / max(seconds, 1e-9),
-                         "  *best" if improved else "")
+            images = steps_run * run.batch * dist.world_size()
+            images_seen, train_seconds = images_seen + images, train_seconds + seconds
+            early, stopping = _end_epoch(run, model, p, epoch, seconds, images, signals, saver, board)
             if stopping:
-                interrupted = Interrupted(signals.signum or signal.SIGTERM, epoch + 1, steps, steps)
+                interrupted = Interrupted(signals.signum or signal.SIGTERM, epoch + 1, run.steps, run.steps)
                 break
             if early:
                 stopped = "early stop"
                 if main:
-                    log.info("early stop: no better validation Dice for %d validations", bad_epochs)
+                    log.info("early stop: no better validation Dice for %d validations", p.bad_epochs)
                 break
     finally:  # a pending checkpoint write finishes (or reports its error) whatever stopped the loop
         signals.restore()
-        stop_workers(train_loader)
+        stop_workers(run.loader)
         if saver is not None:
             saver.close()
         if board is not None:
@@ -328,4 +296,120 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) 
     dist.barrier()
     if interrupted is not None:
         raise interrupted
-    return TrainResult(out, len(history), best_epoch, best, images_seen / max(train_seconds, 1e-9), stopped)
+    return TrainResult(out, len(p.history), p.best_epoch, p.best, images_seen / max(train_seconds, 1e-9), stopped)
+
+
+def _start(run: Run, out: Path, lock: RunLock, resume: bool) -> None:
+    """Rank 0: the run folder made and locked, config.yaml written, and what the run will do logged."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not lock.tried:  # a new folder: lock it, then make sure no other run started in it meanwhile
+        lock.acquire()
+        check_run_dir(out, run.cfg, resume)
+    write_bytes(out / "config.yaml", dump_config(run.cfg).encode())
+    log.info("%s head, classes %s; %d train / %d val images; device %s%s; %d steps/epoch of %d; "
+             "%d loader workers", run.head.name, run.head.classes, len(run.train_ds), len(run.data.val), run.device,
+             f" ({run.dtype})" if run.dtype else "", run.steps, run.batch * dist.world_size(), run.workers)
+    log.info("input normalisation %s", run.data.normalization)
+    if run.data.description != "images":
+        log.info("volumes: %s", run.data.description)
+    log.info("validation: %s", validation_rule(run.units))
+
+
+def _stop_requested(signals: StopSignals, device: torch.device) -> bool:
+    """A signal reached this process (or, under DDP, any rank: all ranks stop at the same step)."""
+    if not dist.active():
+        return bool(signals.signum)
+    return dist.all_reduce_sum([1.0 if signals.signum else 0.0], device)[0] > 0
+
+
+def _epoch(run: Run, model: nn.Module, net: nn.Module, p: Progress, epoch: int, first: int, signals: StopSignals,
+           saver: Checkpointer | None, board: TensorBoardLog | None, progress: bool
+           ) -> tuple[Interrupted | None, int]:
+    """The steps of one epoch from step `first`; losses are read back every log_every steps (the only
+    host-device sync of a step), checked finite and summed into `p`. On a signal, last/ is written at the
+    step reached and the `Interrupted` comes back. Returns it (or None) and the steps run."""
+    t, world = run.cfg.train, dist.world_size()
+    run.sampler.set_epoch(epoch, skip=first * run.batch)
+    losses = torch.zeros(t.log_every, device=run.device)
+    bar = tqdm(total=run.steps, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}",
+               disable=not (progress and dist.rank() == 0), leave=False, dynamic_ncols=True)
+    began = time.perf_counter()
+    unread, step = first % t.log_every, first - 1  # losses[unread:] are not read back yet
+    try:
+        for step, item in enumerate(run.loader, start=first):
+            k = step % t.log_every
+            losses[k] = train_step(run, net, item)
+            if not (k == t.log_every - 1 or step == run.steps - 1 or (signals.signum and not dist.active())):
+                continue
+            values = losses[unread:k + 1].tolist()
+            bad = next((j for j, v in enumerate(values) if not math.isfinite(v)), None)
+            if bad is not None:
+                raise TrainingError(f"non-finite loss ({values[bad]}) at epoch {epoch + 1}, step "
+                                    f"{step - k + unread + bad + 1}; stopped, {p.kept}. "
+                                    "Fix: lower train.lr, or train.amp: false.")
+            for v in values:  # one by one: the same float sum however the steps were read back
+                p.loss_sum += v
+            p.seen += len(values)
+            unread = (k + 1) % t.log_every
+            bar.update(len(values))
+            bar.set_postfix(loss=f"{values[-1]:.4f}")
+            if board is not None:
+                board.steps(epoch * run.steps + step + 1, sum(values) / len(values),
+                            run.optimizer.param_groups[0]["lr"],
+                            (step + 1 - first) * run.batch * world / (time.perf_counter() - began))
+            if _stop_requested(signals, run.device):
+                p.epoch, p.step = epoch, step + 1
+                if saver is not None:
+                    saver.save(model, {**run.meta, "epoch": epoch, "step": step + 1}, False, True, p.state(run),
+                               p.history, plot=False)
+                return Interrupted(signals.signum or signal.SIGTERM, epoch + 1, step + 1, run.steps), step + 1 - first
+    finally:
+        bar.close()
+    return None, step + 1 - first
+
+
+def _end_epoch(run: Run, model: nn.Module, p: Progress, epoch: int, seconds: float, images: int,
+               signals: StopSignals, saver: Checkpointer | None, board: TensorBoardLog | None) -> tuple[bool, bool]:
+    """Validation (when due), the history row, best/ and last/, the epoch's log line. Returns (early stop,
+    stop for a signal that came during validation)."""
+    t, main, world = run.cfg.train, saver is not None, dist.world_size()
+    last_epoch = epoch + 1 == t.epochs
+    validated = (epoch + 1) % p.val_every == 0 or last_epoch
+    val_loss, dice, iou = math.nan, math.nan, math.nan
+    per_class = {c: {"dice": math.nan, "iou": math.nan} for c in run.head.classes}  # same columns every row
+    if validated:
+        val_began = time.perf_counter()
+        val_loss, counts = validate(run.seg, run.loss_fn, run.val_ds, run.units, run.batch)
+        scores = summarize_units(counts, run.head.classes)
+        dice, iou, per_class = scores["mean"]["dice"], scores["mean"]["iou"], scores["per_class"]
+        if not p.val_decided:  # rank 0 decides, so every rank validates alike
+            every = spaced_validation(time.perf_counter() - val_began, seconds, main) if main else 0
+            p.val_every, p.val_decided = int(dist.all_reduce_sum([every], run.device)[0]), True
+    train_loss = dist.all_reduce_sum([p.loss_sum / max(1, p.seen)], run.device)[0] / world
+    row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+           "val_mean_dice": dice, "val_mean_iou": iou,
+           **{f"dice_{c}": s["dice"] for c, s in per_class.items()},
+           **{f"iou_{c}": s["iou"] for c, s in per_class.items()},
+           "lr": run.optimizer.param_groups[0]["lr"], "seconds": seconds, "images_per_s": images / max(seconds, 1e-9)}
+    p.history.append(row)
+    improved = validated and not math.isnan(dice) and dice > p.best
+    if improved:
+        p.best, p.best_epoch, p.bad_epochs = dice, epoch + 1, 0
+    elif validated:
+        p.bad_epochs += 1
+    early = bool(t.early_stop_patience and p.bad_epochs >= t.early_stop_patience)
+    stopping = not (last_epoch or early) and _stop_requested(signals, run.device)  # a signal during validation
+    p.epoch, p.step = epoch + 1, 0
+    if main:
+        epoch_meta = {**run.meta, "epoch": epoch + 1, "val": {"mean_dice": dice, "mean_iou": iou}}
+        last = (epoch + 1) % t.save_every == 0 or last_epoch or early or stopping
+        saver.save(model, epoch_meta, improved, last, p.state(run) if last else None, p.history,
+                   plot=last_epoch or early or stopping or (epoch + 1) % 5 == 0)
+        p.kept = f"last/ holds epoch {epoch + 1}" if last else p.kept
+        if board is not None:
+            board.epoch(epoch + 1, row, val_pictures(run.seg, run.val_ds) if validated else [])
+        shown = " ".join(f"{c}={s['dice']:.3f}" for c, s in per_class.items()) if validated else "not validated"
+        log.info("epoch %d/%d  train loss %.4f  val loss %.4f  val mean Dice %.4f (%s)  %.1f img/s%s",
+                 epoch + 1, t.epochs, train_loss, val_loss, dice, shown, images / max(seconds, 1e-9),
+                 "  *best" if improved else "")
+    return early, stopping

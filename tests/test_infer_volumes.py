@@ -31,7 +31,7 @@ from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import Volume
 from segkit.heads import build_head
 from segkit.infer import Segmenter
-from segkit.infer_volumes import predict_volume
+from segkit.predict import predict_volume
 from segkit.model import checkpoint_meta, load_checkpoint
 
 
@@ -435,11 +435,11 @@ def test_cases_read_ahead_give_the_same_files_and_skip_the_unreadable(cli, tmp_p
     bad.write_bytes((HIPPO / "imagesTr" / "hippocampus_007_0000.nii.gz").read_bytes()[:3000])
     ckpt = oracle_checkpoint(monkeypatch, tmp_path, "softmax", {"bg": (0,), "fg": (1,)})
     outputs = {}
-    from segkit import infer_volumes
+    from segkit import predict
 
-    read_ahead = infer_volumes._read_ahead
+    read_ahead = predict._read_ahead
     for workers in (0, 2):
-        monkeypatch.setattr(infer_volumes, "_read_ahead", lambda jobs, canonical, _, w=workers: read_ahead(jobs, canonical, w))
+        monkeypatch.setattr(predict, "_read_ahead", lambda jobs, canonical, _, w=workers: read_ahead(jobs, canonical, w))
         out = tmp_path / f"out{workers}"
         result = cli("predict", ckpt, tmp_path / "in", out, "--device", "cpu", "--no-progress")
         assert result.code == 1 and "case hippocampus_002" in result.err and "4 volumes" in result.out

@@ -16,7 +16,7 @@ import yaml
 import volumedata
 from samples import CORD, HIPPO
 from segkit.config import load_config
-from segkit.data.inspect_volumes import inspect_volumes
+from segkit.data.inspect import inspect_volumes
 from segkit.errors import ConfigError
 
 

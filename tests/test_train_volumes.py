@@ -235,7 +235,7 @@ def test_validation_scores_volumes_per_case_as_evaluate_does(tmp_path, monkeypat
     from segkit.data.dataset import SegmentationDataset
     from segkit.data.transforms import eval_transform
     from segkit.data.volumes import VolumeDataset
-    from segkit.evaluate_volumes import evaluate_volumes
+    from segkit.evaluate import evaluate_volumes
     from segkit.infer import Segmenter
     from segkit.metrics import summarize_units
     from segkit.validation import validate

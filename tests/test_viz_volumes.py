@@ -20,7 +20,7 @@ from segkit.data.normalize import ChannelNorm, VolumeNormalization
 from segkit.data.volume_spec import VolumeSpec
 from segkit.heads import build_head, default_colors
 from segkit.viz import ERROR_COLORS
-from segkit.viz_volumes import VolumeClasses, shown_slices, visualize_volumes
+from segkit.visualize import VolumeClasses, shown_slices, visualize_volumes
 
 MISSED, FALSE_POSITIVE = ERROR_COLORS["missed (false negative)"], ERROR_COLORS["false positive"]
 

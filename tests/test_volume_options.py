@@ -24,7 +24,7 @@ from segkit.data.training_data import TrainingData, training_data
 from segkit.data.transforms import eval_transform
 from segkit.data.volume_spec import VolumeSpec
 from segkit.heads import Head
-from segkit.infer_volumes import normalised_slices
+from segkit.predict import normalised_slices
 
 MIB = 1 << 20
 
