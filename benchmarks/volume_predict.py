@@ -31,10 +31,9 @@ from PIL import Image
 from benchmarks.common import EMBEDDED, machine, write_result
 from benchmarks.huge_raster import own_peak_rss_mib
 from segkit import Segmenter
-from segkit.data.normalize import Normalization
-from segkit.data.normalize import VolumeNormalization, foreground_sample
+from segkit.data.normalize import fit_per_case, foreground_sample
 from segkit.data.volume_spec import VolumeSpec
-from segkit.data.volumes import Volume
+from segkit.data.volumes import Volume, VolumeCase
 from segkit.heads import build_head
 from segkit.predict import output_files, predict_volume, write_prediction
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
@@ -85,10 +84,10 @@ def checkpoint(folder: Path, volume: np.ndarray) -> Path:
     torch.manual_seed(0)
     head = build_head("softmax", CLASSES)
     sample = foreground_sample(volume, volume[..., 0] > -500, np.random.default_rng(0))
-    norm = VolumeNormalization.fit(["ct"], [lambda: sample])
-    spec = VolumeSpec("nnunet", ("CT",), 2, norm, {name: (i,) for i, name in enumerate(CLASSES)})
+    norm = fit_per_case(["ct"], [lambda: sample])
+    spec = VolumeSpec("nnunet", ("CT",), 2, {name: (i,) for i, name in enumerate(CLASSES)})
     model = build_model("Unet", "resnet18", head.channels, 1)
-    save_checkpoint(folder, model, checkpoint_meta(head, "Unet", "resnet18", 1, Normalization("none"),
+    save_checkpoint(folder, model, checkpoint_meta(head, "Unet", "resnet18", 1, norm,
                                                    data={"mask": "volume", "volume": spec.to_meta()}))
     return folder
 
@@ -131,7 +130,8 @@ def run(out: Path, size: int = 512, depth: int = 300, device: str = "cpu", batch
     pred = predict_volume(seg, volume, probs)
     predict_s = time.perf_counter() - began - read_s
     target = out / "volume-pred"
-    write_prediction(volume, pred, output_files(seg, VolumeSpec.from_meta(seg.meta), "ct", probs), target)
+    case = VolumeCase("ct", [path], None)
+    write_prediction(volume, pred, output_files(seg, VolumeSpec.from_meta(seg.meta), case, probs), target)
     seconds = time.perf_counter() - began
     peak = own_peak_rss_mib()
     raw_mib, out_mib = raw.nbytes / 2**20, sum(a.nbytes for a in (pred.labels, pred.probs) if a is not None) / 2**20

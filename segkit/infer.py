@@ -193,10 +193,16 @@ class Segmenter:
         if any(m is not None for m in masks):
             nodata = torch.from_numpy(np.stack([m if m is not None else np.zeros(p.shape[:2], bool)
                                                 for m, p in zip(masks, pixels)]))[:, None].to(self.device)
-        stats = None
-        if self.norm.per_image:
+        stats = outside = None
+        if self.norm.per_sample:
+            if self.norm.mode == "per_case" and any(s.params is None for s in sources):
+                raise SegkitError(f"{sources[0].name}: a model trained on volume slices normalises each slice with "
+                                  "its whole case's statistics, which a single image does not have. Fix: predict "
+                                  "the volume (segkit.predict.predict_volume, or segkit predict on its file).")
             stats = torch.from_numpy(np.stack([s.stats() for s in sources])).to(self.device)
-        return self.norm.apply(x, stats, nodata)
+        if any(s.outside is not None for s in sources):
+            outside = torch.from_numpy(np.stack([s.outside_mask(window) for s in sources]))[:, None].to(self.device)
+        return self.norm.apply(x, stats, nodata, outside)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -386,9 +392,7 @@ class Segmenter:
         norm = torch.zeros(rows, w, device=self.device)
         top = 0
         for k, y in enumerate(ys):
-            band = ImageSource.from_array(src.read(Window(y, 0, th, w)), self.in_channels, src.nodata)
-            if self.norm.per_image:
-                band._stats = src.stats()  # whole-image statistics, as in training
+            band = src.crop(Window(y, 0, th, w), self.norm.per_sample)  # whole-image statistics, as in training
             rows_in = self.to_input(band)  # the band crosses to the device once; windows are views of it
             for i in range(0, len(xs), self.batch_size):
                 chunk = xs[i:i + self.batch_size]

@@ -2,8 +2,8 @@
 trained on: a model trained on volume slices predicts volume cases (`predict_volume_folder`), any other model
 images and rasters (`Segmenter.predict_folder`). The same summary comes back either way.
 
-A volume case is normalised with parameters of the whole volume (`VolumeNormalization.case_params`, as
-training computes them), cut into slices along the model's slice axis, predicted `batch_size` slices per
+A volume case is normalised with parameters of the whole volume (`normalize.case_params`, as training
+computes them), cut into slices along the model's slice axis, predicted `batch_size` slices per
 forward pass by the Segmenter and put back at the input's exact shape. Working memory is the raw volume, the
 outputs and one batch of normalised slices with its activations: the volume is never converted to float as a
 whole.
@@ -33,7 +33,9 @@ from tqdm import tqdm
 
 from segkit import distributed as dist
 from segkit.data.io import no_data
+from segkit.data.normalize import body, case_params
 from segkit.data.readers.volume import VOLUME_ENDINGS, output_ending
+from segkit.data.source import ImageSource
 from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import Volume, VolumeCase, combine_regions, folder_cases, is_volume_folder
 from segkit.data.writers import write_volume
@@ -107,20 +109,26 @@ def label_dtype(values: Sequence[int]) -> np.dtype:
     return np.dtype(np.min_scalar_type(max(int(v) for v in values)))
 
 
-def normalised_slices(spec: VolumeSpec, data: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(index of the first slice, (b, h, w, C) float32 network inputs) of a case's raw (X, Y, Z, C) voxels, a
-    batch at a time. Slice k is `np.take(data, k, slice_axis)`, as training cuts it, and the case's parameters
-    come from the whole volume, so each slice is the input training saw."""
-    stack = np.moveaxis(data, spec.slice_axis, 0)  # the case as its slices (a view)
-    params = spec.normalization.case_params(stack)
+def slice_sources(seg: Segmenter, spec: VolumeSpec, volume: Volume, batch_size: int
+                  ) -> Iterator[tuple[int, list[ImageSource]]]:
+    """(index of the first slice, raw slices as sources) of a case, a batch at a time. Slice k is
+    `np.take(data, k, slice_axis)`, as training cuts it; each carries the parameters of the whole case and its
+    body mask, so the Segmenter normalises it on the device as training did."""
+    stack = np.moveaxis(volume.data, spec.slice_axis, 0)  # the case as its slices (a view)
+    params = case_params(seg.norm, stack) if seg.norm.mode == "per_case" else None
+    zeroed = any(seg.norm.body_only)
     for start in range(0, stack.shape[0], batch_size):
-        yield start, spec.normalization.apply(stack[start:start + batch_size], params)
+        raw = np.ascontiguousarray(stack[start:start + batch_size])
+        outside = ~body(raw) if zeroed else [None] * len(raw)
+        yield start, [ImageSource.from_array(image, seg.in_channels, None, f"case {volume.case}, slice {start + i}",
+                                             params=params, outside=out)
+                      for i, (image, out) in enumerate(zip(raw, outside))]
 
 
-def _predict_slices(seg: Segmenter, batch: np.ndarray, probs: bool) -> list[Prediction]:
+def _predict_slices(seg: Segmenter, batch: list[ImageSource], probs: bool) -> list[Prediction]:
     """One forward pass for slices that fit the tile; larger slices go through windows one by one."""
     if seg.fits(batch[0]):
-        return seg.predict_batch(list(batch), probs)
+        return seg.predict_batch(batch, probs)
     return [seg.predict(image, probs) for image in batch]
 
 
@@ -146,7 +154,7 @@ def predict_volume(seg: Segmenter, volume: Volume, probs: bool = False, probs_dt
     if probs:
         prob = np.empty((head.channels, *shape), probs_dtype)
         prob_stack = np.moveaxis(prob, axis + 1, 1)
-    for start, batch in normalised_slices(spec, volume.data, seg.batch_size):
+    for start, batch in slice_sources(seg, spec, volume, seg.batch_size):
         for k, pred in enumerate(_predict_slices(seg, batch, probs), start):
             if sigmoid:
                 mask_stack[:, k] = pred.mask

@@ -309,7 +309,7 @@ def _start(run: Run, out: Path, lock: RunLock, resume: bool) -> None:
     log.info("%s head, classes %s; %d train / %d val images; device %s%s; %d steps/epoch of %d; "
              "%d loader workers", run.head.name, run.head.classes, len(run.train_ds), len(run.data.val), run.device,
              f" ({run.dtype})" if run.dtype else "", run.steps, run.batch * dist.world_size(), run.workers)
-    log.info("input normalisation %s", run.data.normalization)
+    log.info("input normalisation %s", run.data.norm.describe())
     if run.data.description != "images":
         log.info("volumes: %s", run.data.description)
     log.info("validation: %s", validation_rule(run.units))

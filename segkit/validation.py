@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from segkit import distributed as dist
-from segkit.data.dataset import SegmentationDataset
+from segkit.data.dataset import Pixels, Record, SegmentationDataset
 from segkit.data.source import ImageSource
 from segkit.infer import Segmenter, batches_by_shape
 from segkit.viz import overlay_picture
@@ -50,8 +50,7 @@ def validate(seg: Segmenter, loss_fn: nn.Module, dataset: SegmentationDataset, u
     def items():
         for r in dataset.records:
             px = dataset.pixels(r, None)
-            yield ((head.targets(px.labels, px.valid), unit_index[r.sample.scored_in]),
-                   ImageSource.from_array(px.image, seg.in_channels, px.nodata, str(r.sample.image)))
+            yield ((head.targets(px.labels, px.valid), unit_index[r.sample.scored_in]), _source(seg, r, px))
 
     for batch in batches_by_shape(items(), batch_size, seg.fits):
         if len(batch) == 1 and not seg.fits(batch[0][1]):
@@ -66,12 +65,19 @@ def validate(seg: Segmenter, loss_fn: nn.Module, dataset: SegmentationDataset, u
     return loss_total / max(1, pixels), dict(zip(units, counts))
 
 
+def _source(seg: Segmenter, r: Record, px: Pixels) -> ImageSource:
+    """A validation image as prediction reads it: with its own normalisation parameters (a volume slice: its
+    case's) and, for a slice, the voxels outside the body."""
+    return ImageSource.from_array(px.image, seg.in_channels, px.nodata, str(r.sample.image), params=r.norm_stats,
+                                  outside=None if px.inside is None else ~px.inside)
+
+
 def val_pictures(seg: Segmenter, dataset: SegmentationDataset, count: int = 3) -> list[tuple[str, np.ndarray]]:
     """Overlays of the first `count` validation images, for TensorBoard."""
     pictures = []
     for r in dataset.records[:count]:
         px = dataset.pixels(r, None)
-        masks = seg.head.multihot(torch.from_numpy(seg.predict(px.image).mask)[None])[0].numpy()
+        masks = seg.head.multihot(torch.from_numpy(seg.predict(_source(seg, r, px)).mask)[None])[0].numpy()
         pictures.append((r.sample.stem, overlay_picture(px.image, masks, seg.head.classes, seg.head.colors)))
     return pictures
 

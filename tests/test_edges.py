@@ -184,7 +184,7 @@ def test_rescale_never_mixes_no_data_into_valid_pixels(dtype, nodata):
     seen_edges = 0
     for seed in range(40):
         out, bits = augment(image, stack, np.random.default_rng(seed), 1)
-        _, valid, out_real = unpack(np.ascontiguousarray(bits), 1)
+        _, valid, out_real, _ = unpack(np.ascontiguousarray(bits), 1)
         assert out_real.any() and (valid <= out_real).all()
         got = out[..., 0][out_real]  # integers exactly; float32 up to the rounding of weight sum / weight
         np.testing.assert_allclose(got, 100, rtol=0 if np.issubdtype(dtype, np.integer) else 1e-6)

@@ -331,9 +331,11 @@ def test_an_exported_volume_model_states_its_normalisation_and_writes_the_same_m
     ckpt = volumedata.region_content(tmp_path_factory)
     path = segkit.export.export_onnx(ckpt, tmp_path / "regions.onnx")
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    assert json.loads(props["normalization"]) == {"mode": "volume_case", "channels": [
-        {"scheme": "zscore", "low": None, "high": None, "mean": None, "std": None}], "slice_axis": 2,
-        "orientation": "RAS"}
+    described = json.loads(props["normalization"])
+    assert described == {**json.loads((ckpt / "model.json").read_text())["normalization"], "slice_axis": 2,
+                         "orientation": "RAS"}
+    assert described["mode"] == "per_case" and described["channels"] == [
+        {"scheme": "zscore", "low": None, "high": None, "mean": None, "std": None}]
     cases = {}
     for case in ("hippocampus_001", "hippocampus_004"):
         crop, _, affine = volumedata.thick_volume(case, crop=volumedata.CROP)

@@ -26,7 +26,6 @@ from segkit.config import load_config
 from segkit.data.dataset import unpack
 from segkit.data.normalize import Normalization
 from segkit.data.training_data import training_data
-from segkit.data.normalize import ChannelNorm, VolumeNormalization
 from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import Volume
 from segkit.heads import build_head
@@ -54,8 +53,7 @@ def oracle_checkpoint(monkeypatch, tmp_path: Path, head: str, class_values: dict
     """A checkpoint folder whose model is an Oracle (Segmenter.load is pointed at it), trained 'on volumes'
     with normalisation none, so the network sees the raw voxel values."""
     h = build_head(head, list(class_values))
-    spec = VolumeSpec(layout, channel_names, slice_axis,
-                      VolumeNormalization(tuple(ChannelNorm("none") for _ in channel_names)), class_values, order)
+    spec = VolumeSpec(layout, channel_names, slice_axis, class_values, order)
     meta = checkpoint_meta(h, "Unet", "oracle", len(channel_names), Normalization("none"),
                            data={"mask": "volume", **data, **({"volume": spec.to_meta()} if volume else {})})
     folder = tmp_path / "oracle"
@@ -357,20 +355,21 @@ def test_nan_voxels_are_no_data_in_training(tmp_path, caplog):
     config = tmp_path / "c.yaml"
     config.write_text(f"data:\n  root: {root}\n  val_fraction: 0.01\nmodel:\n  head: softmax\n")
     cfg = load_config(config)
+    head = cfg.head()
     for budget in (1 << 30, 0):
         caplog.clear()
-        data = training_data(cfg, cfg.head(), budget)
+        data = training_data(cfg, head, budget)
         assert caplog.text.count("NaN or infinite") == 1 and "case hippocampus_003: 3 voxels" in caplog.text
         axis = data.meta["volume"]["slice_axis"]
         records = [r for r in data.train if r.sample.case == "hippocampus_003"]
         assert len(records) == image.shape[axis]
         for record in records:
             if budget:
-                _, valid, real = unpack(record.cached.bits, len(cfg.head().classes))
-                x = record.cached.image
+                _, valid, real, _ = unpack(record.cached.bits, len(head.classes))
             else:
                 px = data.reader.read(record.sample)
-                x, valid, real = px.image, px.valid, px.real
+                valid, real = px.valid, px.real
+            x = volumedata.network_input(data, head, record)
             k = record.sample.index
             np.testing.assert_array_equal(real, ~np.take(nodata, k, axis))
             assert not valid[np.take(nodata, k, axis)].any()
@@ -400,7 +399,7 @@ def test_a_case_is_the_same_network_input_in_training_and_prediction(tmp_path, m
     cfg = load_config(config)
     head = cfg.head()
     data = training_data(cfg, head, 1 << 30)
-    assert [c["scheme"] for c in data.meta["volume"]["normalization"]] == [scheme]
+    assert data.norm.mode == "per_case" and [c.scheme for c in data.norm.channels] == [scheme]
     seg = Segmenter(nn.Identity(), head, checkpoint_meta(head, "Unet", "resnet18", 1, data.norm, data=data.meta),
                     "cpu", batch_size=4)
     seen = []  # what reaches the network; the logits do not matter here
@@ -419,7 +418,8 @@ def test_a_case_is_the_same_network_input_in_training_and_prediction(tmp_path, m
         expected = volumedata.zscore(raw, axis) if scheme == "zscore" else (np.clip(raw, low, high) - mean) / std
         assert len(inputs) == len(records) == volume.shape[axis]
         for record in records:
-            np.testing.assert_array_equal(inputs[record.sample.index], record.cached.image)
+            assert record.cached.image.dtype == raw.dtype  # cached raw; normalised on the device
+            np.testing.assert_array_equal(inputs[record.sample.index], volumedata.network_input(data, head, record))
             np.testing.assert_allclose(inputs[record.sample.index][..., 0],
                                        np.take(expected, record.sample.index, axis), rtol=1e-5, atol=1e-5)
 
@@ -446,3 +446,25 @@ def test_cases_read_ahead_give_the_same_files_and_skip_the_unreadable(cli, tmp_p
         outputs[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
     assert sorted(outputs[2]) == [f"hippocampus_00{k}.nii.gz" for k in (1, 3, 4, 6)]
     assert outputs[0] == outputs[2]
+
+
+def test_a_checkpoint_from_before_per_case_keeps_its_schemes(cli, tmp_path, tmp_path_factory):
+    """A volume checkpoint written before `per_case` (model.json `normalization: none`, its schemes under
+    data.volume.normalization) loads with those schemes and writes the masks of today's model.json."""
+    ckpt = volumedata.region_content(tmp_path_factory)
+    old = Path(shutil.copytree(ckpt, tmp_path / "old"))
+    meta = json.loads((old / "model.json").read_text())
+    assert meta["normalization"]["mode"] == "per_case"
+    meta["data"]["volume"]["normalization"] = meta["normalization"]["channels"]
+    meta["normalization"] = Normalization("none").to_meta()
+    (old / "model.json").write_text(json.dumps(meta))
+    assert Segmenter.load(old).norm == Segmenter.load(ckpt).norm
+    crop, _, affine = volumedata.thick_volume("hippocampus_004", crop=volumedata.CROP)
+    volumedata.save_nifti(crop, affine, tmp_path / "in" / "hippocampus_004_0000.nii.gz")
+    for name in ("old", "new"):
+        result = cli("predict", old if name == "old" else ckpt, tmp_path / "in", tmp_path / name, "--device", "cpu",
+                     "--no-progress")
+        assert result.code == 0, result.err
+    new_mask = labels(tmp_path / "new" / "hippocampus_004.nii.gz")
+    assert 0.02 < (new_mask > 0).mean() < 0.9
+    np.testing.assert_array_equal(labels(tmp_path / "old" / "hippocampus_004.nii.gz"), new_mask)

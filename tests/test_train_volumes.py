@@ -68,8 +68,9 @@ def test_split_is_by_case_and_every_slice_of_a_case_stays_with_it(tmp_path):
 
 def test_a_case_normalises_the_same_cached_or_read_slice_by_slice(tmp_path):
     cfg = load_config(_config(tmp_path, HIPPO, "softmax"))
-    cached = training_data(cfg, cfg.head(), 1 << 30)
-    streamed = training_data(cfg, cfg.head(), 0)
+    head = cfg.head()
+    cached = training_data(cfg, head, 1 << 30)
+    streamed = training_data(cfg, head, 0)
     assert all(r.cached is not None for r in cached.train) and all(r.cached is None for r in streamed.train)
     axis = cached.meta["volume"]["slice_axis"]
     case = cached.train[0].sample.case
@@ -78,9 +79,11 @@ def test_a_case_normalises_the_same_cached_or_read_slice_by_slice(tmp_path):
         if a.sample.case != case:
             continue
         want = np.take(expected, a.sample.index, axis=axis)
-        np.testing.assert_allclose(a.cached.image[..., 0], want, atol=1e-5)
+        np.testing.assert_allclose(volumedata.network_input(cached, head, a)[..., 0], want, atol=1e-5)
+        np.testing.assert_array_equal(volumedata.network_input(streamed, head, b),
+                                      volumedata.network_input(cached, head, a))
         px = streamed.reader.read(b.sample)
-        np.testing.assert_array_equal(px.image, a.cached.image)
+        np.testing.assert_array_equal(px.image, a.cached.image)  # the raw voxels, as stored
         labels = np.take(np.asanyarray(nib.load(HIPPO / "labelsTr" / f"{case}.nii.gz").dataobj), a.sample.index, axis)
         np.testing.assert_array_equal(px.labels.argmax(-1), labels)
 
@@ -121,7 +124,7 @@ def test_segkit_layout_of_an_anisotropic_stack(cli, tmp_path):
         assert all(r.sample.image.parent.parent.name == split for r in records)
         for r in records:
             assert r.cached.image.shape == (*truth[split].shape[:2], 1)
-            labels, _, _ = unpack(r.cached.bits, 2)
+            labels, _, _, _ = unpack(r.cached.bits, 2)
             np.testing.assert_array_equal(labels[..., 1], truth[split][:, :, r.sample.index])
     assert_refused(_train(cli, _config(tmp_path, root, "softmax"), tmp_path / "run"), tmp_path / "run",
                    "data.classes")
@@ -178,8 +181,9 @@ def test_two_channels_one_ct_fit_on_the_training_foreground(tmp_path):
         "channel_names": {"0": "FLAIR", "1": "CT"}, "labels": {"background": 0, "anterior": 1, "posterior": 2},
         "numTraining": len(cases), "file_ending": ".nii.gz"})
     cfg = load_config(_config(tmp_path, root, "softmax"))
-    data = training_data(cfg, cfg.head(), 1 << 30)
-    zscore, ct = data.meta["volume"]["normalization"]
+    head = cfg.head()
+    data = training_data(cfg, head, 1 << 30)
+    zscore, ct = data.norm.to_meta()["channels"]
     assert zscore["scheme"] == "zscore" and ct["scheme"] == "ct"
     fg = np.concatenate([np.asanyarray(nib.load(root / "imagesTr" / f"{c}_0001.nii.gz").dataobj)[
         np.asanyarray(nib.load(root / "labelsTr" / f"{c}.nii.gz").dataobj) > 0].astype(np.float64)
@@ -192,7 +196,7 @@ def test_two_channels_one_ct_fit_on_the_training_foreground(tmp_path):
     raw = np.take(np.asanyarray(nib.load(root / "imagesTr" / f"{record.sample.case}_0001.nii.gz").dataobj),
                   record.sample.index, data.meta["volume"]["slice_axis"]).astype(np.float64)
     want = (np.clip(raw, ct["low"], ct["high"]) - ct["mean"]) / ct["std"]
-    np.testing.assert_allclose(record.cached.image[..., 1], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(volumedata.network_input(data, head, record)[..., 1], want, rtol=1e-5, atol=1e-5)
 
 
 def _box(volume: np.ndarray, x: slice, y: slice, z: slice) -> np.ndarray:

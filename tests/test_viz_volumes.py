@@ -16,7 +16,6 @@ from PIL import Image
 
 import volumedata
 from samples import CORD, HIPPO
-from segkit.data.normalize import ChannelNorm, VolumeNormalization
 from segkit.data.volume_spec import VolumeSpec
 from segkit.heads import build_head, default_colors
 from segkit.viz import ERROR_COLORS
@@ -61,7 +60,7 @@ def _blend(grey: float, color) -> np.ndarray:
 def _checkpoint(folder: Path, head: str, classes: list[str], class_values: dict, axis: int,
                 order: tuple[int, ...] | None = None, layout: str = "nnunet") -> Path:
     """A checkpoint folder whose model.json is what volume training writes (the weights are not read)."""
-    spec = VolumeSpec(layout, ("MRI",), axis, VolumeNormalization((ChannelNorm("zscore"),)), class_values, order)
+    spec = VolumeSpec(layout, ("MRI",), axis, class_values, order)
     meta = {"arch": "Unet", "encoder": "resnet18", "in_channels": 1, **build_head(head, classes).metadata(),
             "data": {"mask": "volume", "volume": spec.to_meta()}}
     folder.mkdir(parents=True)

@@ -22,9 +22,8 @@ from segkit.data.dataset import SegmentationDataset, cache_budget, unpack
 from segkit.data.readers import Window
 from segkit.data.training_data import TrainingData, training_data
 from segkit.data.transforms import eval_transform
-from segkit.data.volume_spec import VolumeSpec
+from segkit.data.volumes import Volume
 from segkit.heads import Head
-from segkit.predict import normalised_slices
 
 MIB = 1 << 20
 
@@ -45,9 +44,9 @@ def _voxels(path: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def cord_stacks(module_tmp) -> Path:
     """The three real spinal-cord cases in segkit's layout: train/ a (T2w, 60 x 55 x 52) and b (T1w,
-    42 x 76 x 77), val/ c (T2*w, 49 x 54 x 9). As float32 slices they take 686 400, 983 136 and 95 256 bytes
-    (plus 1 byte per voxel of packed labels when cached): with 1 MiB, a fits (858 000 bytes with its labels),
-    a + b do not, and c fits in what a leaves."""
+    42 x 76 x 77), val/ c (T2*w, 49 x 54 x 9). Cached raw (int16, int16, float32 as stored) they take 343 200,
+    491 568 and 95 256 bytes (plus 1 byte per voxel of packed labels): with 1 MiB, a fits (514 800 bytes with
+    its labels), a + b (1 252 152) do not, and c (119 070) fits in what a leaves."""
     root = module_tmp("cord") / "stacks"
     for split, case, contrast in (("train", "a", "t2w"), ("train", "b", "t1w"), ("val", "c", "t2sw")):
         for kind, src in (("images", CORD / "imagesTr" / f"errsm30_{contrast}_0000.nii.gz"),
@@ -84,13 +83,13 @@ def test_cache_mb_caches_the_cases_that_fit_and_streams_the_rest_to_the_same_val
         """Stops the run once its data are prepared: the options under test act before the first step."""
 
     def prepared(cfg: Config, head: Head, budget: int) -> TrainingData:
-        seen.append((budget, training_data(cfg, head, budget)))
+        seen.append((budget, training_data(cfg, head, budget), head))
         raise Enough
 
     monkeypatch.setattr("segkit.train.training_data", prepared)
     with caplog.at_level(logging.INFO, logger="segkit"), pytest.raises(Enough):
         run_cli("train", _config(tmp_path, cord_stacks, CORD_LINES.format(mb=1)), "--out", tmp_path / "run", *TINY)
-    ((budget, data),) = seen
+    ((budget, data, data_head),) = seen
     assert budget == MIB
     assert _cached_cases(data) == {"a": True, "b": False, "c": True}
     assert sum(r.cached_bytes for r in data.train + data.val) <= budget
@@ -106,7 +105,8 @@ def test_cache_mb_caches_the_cases_that_fit_and_streams_the_rest_to_the_same_val
         for r in records:
             px = data.reader.read(r.sample)  # from the file, whether cached or not
             want = np.take(expected, r.sample.index, axis)
-            np.testing.assert_allclose(px.image[..., 0], want, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(volumedata.network_input(data, data_head, r)[..., 0], want, rtol=1e-5,
+                                       atol=1e-5)
             np.testing.assert_array_equal(px.labels[..., 1], np.take(label, r.sample.index, axis))
             if r.cached is not None:
                 np.testing.assert_array_equal(r.cached.image, px.image)
@@ -114,12 +114,13 @@ def test_cache_mb_caches_the_cases_that_fit_and_streams_the_rest_to_the_same_val
 
 
 @pytest.mark.parametrize("mb, cached", [(0, {"a": False, "b": False, "c": False}),
-                                        (2, {"a": True, "b": True, "c": False}),
-                                        (3, {"a": True, "b": True, "c": True})])
+                                        (1, {"a": True, "b": False, "c": True}),
+                                        (2, {"a": True, "b": True, "c": True})])
 def test_cache_mb_caches_training_cases_first_then_validation_cases_in_what_is_left(tmp_path, cord_stacks, mb,
                                                                                      cached):
-    """0 MiB: every slice read from its file; 2 MiB: a and b (2 086 920 bytes with their labels) leave 10 232
-    bytes, too few for c; 3 MiB: every case in memory."""
+    """0 MiB: every slice read from its file; 1 MiB: a (514 800 bytes with its labels) but not b, which would
+    pass the budget, then the validation case c in the 533 776 bytes a leaves; 2 MiB: every case in memory
+    (1 371 222 bytes)."""
     cfg = load_config(_config(tmp_path, cord_stacks, CORD_LINES.format(mb=mb)))
     data = training_data(cfg, cfg.head(), cache_budget(cfg.data.cache_mb))
     assert _cached_cases(data) == cached
@@ -144,7 +145,8 @@ def test_an_explicit_slice_axis_cuts_every_case_along_it(tmp_path, axis):
     """The hippocampus cases (1 mm isotropic, stored R-A-S; `auto` would cut axial sections, axis 2) cut along the
     given axis: every index once, each slice the two other axes in order, values and labels as numpy takes them."""
     cfg = load_config(_config(tmp_path, HIPPO, f"  slice_axis: {axis}\n"))
-    data = training_data(cfg, cfg.head(), 1 << 30)
+    head = cfg.head()
+    data = training_data(cfg, head, 1 << 30)
     assert data.meta["volume"]["slice_axis"] == axis
     for case in data.meta["train_cases"] + data.meta["val_cases"]:
         image, label = hippo_volume(case)
@@ -154,15 +156,16 @@ def test_an_explicit_slice_axis_cuts_every_case_along_it(tmp_path, axis):
         rest = [n for a, n in enumerate(image.shape) if a != axis]
         for r in records:
             assert (r.height, r.width) == tuple(rest) and r.cached.image.shape == (*rest, 1)
-            np.testing.assert_allclose(r.cached.image[..., 0], np.take(expected, r.sample.index, axis), atol=1e-5)
-            labels, _, _ = unpack(r.cached.bits, 3)
+            np.testing.assert_allclose(volumedata.network_input(data, head, r)[..., 0],
+                                       np.take(expected, r.sample.index, axis), atol=1e-5)
+            labels, _, _, _ = unpack(r.cached.bits, 3)
             np.testing.assert_array_equal(labels.argmax(-1), np.take(label, r.sample.index, axis))
     case = data.meta["train_cases"][0]
     r = next(r for r in data.train if r.sample.case == case and r.sample.index == 20)
     image = hippo_volume(case)[0].astype(np.float64)
     body = volumedata.body(image, axis)  # holes are filled in the slices the model sees
     z = (image[20, 3, 7] if axis == 0 else image[3, 20, 7]) - image[body].mean()  # one voxel by hand
-    assert r.cached.image[3, 7, 0] == pytest.approx(z / image[body].std(), abs=1e-5)
+    assert volumedata.network_input(data, head, r)[3, 7, 0] == pytest.approx(z / image[body].std(), abs=1e-5)
 
 
 # --- train.foreground_oversample ----------------------------------------------------------------------------
@@ -273,20 +276,21 @@ def test_normalize_one_scheme_per_channel_in_training_and_prediction(tmp_path, t
     """data.normalize: [zscore, ct] (and the other order): each channel of every training slice, and of the
     slices prediction feeds the network for the validation case, equals its scheme computed by hand."""
     cfg = load_config(_config(tmp_path, two_channels, f"  normalize: [{', '.join(schemes)}]\n"))
-    data = training_data(cfg, cfg.head(), 1 << 30)
-    assert [c["scheme"] for c in data.meta["volume"]["normalization"]] == schemes
+    head = cfg.head()
+    data = training_data(cfg, head, 1 << 30)
+    assert data.norm.mode == "per_case" and [c.scheme for c in data.norm.channels] == schemes
     axis = data.meta["volume"]["slice_axis"]
     train_cases = data.meta["train_cases"]
     for case in train_cases:
         expected = _by_hand(two_channels, case, schemes, train_cases, axis)
         for r in (r for r in data.train if r.sample.case == case):
-            np.testing.assert_allclose(r.cached.image, np.take(expected, r.sample.index, axis), rtol=1e-5, atol=1e-5)
+            assert r.cached.image.dtype == np.float32 and r.cached.image.shape[-1] == 2  # raw, as stored
+            np.testing.assert_allclose(volumedata.network_input(data, head, r),
+                                       np.take(expected, r.sample.index, axis), rtol=1e-5, atol=1e-5)
     (case,) = data.meta["val_cases"]
-    spec = VolumeSpec.from_meta({"data": data.meta})
-    raw = np.stack([_voxels(two_channels / "imagesTr" / f"{case}_{c:04d}.nii.gz") for c in range(2)], axis=-1)
-    slices = np.concatenate([batch for _, batch in normalised_slices(spec, raw, 8)])
+    volume = Volume(case, [two_channels / "imagesTr" / f"{case}_{c:04d}.nii.gz" for c in range(2)])
     expected = np.moveaxis(_by_hand(two_channels, case, schemes, train_cases, axis), axis, 0)
-    np.testing.assert_allclose(slices, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(volumedata.prediction_inputs(data, head, volume), expected, rtol=1e-5, atol=1e-5)
 
 
 # --- z-score body ---------------------------------------------------------------------------------------------
@@ -297,21 +301,30 @@ def test_zscore_keeps_zeros_inside_the_body_and_zeroes_the_air():
     binary_fill_holes here), those zeros keep their normalised value, the air becomes 0, and a slice
     normalised alone equals the same slice of the whole case. Before, every raw 0 became 0 and was left out of
     the mean and std."""
-    from segkit.data.normalize import ChannelNorm, VolumeNormalization
+    import torch
+
+    from segkit.data.normalize import ChannelNorm, Normalization, body, case_params
 
     image = _ras(CORD / "imagesTr" / "errsm30_t2w_0000.nii.gz")
     axis = 2
-    body = volumedata.body(image, axis)
-    holes = body & (image == 0)
-    assert holes.sum() > 2000 and ((image == 0) & ~body).sum() > 100
-    norm = VolumeNormalization((ChannelNorm("zscore"),))
+    inside = volumedata.body(image, axis)
+    holes = inside & (image == 0)
+    assert holes.sum() > 2000 and ((image == 0) & ~inside).sum() > 100
+    norm = Normalization.per_case([ChannelNorm("zscore")])
     stack = np.moveaxis(image, axis, 0)[..., None]
-    params = norm.case_params(stack)
-    out = np.moveaxis(norm.apply(stack, params)[..., 0], 0, axis)
+    params = case_params(norm, stack)
+
+    def apply(slices: np.ndarray) -> np.ndarray:  # (n, h, w, 1) raw -> (n, h, w) as the device computes it
+        x = torch.from_numpy(np.ascontiguousarray(slices)).permute(0, 3, 1, 2)
+        stats = torch.from_numpy(params)[None].expand(len(slices), -1, -1)
+        return norm.apply(x, stats, None, torch.from_numpy(~body(slices))[:, None])[:, 0].numpy()
+
+    out = np.moveaxis(apply(stack), 0, axis)
     raw = image.astype(np.float64)
-    mean, std = raw[body].mean(), raw[body].std()
-    assert params[0, 2:] == pytest.approx((mean, std))
-    np.testing.assert_allclose(out, np.where(body, (raw - mean) / std, 0.0), rtol=1e-5, atol=1e-5)
-    assert np.all(out[holes] == np.float32(-mean / std)) and mean / std > 0.5
+    mean, std = raw[inside].mean(), raw[inside].std()
+    assert params[2:, 0] == pytest.approx((mean, std))
+    np.testing.assert_allclose(out, np.where(inside, (raw - mean) / std, 0.0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[holes], -mean / std, rtol=1e-6)
+    assert mean / std > 0.5
     for k in (0, stack.shape[0] // 2, stack.shape[0] - 1):
-        np.testing.assert_array_equal(norm.apply(stack[k], params), norm.apply(stack, params)[k])
+        np.testing.assert_array_equal(apply(stack[k:k + 1])[0], apply(stack)[k])

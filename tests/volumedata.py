@@ -130,3 +130,34 @@ def content_copy(checkpoint: Path, out: Path, slices: np.ndarray) -> Path:
     out.mkdir(parents=True)
     save_checkpoint(out, model, meta)
     return out
+
+
+def network_input(data, head, record) -> np.ndarray:
+    """(h, w, C) float32: what training feeds the network for a whole record (no augmentation), through the
+    library's own wiring: the record's raw pixels (cached or read), its parameters and body mask, the device
+    normalisation (`to_network`)."""
+    from torch.utils.data import default_collate
+
+    from segkit.data.dataset import SegmentationDataset, to_network
+    from segkit.data.transforms import eval_transform
+
+    dataset = SegmentationDataset([record], data.reader, head, eval_transform(), data.norm)
+    x, _ = to_network(default_collate([dataset[0]]), data.norm, head, torch.device("cpu"))
+    return x[0].permute(1, 2, 0).numpy()
+
+
+def prediction_inputs(data, head, volume) -> np.ndarray:
+    """(n, h, w, C) float32: what prediction feeds the network for a case's slices (`predict.slice_sources`
+    through `Segmenter.to_input`), for a model trained on `data`."""
+    from segkit.infer import Segmenter
+    from segkit.model import checkpoint_meta
+    from segkit.predict import slice_sources
+
+    meta = checkpoint_meta(head, "Unet", "none", len(data.meta["volume"]["channel_names"]), data.norm,
+                           data={"mask": "volume", **data.meta})
+    seg = Segmenter(torch.nn.Identity(), head, meta)
+    from segkit.data.volume_spec import VolumeSpec
+
+    spec = VolumeSpec.from_meta(meta)
+    return np.concatenate([seg.to_input(batch).permute(0, 2, 3, 1).numpy()
+                           for _, batch in slice_sources(seg, spec, volume, 8)])

@@ -46,14 +46,16 @@ class LabelStats:
 
 @dataclass
 class Pixels:
-    """A window of a sample: raw image (h, w, C), multi-hot labels (h, w, K), valid (h, w), and
-    `real` (h, w): pixels that are not image no-data (no-data is also invalid)."""
+    """A window of a sample: raw image (h, w, C), multi-hot labels (h, w, K), valid (h, w), `real` (h, w):
+    pixels that are not image no-data (no-data is also invalid), and for a volume slice `inside` (h, w): its
+    voxels inside the body (`normalize.body`; None: every pixel)."""
 
     image: np.ndarray
     labels: np.ndarray
     valid: np.ndarray
     real: np.ndarray
     nodata: float | None = None
+    inside: np.ndarray | None = None
 
 
 @dataclass
@@ -75,7 +77,7 @@ class Record:
     width: int
     dtype: np.dtype
     image_bytes: int
-    norm_stats: np.ndarray | None = None  # (2, C) per-image statistics, for per_image normalisation
+    norm_stats: np.ndarray | None = None  # (4, C) parameters of a per-sample normalisation (per_image, per_case)
     cached: Cached | None = None
     points: tuple[np.ndarray, ...] = ()  # (n, 2) row/col of a few pixels per foreground class present
 
@@ -277,37 +279,43 @@ def centred_window(height: int, width: int, size: int, point: np.ndarray) -> Win
 
 
 def pack(px: Pixels) -> np.ndarray:
-    """(h, w, ceil((C + 2) / 8)) uint8: the C label layers, 'valid' and 'real', one bit each."""
-    layers = np.concatenate([px.labels.astype(bool), px.valid[:, :, None], px.real[:, :, None]], axis=2)
+    """(h, w, ceil((C + 3) / 8)) uint8: the C label layers, 'valid', 'real' and 'inside', one bit each."""
+    inside = px.real if px.inside is None else px.inside
+    layers = np.concatenate([px.labels.astype(bool), px.valid[:, :, None], px.real[:, :, None], inside[:, :, None]],
+                            axis=2)
     return np.packbits(layers, axis=2)
 
 
-def unpack(bits: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Labels (h, w, C) uint8, valid (h, w) and real (h, w) from `pack`'s bits."""
-    layers = np.unpackbits(bits, axis=2, count=classes + 2)
-    return layers[:, :, :classes], layers[:, :, classes].astype(bool), layers[:, :, classes + 1].astype(bool)
+def unpack(bits: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Labels (h, w, C) uint8, valid (h, w), real (h, w) and inside (h, w) from `pack`'s bits."""
+    layers = np.unpackbits(bits, axis=2, count=classes + 3)
+    return (layers[:, :, :classes], layers[:, :, classes].astype(bool), layers[:, :, classes + 1].astype(bool),
+            layers[:, :, classes + 2].astype(bool))
 
 
 class Item(NamedTuple):
     """One training sample as the loader sends it: raw pixels in their stored type (C, h, w), the
-    head's compact target, `real` (h, w) pixels (not no-data, not padding), per-image statistics
-    (2, C) for per_image normalisation, and the (contrast, brightness) jitter to apply."""
+    head's compact target, `real` (h, w) pixels (not no-data, not padding), the parameters (4, C) of a
+    per-sample normalisation, the (contrast, brightness) jitter to apply, and for normalisations that zero
+    the outside of a body the voxels `inside` it (h, w; else an empty tensor)."""
 
     image: torch.Tensor
     target: torch.Tensor
     real: torch.Tensor
     stats: torch.Tensor
     jitter: torch.Tensor
+    inside: torch.Tensor
 
 
 def to_network(item: Item, norm: Normalization, head: Head, device: torch.device
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """A collated batch of Items -> (normalised float input, full target) on the device: the bytes
-    cross as stored (uint8 stays uint8), the arithmetic happens there, with the same
+    cross as stored (uint8 stays uint8, int16 int16), the arithmetic happens there, with the same
     `Normalization.apply` that prediction uses."""
     real = item.real.to(device, non_blocking=True)[:, None]
-    stats = item.stats.to(device, non_blocking=True) if norm.per_image else None
-    x = norm.apply(item.image.to(device, non_blocking=True), stats, ~real)
+    stats = item.stats.to(device, non_blocking=True) if norm.per_sample else None
+    outside = ~item.inside.to(device, non_blocking=True)[:, None] if item.inside.numel() else None
+    x = norm.apply(item.image.to(device, non_blocking=True), stats, ~real, outside)
     jitter = item.jitter.to(device, non_blocking=True)[:, :, None, None, None]
     x = torch.where(real, x * jitter[:, 0] + jitter[:, 1], x)
     return x, head.expand_targets(item.target.to(device, non_blocking=True))
@@ -354,8 +362,8 @@ class SegmentationDataset(Dataset):
         if window is not None:
             t, l, h, w = window
             image, bits = image[t:t + h, l:l + w], bits[t:t + h, l:l + w]
-        labels, valid, real = unpack(bits, self.classes)
-        return Pixels(image, labels, valid, real, r.cached.nodata)
+        labels, valid, real, inside = unpack(bits, self.classes)
+        return Pixels(image, labels, valid, real, r.cached.nodata, inside if any(self.norm.body_only) else None)
 
     def packed(self, r: Record, window: Window | None) -> tuple[np.ndarray, np.ndarray]:
         """(image, bits) of a window, without unpacking cached labels."""
@@ -375,11 +383,12 @@ class SegmentationDataset(Dataset):
             r = self.records[i]
             window = crop_window(r.height, r.width, self.window, rng) if self.window else None
         image, bits = self.transform(*self.packed(r, window), rng, self.classes)
-        labels, valid, real = unpack(np.ascontiguousarray(bits), self.classes)
+        labels, valid, real, inside = unpack(np.ascontiguousarray(bits), self.classes)
         jitter = (1.0, 0.0)
         if self.color and rng.random() < self.color:  # light contrast/brightness jitter, in normalised units
             jitter = (float(rng.uniform(0.9, 1.1)), float(rng.uniform(-0.25, 0.25)))
-        stats = r.norm_stats if r.norm_stats is not None else np.zeros((2, image.shape[2]), np.float32)
+        stats = r.norm_stats if r.norm_stats is not None else np.zeros((4, image.shape[2]), np.float32)
         return Item(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
                     self.head.compact_targets(labels, valid), torch.from_numpy(real), torch.from_numpy(stats),
-                    torch.tensor(jitter, dtype=torch.float32))
+                    torch.tensor(jitter, dtype=torch.float32),
+                    torch.from_numpy(inside) if any(self.norm.body_only) else torch.empty(0, dtype=torch.bool))

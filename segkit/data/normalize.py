@@ -4,15 +4,19 @@ in model.json, applied by training, evaluation, prediction and `Segmenter` alike
 Values are in the file's own pixel units (no division by a type's range), so the same pixel
 value is the same network input whatever the file type, in training and in prediction.
 
-Images (`Normalization`, one mode for every band, applied on the device):
+One object, `Normalization`, stored in model.json as `normalization` and applied on the device to raw pixels
+(`Normalization.apply`), in training, validation, evaluation and prediction alike. Its modes:
 - `imagenet`: 8-bit RGB, the ImageNet mean/std x 255 (as pretrained encoders expect);
 - `dataset`: per band, clip to the training split's 0.5/99.5 percentiles, then subtract the mean and divide by
   the std of the clipped values (`clipped_moments`; the default for anything but 8-bit RGB);
 - `per_image`: z-score per image and band (statistics over the whole image, not the window);
+- `per_case`: a volume's slices, one scheme per channel as nnU-Net does (below), with the parameters of the
+  whole case (`case_params`), so a slice normalises as it does inside its case;
 - `none`: raw values; `explicit`: the config's data.mean/data.std.
+The per-sample modes (`per_image`, `per_case`) carry their parameters with each sample: (4, C) rows of low,
+high, mean and std per channel.
 
-Volumes (`VolumeNormalization`, one scheme per channel, as nnU-Net does, applied to a case's slices with the
-parameters of the whole case):
+The schemes of `per_case` channels (`ChannelNorm`):
 - `zscore` (MRI and most modalities; the default): per case, the mean and std over the case's body; voxels
   outside it become 0. The body is where any channel is nonzero, with the holes of each slice filled: a 0
   enclosed by the body (a dark vessel, a signal void) is a measurement and keeps its normalised value, while
@@ -29,7 +33,7 @@ statistic, become 0 after normalisation, and are ignored by loss and scores.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -42,10 +46,21 @@ from segkit.errors import ConfigError, DataError, SegkitError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MODES = ("imagenet", "dataset", "per_image", "none", "explicit")
+MODES = ("imagenet", "dataset", "per_image", "per_case", "none", "explicit")
 PERCENTILES = (0.5, 99.5)
 STATS_PIXELS = 1 << 20
 """Pixels per image read for statistics; larger images are sampled on a fixed grid of windows."""
+
+
+@dataclass(frozen=True)
+class ChannelNorm:
+    """One channel's scheme; for `ct`, the training set's clip range and foreground mean/std."""
+
+    scheme: str
+    low: float | None = None
+    high: float | None = None
+    mean: float | None = None
+    std: float | None = None
 
 
 @dataclass(frozen=True)
@@ -56,16 +71,26 @@ class Normalization:
     low: tuple[float, ...] | None = None
     high: tuple[float, ...] | None = None
     only_dtype: str | None = None  # set for checkpoints whose inputs were scaled by their type's range
+    channels: tuple[ChannelNorm, ...] | None = None  # per_case: one scheme per channel
 
     def to_meta(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k != "channels"}
+        if self.channels is not None:
+            meta["channels"] = [asdict(c) for c in self.channels]
+        return meta
 
     @classmethod
     def from_meta(cls, meta: dict) -> Normalization:
-        """From model.json; checkpoints from before this object stored mean/std of [0, 1] inputs."""
+        """From model.json; checkpoints from before this object stored mean/std of [0, 1] inputs, and volume
+        models from before `per_case` stored `none` here and their schemes under data.volume.normalization."""
         if "normalization" in meta:
             d = dict(meta["normalization"])
-            return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+            legacy = ((meta.get("data") or {}).get("volume") or {}).get("normalization")
+            if d.get("mode") == "none" and legacy is not None:
+                return cls.per_case(ChannelNorm(**c) for c in legacy)
+            channels = d.pop("channels", None)
+            norm = cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+            return norm if channels is None else replace(norm, channels=tuple(ChannelNorm(**c) for c in channels))
         legacy = cls.unit(meta["mean"], meta["std"])  # segkit 0.1 divided uint8 by 255: the same input as this
         return cls(legacy.mode, legacy.mean, legacy.std, only_dtype="uint8")  # but it divided uint16 by 65535
 
@@ -74,13 +99,31 @@ class Normalization:
         """Explicit mean/std given for 8-bit inputs scaled to [0, 1] (torchvision's convention)."""
         return cls("explicit", tuple(255 * m for m in mean), tuple(255 * s for s in std))
 
+    @classmethod
+    def per_case(cls, channels: Iterable[ChannelNorm]) -> Normalization:
+        return cls("per_case", channels=tuple(channels))
+
     @property
     def per_image(self) -> bool:
         return self.mode == "per_image"
 
+    @property
+    def per_sample(self) -> bool:
+        """Whether each sample carries its own parameters (`apply`'s `stats`)."""
+        return self.mode in ("per_image", "per_case")
+
+    @property
+    def body_only(self) -> tuple[bool, ...]:
+        """Per channel: whether values outside the body become 0 (`per_case` z-score channels)."""
+        return tuple(c.scheme == "zscore" for c in self.channels or ())
+
     def describe(self) -> str:
         if self.mode == "per_image":
             return "per_image (z-score per image and band)"
+        if self.mode == "per_case":
+            return "per case, per channel: " + ", ".join(
+                c.scheme if c.scheme != "ct" else f"ct (clip {c.low:.4g}..{c.high:.4g}, mean {c.mean:.4g}, "
+                f"std {c.std:.4g})" for c in self.channels)
         if self.mode == "none":
             return "none (raw values)"
         fmt = lambda v: "[" + ", ".join(f"{x:.4g}" for x in v) + "]"  # noqa: E731
@@ -96,33 +139,40 @@ class Normalization:
                               f"'normalization' in model.json) was trained on {self.only_dtype} inputs scaled by "
                               "their type's range, which segkit no longer does. Fix: retrain with this segkit "
                               "(data.normalize: dataset), or convert the images to 8 bits.")
-        if trained and not self.per_image and np.dtype(dtype).name not in trained:
+        if trained and not self.per_sample and np.dtype(dtype).name not in trained:
             raise DataError(f"{where}: a {np.dtype(dtype)} image, but the model was trained on {', '.join(trained)} "
                             f"images, and its input normalisation ({self.describe()}) is in their units. Fix: "
                             f"convert the image to {trained[0]} as the training images were made, or train with "
                             f"{np.dtype(dtype)} images (data.normalize: per_image takes any type).")
 
-    def apply(self, x: torch.Tensor, image_stats: torch.Tensor | None = None,
-              nodata: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, stats: torch.Tensor | None = None, nodata: torch.Tensor | None = None,
+              outside: torch.Tensor | None = None) -> torch.Tensor:
         """(N, C, H, W) raw pixels (any numeric type) -> float32 network input.
 
-        `image_stats` (N, 2, C) = per-image mean and std, required for `per_image` (see `image_stats`);
-        `nodata` (N, 1, H, W) bool marks pixels that become 0.
+        `stats` (N, 4, C) = each sample's low, high, mean and std per channel, required by the per-sample
+        modes (`sample_stats`); `nodata` (N, 1, H, W) bool marks pixels that become 0; `outside` (N, 1, H, W)
+        bool, voxels outside the body, which become 0 in `body_only` channels.
         """
         x = x.to(torch.float32, copy=True)  # never change the caller's tensor (nan_to_num_ below)
         if self.mode == "none":
             out = x
         else:
-            if self.per_image:
-                if image_stats is None:
-                    raise SegkitError("per_image normalisation needs the image's statistics (image_stats)")
-                mean, std = image_stats[:, 0, :, None, None], image_stats[:, 1, :, None, None]
+            if self.per_sample:
+                if stats is None:
+                    raise SegkitError(f"{self.mode} normalisation needs each sample's parameters (stats)")
+                low, high, mean, std = (stats[:, i, :, None, None] for i in range(4))
             else:
                 mean, std = channel_constant(tuple(self.mean), x.device), channel_constant(tuple(self.std), x.device)
-            if self.low is not None:
-                x = torch.maximum(torch.minimum(x, channel_constant(tuple(self.high), x.device)),
-                                  channel_constant(tuple(self.low), x.device))
+                low = high = None
+                if self.low is not None:
+                    low = channel_constant(tuple(self.low), x.device)
+                    high = channel_constant(tuple(self.high), x.device)
+            if low is not None:
+                x = torch.maximum(torch.minimum(x, high), low)
             out = (x - mean) / std
+        if outside is not None and any(self.body_only):
+            zeroed = channel_constant(tuple(float(b) for b in self.body_only), x.device) > 0
+            out = out.masked_fill(outside & zeroed, 0.0)
         if nodata is not None:
             out = out.masked_fill(nodata, 0.0)
         return out.nan_to_num_(0.0, posinf=0.0, neginf=0.0)  # no-data: NaN and ±inf are never measurements
@@ -156,12 +206,15 @@ def sample_windows(height: int, width: int, budget: int = STATS_PIXELS) -> list[
 
 def image_stats(read: Callable[[Window], np.ndarray], height: int, width: int, nodata: float | None
                 ) -> np.ndarray:
-    """(2, C) mean and std of one image's valid pixels (sampled for big images): per_image statistics."""
+    """(4, C) per_image parameters: no clipping (low -inf, high +inf), the mean and std of one image's valid
+    pixels (sampled for big images)."""
     pixels = np.concatenate([valid_pixels(read(w), nodata) for w in sample_windows(height, width)])
+    c = pixels.shape[1]
     if not len(pixels):
-        return np.stack([np.zeros(pixels.shape[1]), np.ones(pixels.shape[1])]).astype(np.float32)
+        return np.stack([np.full(c, -np.inf), np.full(c, np.inf), np.zeros(c), np.ones(c)]).astype(np.float32)
     std = pixels.std(0)
-    return np.stack([pixels.mean(0), np.where(std > 0, std, 1.0)]).astype(np.float32)
+    return np.stack([np.full(c, -np.inf), np.full(c, np.inf), pixels.mean(0),
+                     np.where(std > 0, std, 1.0)]).astype(np.float32)
 
 
 def fit(mode: str, sources: Iterable[tuple[str, np.dtype, Callable[[], np.ndarray]]], channels: int,
@@ -234,17 +287,6 @@ SAMPLES_PER_CASE = 100_000
 """Foreground voxels per training case kept for the CT statistics (nnU-Net samples a fixed budget too)."""
 
 
-@dataclass(frozen=True)
-class ChannelNorm:
-    """One channel's scheme; for `ct`, the training set's clip range and foreground mean/std."""
-
-    scheme: str
-    low: float | None = None
-    high: float | None = None
-    mean: float | None = None
-    std: float | None = None
-
-
 def schemes_for(setting: str | Sequence[str], channel_names: Sequence[str]) -> list[str]:
     """`data.normalize` for volumes: `auto` (nnU-Net's rule: a channel named CT gets `ct`, every other
     `zscore`), or one scheme per channel."""
@@ -270,71 +312,37 @@ def foreground_sample(image: np.ndarray, foreground: np.ndarray, rng: np.random.
     return image.reshape(-1, image.shape[-1])[where].astype(np.float64)
 
 
-@dataclass(frozen=True)
-class VolumeNormalization:
-    """One scheme per channel (see the module docstring). A case is normalised as a stack of its slices
-    (n, h, w, C), cut along the model's slice axis, with the parameters of the whole case (`case_params`);
-    `apply` works voxel by voxel and fills holes slice by slice, so a slice read alone normalises exactly as
-    it does inside its case. Stored in model.json as `data.volume.normalization`."""
+def fit_per_case(schemes: Sequence[str], samples: Iterable[Callable[[], np.ndarray]]) -> Normalization:
+    """The `per_case` normalisation of a volume dataset: CT channels from the training cases' foreground
+    samples (each callable gives (n, C) intensities, `foreground_sample`), read only when a channel needs them."""
+    if "ct" not in schemes:
+        return Normalization.per_case(ChannelNorm(s) for s in schemes)
+    pooled = np.concatenate([sample() for sample in samples])
+    if not len(pooled):
+        raise ConfigError("data.normalize: `ct` needs foreground voxels to fit its range, but the training labels "
+                          "have none. Fix: check the labels, or use zscore.")
+    low, high, mean, std = clipped_moments(pooled)
+    return Normalization.per_case(ChannelNorm("ct", float(low[c]), float(high[c]), float(mean[c]), float(std[c]))
+                                  if scheme == "ct" else ChannelNorm(scheme) for c, scheme in enumerate(schemes))
 
-    channels: tuple[ChannelNorm, ...]
 
-    @classmethod
-    def fit(cls, schemes: Sequence[str], samples: Iterable[Callable[[], np.ndarray]]) -> VolumeNormalization:
-        """CT channels from the training cases' foreground samples (each callable gives (n, C) intensities,
-        `foreground_sample`); read only when a channel needs them."""
-        if "ct" not in schemes:
-            return cls(tuple(ChannelNorm(s) for s in schemes))
-        pooled = np.concatenate([sample() for sample in samples])
-        if not len(pooled):
-            raise ConfigError("data.normalize: `ct` needs foreground voxels to fit its range, but the training labels "
-                              "have none. Fix: check the labels, or use zscore.")
-        low, high, mean, std = clipped_moments(pooled)
-        return cls(tuple(ChannelNorm("ct", float(low[c]), float(high[c]), float(mean[c]), float(std[c]))
-                         if scheme == "ct" else ChannelNorm(scheme) for c, scheme in enumerate(schemes)))
-
-    def to_meta(self) -> list[dict]:
-        return [asdict(c) for c in self.channels]
-
-    @classmethod
-    def from_meta(cls, meta: Sequence[dict]) -> VolumeNormalization:
-        return cls(tuple(ChannelNorm(**c) for c in meta))
-
-    def describe(self) -> str:
-        return ", ".join(c.scheme if c.scheme != "ct" else f"ct (clip {c.low:.4g}..{c.high:.4g}, mean {c.mean:.4g}, "
-                         f"std {c.std:.4g})" for c in self.channels)
-
-    def case_params(self, image: np.ndarray) -> np.ndarray:
-        """(C, 4) float64 = low, high, mean, std per channel for one whole case as a stack of its slices
-        (n, h, w, C)."""
-        if image.shape[-1] != len(self.channels):
-            raise ValueError(f"{image.shape[-1]} channels, normalisation for {len(self.channels)}")
-        zscore = [c for c, norm in enumerate(self.channels) if norm.scheme == "zscore"]
-        moments = body_moments(image, zscore)
-        params = np.empty((len(self.channels), 4))
-        for c, norm in enumerate(self.channels):
-            if norm.scheme == "zscore":
-                n, mean, m2 = moments[c]
-                std = float(np.sqrt(m2 / n)) if n else 1.0
-                params[c] = (-np.inf, np.inf, mean if n else 0.0, max(std, 1e-8))
-            elif norm.scheme == "ct":
-                params[c] = (norm.low, norm.high, norm.mean, norm.std)
-            else:
-                params[c] = (-np.inf, np.inf, 0.0, 1.0)
-        return params
-
-    def apply(self, image: np.ndarray, params: np.ndarray) -> np.ndarray:
-        """float32 network input of slices (..., h, w, C) of a case (all of them, a batch, or one) with its
-        `case_params`."""
-        low, high, mean, std = (params[:, i] for i in range(4))
-        out = ((np.clip(image.astype(np.float64), low, high) - mean) / std).astype(np.float32)
-        zscore = np.array([c.scheme == "zscore" for c in self.channels])
-        hit = no_data(image, None)
-        if zscore.any():
-            out[..., zscore] = np.where(_body(image, hit)[..., None], out[..., zscore], np.float32(0))
-        if hit is not None:
-            out[hit] = 0
-        return out
+def case_params(norm: Normalization, image: np.ndarray) -> np.ndarray:
+    """(4, C) float32 `per_case` parameters (low, high, mean, std per channel) of one whole case as a stack of
+    its slices (n, h, w, C); a z-score channel's mean and std are taken over the body (`body`) in float64."""
+    if image.shape[-1] != len(norm.channels):
+        raise ValueError(f"{image.shape[-1]} channels, normalisation for {len(norm.channels)}")
+    moments = body_moments(image, [c for c, on in enumerate(norm.body_only) if on])
+    params = np.empty((4, len(norm.channels)))
+    for c, channel in enumerate(norm.channels):
+        if channel.scheme == "zscore":
+            n, mean, m2 = moments[c]
+            std = float(np.sqrt(m2 / n)) if n else 1.0
+            params[:, c] = (-np.inf, np.inf, mean if n else 0.0, max(std, 1e-8))
+        elif channel.scheme == "ct":
+            params[:, c] = (channel.low, channel.high, channel.mean, channel.std)
+        else:
+            params[:, c] = (-np.inf, np.inf, 0.0, 1.0)
+    return params.astype(np.float32)
 
 
 CHUNK_VOXELS = 1 << 22

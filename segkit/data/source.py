@@ -15,15 +15,19 @@ from segkit.data.readers import Geometry, Raster, Window, band_names, open_raste
 
 
 class ImageSource:
-    """Pixels (h, w, C) in their stored type; `nodata` from the config if given, else the file's."""
+    """Pixels (h, w, C) in their stored type; `nodata` from the config if given, else the file's.
+
+    A slice of a volume also carries its case's normalisation parameters (`params`, (4, C): the whole case is
+    its reference, not the slice) and the voxels outside the body (`outside`, (h, w) bool)."""
 
     def __init__(self, height: int, width: int, dtype: np.dtype, nodata: float | None, name: str,
                  geometry: Geometry | None = None, raster: Raster | None = None, array: np.ndarray | None = None,
-                 channels: int | None = None, bands: Sequence[int | str] | None = None) -> None:
+                 channels: int | None = None, bands: Sequence[int | str] | None = None,
+                 params: np.ndarray | None = None, outside: np.ndarray | None = None) -> None:
         self.height, self.width, self.dtype, self.nodata, self.name = height, width, np.dtype(dtype), nodata, name
         self.geometry = geometry or Geometry(height, width)
         self._raster, self._array, self.channels, self.bands = raster, array, channels, bands
-        self._stats: np.ndarray | None = None
+        self.params, self.outside = params, outside
 
     @classmethod
     def open(cls, path: str | Path, channels: int | None, bands: Sequence[int | str] | None = None,
@@ -40,7 +44,8 @@ class ImageSource:
 
     @classmethod
     def from_array(cls, array: np.ndarray, channels: int | None, nodata: float | None = None,
-                   name: str = "image", geometry: Geometry | None = None) -> ImageSource:
+                   name: str = "image", geometry: Geometry | None = None, params: np.ndarray | None = None,
+                   outside: np.ndarray | None = None) -> ImageSource:
         """An in-memory (H, W[, C]) image; its channels must already be the model's (or 1 for a 3-channel model)."""
         if array.ndim == 2:
             array = array[:, :, None]
@@ -48,7 +53,15 @@ class ImageSource:
             array = array.astype(np.uint8) * 255
         array = match_channels(array, channels, name)
         return cls(array.shape[0], array.shape[1], array.dtype, nodata, name, geometry, array=array,
-                   channels=channels)
+                   channels=channels, params=params, outside=outside)
+
+    def crop(self, window: Window, per_sample: bool) -> ImageSource:
+        """A window of this image as a source of its own, normalised as the whole image (`per_sample`: with
+        the whole image's parameters)."""
+        t, l, h, w = window
+        return ImageSource.from_array(self.read(window), self.channels, self.nodata, self.name,
+                                      params=self.stats() if per_sample else None,
+                                      outside=None if self.outside is None else self.outside[t:t + h, l:l + w])
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -71,11 +84,20 @@ class ImageSource:
         """(h, w) True where a pixel is no-data (see `segkit.data.io.no_data`); None when none can be."""
         return no_data(pixels, self.nodata)
 
+    def outside_mask(self, window: Window | None = None) -> np.ndarray:
+        """(h, w) bool: pixels outside the body (none, unless the source is a slice of a volume)."""
+        if self.outside is None:
+            h, w = (self.height, self.width) if window is None else window[2:]
+            return np.zeros((h, w), bool)
+        return self.outside if window is None else self.outside[window[0]:window[0] + window[2],
+                                                                  window[1]:window[1] + window[3]]
+
     def stats(self) -> np.ndarray:
-        """(2, C) mean and std of the whole image (sampled when huge): per_image normalisation."""
-        if self._stats is None:
-            self._stats = image_stats(self.read, self.height, self.width, self.nodata)
-        return self._stats
+        """(4, C) normalisation parameters of a per-sample mode: the given ones (a volume slice: its case's),
+        else the whole image's per_image statistics (sampled when huge)."""
+        if self.params is None:
+            self.params = image_stats(self.read, self.height, self.width, self.nodata)
+        return self.params
 
     def close(self) -> None:
         if self._raster is not None:

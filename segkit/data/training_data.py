@@ -24,10 +24,6 @@ class TrainingData:
     foreground: float
     meta: dict = field(default_factory=dict)  # model.json `data` entries of this kind of dataset
     description: str = "images"
-    normalization: str = ""  # what the training log says of it; default: `norm.describe()`
-
-    def __post_init__(self) -> None:
-        self.normalization = self.normalization or self.norm.describe()
 
 
 def training_data(cfg: Config, head: Head, budget: int) -> TrainingData:
@@ -55,16 +51,16 @@ def _volumes(cfg: Config, head: Head, budget: int) -> TrainingData:
     d, t = cfg.data, cfg.train
     ds = volume_dataset(d)
     train_cases, val_cases = train_val_cases(ds, d.val_fraction, cfg.split_seed())
-    spec = fit_spec(ds, train_cases, d, t.seed)
-    reader = SliceReader(ds, spec)
+    spec, norm = fit_spec(ds, train_cases, d, t.seed)
+    reader = SliceReader(ds, spec, norm)
     budget = budget if d.cache else 0
     fg = foreground_classes(head.classes)
     train = slice_records(ds, train_cases, spec, head, reader, fg, budget)
     left = budget - sum(r.cached_bytes for r in train)
     val = slice_records(ds, val_cases, spec, head, reader, fg, max(0, left))
     foreground = VOLUME_FOREGROUND if t.foreground_oversample is None else t.foreground_oversample
-    return TrainingData(reader, train, val, Normalization("none"), foreground,
+    return TrainingData(reader, train, val, norm, foreground,
                         {"volume": spec.to_meta(), "train_cases": [c.name for c in train_cases],
                          "val_cases": [c.name for c in val_cases]},
                         f"slices along axis {spec.slice_axis} of {len(train_cases)} train / {len(val_cases)} val "
-                        "cases", f"per case, per channel: {spec.normalization.describe()} (data.volume.normalization)")
+                        "cases")

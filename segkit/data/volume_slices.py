@@ -1,12 +1,13 @@
 """A volume dataset as 2-D training samples: every slice along the slice axis is a `Record`, so the 2-D path
-(crops, augmentation, foreground oversampling, validation, checkpoints) trains on it unchanged.
+(crops, augmentation, foreground oversampling, device normalisation, validation, checkpoints) trains on it
+unchanged.
 
 A slice is the case's volume (on its closest RAS axes, `Volume`) indexed at k along the slice axis, the two
-remaining axes in order as (height, width); prediction cuts volumes the same way. Each case is normalised as a whole
-(`VolumeNormalization.case_params`) before it is cut, and its slices are kept in memory while they fit the
-cache budget (`data.cache_mb`); the rest are read slice by slice from the files (cheap for uncompressed .nii,
-which nibabel memory-maps; a .nii.gz is decompressed up to the slice) and normalised with the case's stored
-parameters, so a slice is the same input either way.
+remaining axes in order as (height, width); prediction cuts volumes the same way. Slices stay in their raw
+type (int16 stays int16); each carries its case's `per_case` normalisation parameters (`case_params`,
+computed over the whole case) and its body mask, and the device normalises them as it does images. Cases are
+kept in memory while they fit the cache budget (`data.cache_mb`); the rest are read slice by slice from the
+files (cheap for uncompressed .nii, which nibabel memory-maps; a .nii.gz is decompressed up to the slice).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from segkit.data.dataset import Cached, Pixels, Record, foreground_points, label
 from segkit.data.io import no_data
 from segkit.data.layout import Sample
 from segkit.data.readers import Window
-from segkit.data.normalize import VolumeNormalization, foreground_sample, schemes_for
+from segkit.data.normalize import Normalization, body, case_params, fit_per_case, foreground_sample, schemes_for
 from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import Volume, VolumeCase, VolumeDataset, case_split, read_slice, slice_axis
 from segkit.errors import DataError
@@ -67,8 +68,9 @@ def dataset_slice_axis(volumes: Sequence[Volume], setting: int | str) -> int:
     return slice_axis(spacing.tolist(), shape.tolist())
 
 
-def fit_spec(ds: VolumeDataset, cases: Sequence[VolumeCase], d: DataConfig, seed: int) -> VolumeSpec:
-    """Slice axis and per-channel normalisation from the training cases."""
+def fit_spec(ds: VolumeDataset, cases: Sequence[VolumeCase], d: DataConfig, seed: int
+             ) -> tuple[VolumeSpec, Normalization]:
+    """Slice axis and per-channel (`per_case`) normalisation from the training cases."""
     volumes = [ds.image(case) for case in cases]
     axis = dataset_slice_axis(volumes, d.slice_axis)
     schemes = schemes_for(d.normalize, ds.channel_names)
@@ -80,10 +82,10 @@ def fit_spec(ds: VolumeDataset, cases: Sequence[VolumeCase], d: DataConfig, seed
             return foreground_sample(ds.image(case).data, foreground, np.random.default_rng([seed, i]))
         return read
 
-    norm = VolumeNormalization.fit(schemes, [sample(i, case) for i, case in enumerate(cases)])
+    norm = fit_per_case(schemes, [sample(i, case) for i, case in enumerate(cases)])
     spacing = tuple(float(s) for s in np.median([v.spacing for v in volumes], axis=0))
-    return VolumeSpec(ds.layout, tuple(ds.channel_names), axis, norm, dict(ds.class_values),
-                      ds.regions_class_order, ds.ignore_label, spacing=spacing)
+    return VolumeSpec(ds.layout, tuple(ds.channel_names), axis, dict(ds.class_values), ds.regions_class_order,
+                      ds.ignore_label, spacing=spacing), norm
 
 
 def _take(array: np.ndarray, index: int, axis: int) -> np.ndarray:
@@ -91,30 +93,34 @@ def _take(array: np.ndarray, index: int, axis: int) -> np.ndarray:
 
 
 class SliceReader:
-    """Reads slices of cases that are not cached: one slice from the files, normalised with its case's
-    parameters (the `PairReader.read` of volumes)."""
+    """Reads slices of cases that are not cached: one raw slice from the files, with its body mask (the
+    `PairReader.read` of volumes)."""
 
-    def __init__(self, ds: VolumeDataset, spec: VolumeSpec) -> None:
-        self.ds, self.spec = ds, spec
+    def __init__(self, ds: VolumeDataset, spec: VolumeSpec, norm: Normalization) -> None:
+        self.ds, self.spec, self.norm = ds, spec, norm
         self.cases: dict[str, VolumeCase] = {}
-        self.params: dict[str, np.ndarray] = {}
         self.ornt: dict[str, np.ndarray] = {}
 
-    def add(self, case: VolumeCase, params: np.ndarray, ornt: np.ndarray) -> None:
-        self.cases[case.name], self.params[case.name], self.ornt[case.name] = case, params, ornt
+    def add(self, case: VolumeCase, ornt: np.ndarray) -> None:
+        self.cases[case.name], self.ornt[case.name] = case, ornt
 
     def read(self, sample: SliceSample, window: Window | None = None) -> Pixels:
         case = self.cases[sample.case]
         ornt, axis = self.ornt[sample.case], self.spec.slice_axis
         parts = [read_slice(p, sample.index, axis, ornt) for p in case.images]
-        raw = parts[0] if parts[0].ndim == 3 else np.stack(parts, axis=-1)
-        image = self.spec.normalization.apply(raw, self.params[sample.case])
+        image = parts[0] if parts[0].ndim == 3 else np.stack(parts, axis=-1)
         labels, valid = self.ds.layers(read_slice(case.label, sample.index, axis, ornt))
-        real = _real(raw)
+        real, inside = _real(image), _inside(self.norm, image)
         if window is not None:
             t, l, h, w = window
-            image, labels, valid, real = (a[t:t + h, l:l + w] for a in (image, labels, valid, real))
-        return Pixels(image, labels, valid & real, real)
+            image, labels, valid, real, inside = (a if a is None else a[t:t + h, l:l + w]
+                                                  for a in (image, labels, valid, real, inside))
+        return Pixels(image, labels, valid & real, real, inside=inside)
+
+
+def _inside(norm: Normalization, image: np.ndarray) -> np.ndarray | None:
+    """The body of slices (..., h, w, C) when the normalisation zeroes what lies outside it, else None."""
+    return body(image) if any(norm.body_only) else None
 
 
 def _real(raw: np.ndarray) -> np.ndarray:
@@ -133,9 +139,9 @@ def case_records(ds: VolumeDataset, case: VolumeCase, spec: VolumeSpec, head: He
     except DataError as err:
         return str(err)
     stack = np.moveaxis(volume.data, spec.slice_axis, 0)  # the case as its slices (a view)
-    params = spec.normalization.case_params(stack)
-    reader.add(case, params, volume.ornt)
-    image = np.moveaxis(spec.normalization.apply(stack, params), 0, spec.slice_axis) if cache else None
+    params = case_params(reader.norm, stack)
+    reader.add(case, volume.ornt)
+    inside = _inside(reader.norm, stack) if cache else None  # (n, h, w), slices first
     layers, valid = ds.layers(label)
     real = _real(volume.data)
     valid &= real
@@ -151,10 +157,12 @@ def case_records(ds: VolumeDataset, case: VolumeCase, spec: VolumeSpec, head: He
             return f"case {case.name}, slice {k} along axis {axis} ({case.label}): {problem}"
         h, w = ok.shape
         sample = SliceSample(f"{case.name}#{k}", case.images[0], case.label, case.name, k)
-        record = Record(sample, label_stats(labels, ok), h, w, np.dtype(np.float32), h * w * 4 * len(spec.channel_names),
-                        points=foreground_points(labels, ok, foreground, np.random.default_rng([zlib.crc32(case.name.encode()), k])))
-        if image is not None:
-            px = Pixels(np.ascontiguousarray(_take(image, k, axis)), labels, ok, slice_real)
+        record = Record(sample, label_stats(labels, ok), h, w, stack.dtype, h * w * stack.itemsize * stack.shape[-1],
+                        params, points=foreground_points(labels, ok, foreground,
+                                                         np.random.default_rng([zlib.crc32(case.name.encode()), k])))
+        if cache:
+            px = Pixels(np.ascontiguousarray(stack[k]), labels, ok, slice_real,
+                        inside=None if inside is None else inside[k])
             record.cached = Cached(px.image, pack(px), None)
         records.append(record)
     return records
@@ -165,8 +173,8 @@ def slice_records(ds: VolumeDataset, cases: Sequence[VolumeCase], spec: VolumeSp
     """Records of every slice of `cases`, cases cached whole in order while they fit `budget` bytes. All
     problems are reported together, each naming its case."""
     sizes = [ds.image(case) for case in cases]
-    bits = (len(head.classes) + 9) // 8  # packed label layers + 'valid' + 'real', as dataset.pack stores them
-    need = [int(np.prod(v.shape)) * (len(spec.channel_names) * 4 + bits) for v in sizes]
+    bits = (len(head.classes) + 10) // 8  # packed label layers + 'valid', 'real', 'inside' (dataset.pack)
+    need = [int(np.prod(v.shape)) * (len(spec.channel_names) * v.itemsize + bits) for v in sizes]
     cached = np.cumsum(need) <= budget
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = list(pool.map(lambda i: case_records(ds, cases[i], spec, head, reader, bool(cached[i]), foreground),

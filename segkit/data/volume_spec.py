@@ -1,5 +1,6 @@
-"""What a model trained on volume slices needs to know to read, cut, normalise and write volumes again:
-stored in model.json as `data.volume`, written by training, read by prediction, evaluation and visualisation."""
+"""What a model trained on volume slices needs to know to read, cut and write volumes again: stored in
+model.json as `data.volume`, written by training, read by prediction, evaluation and visualisation. How its
+slices are normalised is model.json's `normalization` (mode `per_case`), as for every model."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from segkit.data.normalize import Normalization, VolumeNormalization
+from segkit.data.normalize import Normalization
 from segkit.errors import SegkitError
 
 SPACING_FACTOR = 2.0
@@ -25,7 +26,6 @@ class VolumeSpec:
     layout: str
     channel_names: tuple[str, ...]
     slice_axis: int
-    normalization: VolumeNormalization
     class_values: dict[str, tuple[int, ...]]
     regions_class_order: tuple[int, ...] | None = None
     ignore_label: int | None = None
@@ -34,7 +34,6 @@ class VolumeSpec:
 
     def to_meta(self) -> dict:
         return {"layout": self.layout, "channel_names": list(self.channel_names), "slice_axis": self.slice_axis,
-                "normalization": self.normalization.to_meta(),
                 "class_values": {k: list(v) for k, v in self.class_values.items()},
                 "regions_class_order": list(self.regions_class_order) if self.regions_class_order else None,
                 "ignore_label": self.ignore_label, "orientation": "RAS" if self.canonical else "file",
@@ -48,7 +47,6 @@ class VolumeSpec:
             return None
         try:
             return cls(v["layout"], tuple(v["channel_names"]), int(v["slice_axis"]),
-                       VolumeNormalization.from_meta(v["normalization"]),
                        {k: tuple(int(x) for x in vals) for k, vals in v["class_values"].items()},
                        tuple(v["regions_class_order"]) if v.get("regions_class_order") else None,
                        v.get("ignore_label"), v.get("orientation") == "RAS",
@@ -88,14 +86,12 @@ class VolumeSpec:
 
 
 def input_normalization(meta: dict) -> dict:
-    """What a pipeline does to raw pixels before the network, from model.json: a volume model's per-channel
-    schemes (applied to each whole case on its RAS axes before it is cut into slices along `slice_axis`:
-    `zscore` over the case's nonzero voxels, `ct` clip and dataset statistics, `none`), else the image
-    normalisation. A volume model's own `normalization` key is `none`: the network sees slices already
-    normalised, and an exported file must not tell a pipeline to feed it raw voxels."""
+    """What a pipeline does to raw pixels before the network, from model.json: the normalisation, and for a
+    volume model where its slices come from (each whole case on its RAS axes, cut along `slice_axis`; the
+    `per_case` parameters are the whole case's: `zscore` over the case's body, `ct` clip and dataset
+    statistics, `none`)."""
+    norm = Normalization.from_meta(meta).to_meta()
     spec = VolumeSpec.from_meta(meta)
     if spec is None:
-        return Normalization.from_meta(meta).to_meta()
-    return {"mode": "volume_case", "channels": spec.normalization.to_meta(), "slice_axis": spec.slice_axis,
-            "orientation": "RAS" if spec.canonical else "file"}
-
+        return norm
+    return {**norm, "slice_axis": spec.slice_axis, "orientation": "RAS" if spec.canonical else "file"}

@@ -100,6 +100,13 @@ class Volume:
         self.spacing: tuple[float, float, float] = tuple(zooms[f] for f in order)
         self.channels = len(self._images) if first.ndim == 3 else int(first.shape[3])
 
+    @property
+    def itemsize(self) -> int:
+        """Bytes per voxel and channel of `data`, from the header: the stored type's, or 8 when the header
+        scales the values (nibabel then gives float64)."""
+        slope, inter = self.file.header.get_slope_inter()
+        return 8 if slope not in (None, 1.0) or inter not in (None, 0.0) else self.file.header.get_data_dtype().itemsize
+
     def to_file(self, array: np.ndarray) -> np.ndarray:
         """An array on this volume's (canonical) axes, spatial axes first, in the file's axis order."""
         return reorient(array, self._back)
