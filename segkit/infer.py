@@ -30,7 +30,14 @@ from segkit.data.normalize import Normalization
 from segkit.data.readers import RASTER_EXTS, Geometry, Window, band_names, is_band_folder, open_raster
 from segkit.data.readers.base import system_error
 from segkit.data.source import ImageSource, pixel_dtype
-from segkit.data.writers import MaskWriter, output_files, writer_for
+from segkit.data.writers import (
+    MaskWriter,
+    check_output_folder,
+    misfit_message,
+    output_files,
+    refuse_existing,
+    writer_for,
+)
 from segkit.device import amp_dtype, resolve_device
 from segkit.errors import SegkitError
 from segkit.heads import Head, head_from_metadata
@@ -549,10 +556,7 @@ def plan_outputs(head: Head, input_dir: Path, output_dir: Path, probs: bool, ove
     images whose bands or type do not fit the model (from their headers, before anything is written)."""
     if not input_dir.is_dir():
         raise SegkitError(f"{input_dir}: input folder not found.")
-    inp, outp = input_dir.resolve(), output_dir.resolve()
-    if outp == inp or inp in outp.parents:
-        raise SegkitError(f"{output_dir}: the output folder is inside the input folder {input_dir}; "
-                          "masks would mix with (and be read as) images. Fix: choose an output folder outside it.")
+    check_output_folder(input_dir, output_dir)
     files = list_images(input_dir, bands)
     if not files:
         raise SegkitError(f"{input_dir}: no images ({', '.join(e.lstrip('.') for e in RASTER_EXTS)}) found.")
@@ -572,14 +576,8 @@ def plan_outputs(head: Head, input_dir: Path, output_dir: Path, probs: bool, ove
         seen[outs[0]] = path
         plan.append((path, outs))
     if misfits:
-        more = f"\n  ... and {len(misfits) - 5} more" if len(misfits) > 5 else ""
-        raise SegkitError(f"{len(misfits)} of {len(files)} images do not fit the model's input:\n  "
-                          + "\n  ".join(misfits[:5]) + more)
-    if not overwrite:
-        existing = [output_dir / o for _, outs in plan for o in outs if (output_dir / o).exists()]
-        if existing:
-            raise SegkitError(f"{output_dir}: {len(existing)} outputs exist already (e.g. {existing[0]}). "
-                              "Fix: --overwrite to replace them, or choose another output folder.")
+        raise SegkitError(misfit_message(misfits, len(files), "images"))
+    refuse_existing(output_dir, (o for _, outs in plan for o in outs), overwrite)
     return plan
 
 

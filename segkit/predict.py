@@ -38,7 +38,7 @@ from segkit.data.readers.volume import VOLUME_ENDINGS, output_ending
 from segkit.data.source import ImageSource
 from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import Volume, VolumeCase, combine_regions, folder_cases, is_volume_folder
-from segkit.data.writers import write_volume
+from segkit.data.writers import check_output_folder, misfit_message, refuse_existing, write_volume
 from segkit.errors import DataError, SegkitError, UnreadableError
 from segkit.infer import FolderSummary, Prediction, Segmenter, wait_written
 
@@ -239,10 +239,8 @@ def plan_volumes(seg: Segmenter, spec: VolumeSpec, input_dir: Path, output_dir: 
     problem = _input_problem(input_dir)
     if problem:
         raise DataError(problem)
-    inp, out = input_dir.resolve(), output_dir.resolve()
-    if out == inp or inp in out.parents:
-        raise SegkitError(f"{output_dir}: the output folder is inside the input folder {input_dir}; predictions "
-                          "would mix with (and be read as) images. Fix: choose an output folder outside it.")
+    check_output_folder(input_dir, output_dir)
+    out = output_dir.resolve()
     cases = folder_cases(input_dir, spec.channel_names, spec.channel_files)  # a missing channel file: refused here
     inputs = {p.resolve() for case in cases for p in case.images}
     jobs, misfits, owner = [], [], {}
@@ -266,19 +264,13 @@ def plan_volumes(seg: Segmenter, spec: VolumeSpec, input_dir: Path, output_dir: 
             owner[rel] = case.name
         jobs.append(job)
     if misfits:
-        more = f"\n  ... and {len(misfits) - 5} more" if len(misfits) > 5 else ""
-        raise DataError(f"{len(misfits)} of {len(cases)} cases do not fit the model:\n  " + "\n  ".join(misfits[:5])
-                        + more)
+        raise DataError(misfit_message(misfits, len(cases), "cases"))
     folders = {rel.parent for rel in owner if rel.parent != Path(".")}
     clash = sorted(str(rel) for rel in owner if rel in folders)
     if clash:
         raise SegkitError(f"{output_dir / clash[0]}: a case's file and a class folder would have the same name. "
                           "Fix: rename the case.")
-    if not overwrite:
-        existing = [output_dir / rel for rel in owner if (output_dir / rel).exists()]
-        if existing:
-            raise SegkitError(f"{output_dir}: {len(existing)} outputs exist already (e.g. {existing[0]}). "
-                              "Fix: --overwrite to replace them, or choose another output folder.")
+    refuse_existing(output_dir, owner, overwrite)
     return jobs
 
 

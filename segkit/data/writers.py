@@ -12,7 +12,7 @@ import io
 import os
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,29 @@ def output_path(out_dir: Path, rel: Path) -> Path:
     if _escapes(rel) or out_dir.resolve() not in path.resolve().parents:
         raise _refuse(path, out_dir, rel)
     return path
+
+
+def check_output_folder(input_dir: Path, output_dir: Path) -> None:
+    """The output folder may be neither the input folder nor inside it: outputs would mix with (and later be
+    read as) inputs. Both output planners (images, volumes) check this first."""
+    inp, out = input_dir.resolve(), output_dir.resolve()
+    if out == inp or inp in out.parents:
+        raise SegkitError(f"{output_dir}: the output folder is inside the input folder {input_dir}; predictions "
+                          "would mix with (and be read as) inputs. Fix: choose an output folder outside it.")
+
+
+def refuse_existing(output_dir: Path, rels: Iterable[Path], overwrite: bool) -> None:
+    """Outputs that exist already are never replaced without `overwrite`; checked before anything is written."""
+    existing = [] if overwrite else [output_dir / rel for rel in rels if (output_dir / rel).exists()]
+    if existing:
+        raise SegkitError(f"{output_dir}: {len(existing)} outputs exist already (e.g. {existing[0]}). "
+                          "Fix: --overwrite to replace them, or choose another output folder.")
+
+
+def misfit_message(misfits: Sequence[str], total: int, noun: str) -> str:
+    """All inputs that do not fit the model, in one message: the first five, and how many more."""
+    more = f"\n  ... and {len(misfits) - 5} more" if len(misfits) > 5 else ""
+    return f"{len(misfits)} of {total} {noun} do not fit the model:\n  " + "\n  ".join(misfits[:5]) + more
 
 
 def output_files(head: Head, rel: Path, geometry: Geometry | None, probs: bool, vectorize: bool) -> list[Path]:
