@@ -258,6 +258,9 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> Config:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply `key=value` overrides, validate everything."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, and a config file (YAML) is needed. Fix: `segkit inspect {path}` "
+                          "prints the config that fits this data; save it as a .yaml file and give that path.")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:

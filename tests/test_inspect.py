@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,29 @@ def test_inspect_nuclei_cli_recommends_sigmoid(cli):
     assert "pixels with more than one label: 0.0000%" in r.out
     assert "\nhead: sigmoid — labels never overlap, but" in r.out
     assert "data.classes: [background, fg]" in r.out  # how to make softmax fit
+
+
+def test_the_config_inspect_prints_trains_as_the_hand_written_one(cli, tmp_path):
+    """The config `segkit inspect` prints for the nuclei data, saved as a file, is a valid config that reads
+    the masks as configs/nuclei-sigmoid.yaml does (binary, one foreground class, the sigmoid head): the same
+    training targets for every image. And `segkit train` on the folder itself says to do this."""
+    from segkit.data.splits import pair_reader, split_samples
+
+    r = cli("inspect", NUCLEI)
+    text = r.out.split("config (save as a .yaml file", 1)[1].split("\n", 1)[1]
+    (tmp_path / "planned.yaml").write_text(textwrap.dedent(text))
+    planned = load_config(tmp_path / "planned.yaml")
+    hand = load_config(Path(__file__).parents[1] / "configs" / "nuclei-sigmoid.yaml", [f"data.root={NUCLEI}"])
+    assert (planned.data.mask, len(planned.data.classes), planned.head().name) == ("binary", 1, "sigmoid")
+    for split in ("train", "test"):
+        ours, theirs = split_samples(planned.data, split), split_samples(hand.data, split)
+        assert [s.image for s in ours] == [s.image for s in theirs] and len(ours) in (48, 12)
+        for a, b in zip(ours[:5], theirs[:5]):
+            np.testing.assert_array_equal(pair_reader(planned.data).read(a).labels,
+                                          pair_reader(hand.data).read(b).labels)
+    refused = cli("train", NUCLEI, "--out", tmp_path / "run")
+    assert refused.code == 2 and f"segkit inspect {NUCLEI}" in refused.err and "Traceback" not in refused.err
+    assert not (tmp_path / "run").exists()
 
 
 def test_inspect_nuclei_numbers_match_the_masks():

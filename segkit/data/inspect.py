@@ -18,12 +18,14 @@ says that data.classes must name them.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from segkit.config import DataConfig
 from segkit.data.dataset import label_stats
@@ -182,6 +184,18 @@ class Report:
         return "softmax", ("every pixel has exactly one class: the softmax head fits; "
                            "the sigmoid head (one-vs-rest) also works.")
 
+    def config(self) -> dict:
+        """The config sections to write for this dataset: its mask encoding (as found, or as the config said)
+        and the advised head; every other key keeps its default."""
+        d = self.data
+        data: dict = {"root": str(self.root), "mask": d.mask, "classes": list(d.classes)}
+        for key in ("ignore_index", "foreground_value", "binary_threshold", "bands", "nodata"):
+            if getattr(d, key) is not None:
+                data[key] = getattr(d, key)
+        if d.colors is not None:
+            data["colors"] = [list(c) for c in d.colors]
+        return {"data": data, "model": {"head": self.advice()[0]}}
+
     def to_dict(self) -> dict:
         pixels = self.class_pixels()
         valid = max(1, self._sum("valid"))
@@ -195,7 +209,7 @@ class Report:
                                 "orphan_masks": len(s.orphan_masks), "empty_masks": len(s.empty),
                                 "size_mismatch": len(s.size_mismatch), "unreadable": len(s.unreadable)}
                        for s in self.splits},
-            "head": head, "why": head + ": " + why, "images": self.images.to_dict(),
+            "head": head, "why": head + ": " + why, "images": self.images.to_dict(), "config": self.config(),
         }
 
     def text(self) -> str:
@@ -223,6 +237,9 @@ class Report:
         lines.append(f"pixels with no label: {self.unlabeled_share:.4%}")
         head, why = self.advice()
         lines.append(f"\nhead: {head} — {why}")
+        lines.append("config (save as a .yaml file, then `segkit train FILE`"
+                     + ("; the class names are placeholders: rename them" if d.guessed else "") + "):")
+        lines.append(textwrap.indent(yaml.safe_dump(self.config(), sort_keys=False), "  ").rstrip())
         return "\n".join(lines)
 
 
