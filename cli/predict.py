@@ -51,8 +51,9 @@ def report(failed: list, line: str) -> None:
 @app.command()
 def predict(
     checkpoint: Checkpoint,
-    input_dir: Annotated[Path, typer.Argument(help="Folder of images (searched recursively), or of NIfTI volumes "
-                                                   "for a model trained on volume slices (nnU-Net: imagesTs/).")],
+    input_dir: Annotated[Path, typer.Argument(help="Folder of images (searched recursively), or of volumes "
+                                                   "(NIfTI, NRRD, MHA, DICOM series) for a model trained on volume "
+                                                   "slices (nnU-Net: imagesTs/).")],
     output_dir: Annotated[Path, typer.Argument(help="Where masks go, mirroring the input tree.")],
     batch_size: BatchSize = 4,
     workers: Workers = 2,

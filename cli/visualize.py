@@ -12,8 +12,9 @@ from cli.app import app
 
 @app.command()
 def visualize(
-    images_dir: Annotated[Path, typer.Argument(help="Folder of images, or of NIfTI volumes (nnU-Net imagesTs/: "
-                                                    "<case>_0000.nii.gz channel files, or one file per case).")],
+    images_dir: Annotated[Path, typer.Argument(help="Folder of images, or of volumes (NIfTI, NRRD, MHA, DICOM "
+                                                    "series; nnU-Net imagesTs/: <case>_0000.nii.gz channel files, "
+                                                    "or one file per case).")],
     masks_dir: Annotated[Path, typer.Argument(help="Masks: `segkit predict` output (with --checkpoint), "
                                                    "or masks in the config's data format (with --config).")],
     out_dir: Annotated[Path, typer.Argument(help="Where the overlay PNGs go.")],
