@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.common import ROOT, machine, real_images, write_result
 from segkit.config import load_config
-from segkit.train import build_run, train_step
+from segkit.train import build_run, run_device, train_step
 
 
 class Utilisation:
@@ -82,7 +82,7 @@ def training(root: Path, steps: int, batch: int, crop: int, warmup: int) -> dict
     cfg = load_config(ROOT / "configs" / "nuclei-sigmoid.yaml",
                       [f"data.root={root}", "train.device=cuda", f"train.batch_size={batch}", f"train.crop={crop}",
                        f"train.steps_per_epoch={warmup + steps}", "train.epochs=1", "train.amp=true"])
-    run = build_run(cfg)
+    run = build_run(cfg, run_device(cfg))
     run.sampler.set_epoch(0)
     run.model.train()
     batches = iter(run.loader)

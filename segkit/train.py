@@ -146,11 +146,17 @@ class Progress:
                 "history": self.history, "rng": rng_state()}
 
 
-def build_run(cfg: Config) -> Run:
-    """The data (read and checked), datasets, loader, model, loss, optimiser and schedule of `cfg`."""
+def run_device(cfg: Config) -> torch.device:
+    """The device of this process; under torchrun this joins the process group, so call it before asking
+    for the rank."""
+    return dist.device_for_rank(resolve_device(cfg.train.device))
+
+
+def build_run(cfg: Config, device: torch.device) -> Run:
+    """The data (read and checked), datasets, loader, model, loss, optimiser and schedule of `cfg` on
+    `device` (`run_device`)."""
     t, d = cfg.train, cfg.data
     head = cfg.head()
-    device = dist.device_for_rank(resolve_device(t.device))
     dtype = amp_dtype(device, t.amp)
     rank, world = dist.rank(), dist.world_size()
     data = training_data(cfg, head, cache_budget(d.cache_mb) // dist.local_world_size())  # a copy per rank
@@ -238,6 +244,7 @@ def train_step(run: Run, net: nn.Module, item) -> torch.Tensor:
 
 
 def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) -> TrainResult:
+    device = run_device(cfg)
     t, main = cfg.train, dist.rank() == 0
     if main and out.is_dir():  # everything is checked before anything is written; a folder another run is
         lock.acquire()         # writing is refused first, for what it is
@@ -245,7 +252,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) 
             for unit in ("last", "best"):
                 recover_unit(out / unit)
     check_run_dir(out, cfg, resume)
-    run = build_run(cfg)
+    run = build_run(cfg, device)
     p = resumed(run, out) if resume else fresh_progress(t)
     start_epoch, start_step = p.epoch, p.step
     if main:
