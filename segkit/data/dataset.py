@@ -286,11 +286,13 @@ def pack(px: Pixels) -> np.ndarray:
     return np.packbits(layers, axis=2)
 
 
-def unpack(bits: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Labels (h, w, C) uint8, valid (h, w), real (h, w) and inside (h, w) from `pack`'s bits."""
-    layers = np.unpackbits(bits, axis=2, count=classes + 3)
+def unpack(bits: np.ndarray, classes: int, inside: bool = True
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Labels (h, w, C) uint8, valid (h, w), real (h, w) and inside (h, w; None unless asked for) from
+    `pack`'s bits."""
+    layers = np.unpackbits(bits, axis=2, count=classes + 2 + inside)
     return (layers[:, :, :classes], layers[:, :, classes].astype(bool), layers[:, :, classes + 1].astype(bool),
-            layers[:, :, classes + 2].astype(bool))
+            layers[:, :, classes + 2].astype(bool) if inside else None)
 
 
 class Item(NamedTuple):
@@ -362,8 +364,8 @@ class SegmentationDataset(Dataset):
         if window is not None:
             t, l, h, w = window
             image, bits = image[t:t + h, l:l + w], bits[t:t + h, l:l + w]
-        labels, valid, real, inside = unpack(bits, self.classes)
-        return Pixels(image, labels, valid, real, r.cached.nodata, inside if any(self.norm.body_only) else None)
+        labels, valid, real, inside = unpack(bits, self.classes, any(self.norm.body_only))
+        return Pixels(image, labels, valid, real, r.cached.nodata, inside)
 
     def packed(self, r: Record, window: Window | None) -> tuple[np.ndarray, np.ndarray]:
         """(image, bits) of a window, without unpacking cached labels."""
@@ -383,7 +385,8 @@ class SegmentationDataset(Dataset):
             r = self.records[i]
             window = crop_window(r.height, r.width, self.window, rng) if self.window else None
         image, bits = self.transform(*self.packed(r, window), rng, self.classes)
-        labels, valid, real, inside = unpack(np.ascontiguousarray(bits), self.classes)
+        body_only = any(self.norm.body_only)
+        labels, valid, real, inside = unpack(np.ascontiguousarray(bits), self.classes, body_only)
         jitter = (1.0, 0.0)
         if self.color and rng.random() < self.color:  # light contrast/brightness jitter, in normalised units
             jitter = (float(rng.uniform(0.9, 1.1)), float(rng.uniform(-0.25, 0.25)))
@@ -391,4 +394,4 @@ class SegmentationDataset(Dataset):
         return Item(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
                     self.head.compact_targets(labels, valid), torch.from_numpy(real), torch.from_numpy(stats),
                     torch.tensor(jitter, dtype=torch.float32),
-                    torch.from_numpy(inside) if any(self.norm.body_only) else torch.empty(0, dtype=torch.bool))
+                    torch.from_numpy(inside) if body_only else torch.empty(0, dtype=torch.bool))

@@ -113,6 +113,13 @@ class Normalization:
         return self.mode in ("per_image", "per_case")
 
     @property
+    def clips(self) -> bool:
+        """Whether values are clipped before scaling: `dataset`, and `per_case` with a `ct` channel."""
+        if self.mode == "per_case":
+            return any(c.scheme == "ct" for c in self.channels)
+        return self.low is not None and not self.per_sample
+
+    @property
     def body_only(self) -> tuple[bool, ...]:
         """Per channel: whether values outside the body become 0 (`per_case` z-score channels)."""
         return tuple(c.scheme == "zscore" for c in self.channels or ())
@@ -150,32 +157,28 @@ class Normalization:
         """(N, C, H, W) raw pixels (any numeric type) -> float32 network input.
 
         `stats` (N, 4, C) = each sample's low, high, mean and std per channel, required by the per-sample
-        modes (`sample_stats`); `nodata` (N, 1, H, W) bool marks pixels that become 0; `outside` (N, 1, H, W)
-        bool, voxels outside the body, which become 0 in `body_only` channels.
+        modes (`ImageSource.stats`, `case_params`); `nodata` (N, 1, H, W) bool marks pixels that become 0;
+        `outside` (N, 1, H, W) bool, voxels outside the body, which become 0 in `body_only` channels.
         """
-        x = x.to(torch.float32, copy=True)  # never change the caller's tensor (nan_to_num_ below)
-        if self.mode == "none":
-            out = x
-        else:
+        x = x.to(torch.float32, copy=True)  # never change the caller's tensor: the rest works in place on this copy
+        if self.mode != "none":
             if self.per_sample:
                 if stats is None:
                     raise SegkitError(f"{self.mode} normalisation needs each sample's parameters (stats)")
                 low, high, mean, std = (stats[:, i, :, None, None] for i in range(4))
             else:
                 mean, std = channel_constant(tuple(self.mean), x.device), channel_constant(tuple(self.std), x.device)
-                low = high = None
                 if self.low is not None:
                     low = channel_constant(tuple(self.low), x.device)
                     high = channel_constant(tuple(self.high), x.device)
-            if low is not None:
-                x = torch.maximum(torch.minimum(x, high), low)
-            out = (x - mean) / std
+            if self.clips:
+                x.clamp_(low, high)
+            x.sub_(mean).div_(std)
         if outside is not None and any(self.body_only):
-            zeroed = channel_constant(tuple(float(b) for b in self.body_only), x.device) > 0
-            out = out.masked_fill(outside & zeroed, 0.0)
+            x.masked_fill_(outside & (channel_constant(tuple(float(b) for b in self.body_only), x.device) > 0), 0.0)
         if nodata is not None:
-            out = out.masked_fill(nodata, 0.0)
-        return out.nan_to_num_(0.0, posinf=0.0, neginf=0.0)  # no-data: NaN and ±inf are never measurements
+            x.masked_fill_(nodata, 0.0)
+        return x.nan_to_num_(0.0, posinf=0.0, neginf=0.0)  # no-data: NaN and ±inf are never measurements
 
     def check_channels(self, channels: int) -> None:
         for name in ("mean", "std", "low", "high"):
