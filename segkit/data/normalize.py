@@ -379,13 +379,9 @@ def body(image: np.ndarray) -> np.ndarray:
     """(..., h, w) bool: the voxels of slices (..., h, w, C) inside the body: where any channel is nonzero, with
     the holes of each slice filled (nnU-Net's nonzero region, its holes filled in 2-D so that one slice gives
     the same as its whole case), and no channel no-data (NaN or infinite)."""
-    return _body(image, no_data(image, None))
-
-
-def _body(image: np.ndarray, hit: np.ndarray | None) -> np.ndarray:
-    """`body` with the no-data voxels `hit` (`io.no_data` of `image`) already found."""
     inside = np.any(image != 0, axis=-1)
     inside |= _holes(inside)
+    hit = no_data(image, None)
     return inside if hit is None else inside & ~hit
 
 
