@@ -39,16 +39,18 @@ THRESHOLD = 0.4
 """The sigmoid checkpoint's threshold, set in its model.json: not the default, so the round trip shows."""
 TIE = 1e-3
 """A pixel is a tie when its decision is within this many logit units of flipping: the top two logits
-(softmax), or the logit and the threshold's logit (sigmoid). Far above the backends' differences."""
+(softmax), or the logit and the threshold's logit (sigmoid); or, where the two backends' logits differ by more
+(large logits: float32 sums in another order differ relative to their size), within twice that difference."""
 
 
-def _ties(head: Head, logits: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) bool: pixels of (N, C, H, W) logits whose decision is a tie (see TIE)."""
+def _ties(head: Head, logits: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, H, W) bool: pixels of (N, C, H, W) logits whose decision is a tie (see TIE) against `other`."""
+    tie = TIE if other is None else max(TIE, 2 * float((logits - other).abs().max()))
     if head.name == "softmax":
         top = logits.topk(2, dim=1).values
-        return top[:, 0] - top[:, 1] <= TIE
+        return top[:, 0] - top[:, 1] <= tie
     cut = torch.logit(torch.tensor(head.thresholds, dtype=torch.float64)).view(1, -1, 1, 1)
-    return ((logits.double() - cut).abs() <= TIE).any(dim=1)
+    return ((logits.double() - cut).abs() <= tie).any(dim=1)
 
 
 def _differ(head: Head, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -66,7 +68,7 @@ def _foreground(head: Head, logits: torch.Tensor) -> float:
 def _assert_only_ties_differ(head: Head, a: torch.Tensor, b: torch.Tensor) -> int:
     """Every pixel decided differently from logits `b` than from the PyTorch logits `a` is a tie of `a`,
     and ties are rare (< 0.1% of the pixels). Returns the number of differing pixels."""
-    differ, ties = _differ(head, a, b), _ties(head, a)
+    differ, ties = _differ(head, a, b), _ties(head, a, b)
     assert not (differ & ~ties).any(), f"{int((differ & ~ties).sum())} pixels differ away from a tie"
     assert ties.float().mean() < 1e-3, float(ties.float().mean())
     return int(differ.sum())
@@ -81,7 +83,7 @@ def _recorded_parity() -> Iterator[list[dict]]:
 
     def recording(head: Head, a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
         same, pixels = real(head, a, b)
-        differ, ties = _differ(head, a, b), _ties(head, a)
+        differ, ties = _differ(head, a, b), _ties(head, a, b)
         seen.append({"differing": pixels - same, "mine": int(differ.sum()), "pixels": pixels,
                      "off_tie": int((differ & ~ties).sum()), "ties": int(ties.sum()),
                      "foreground": _foreground(head, a), "largest": float(a.abs().max()),
