@@ -13,13 +13,19 @@ Run one volume per process (`make bench` does), so the peak (VmHWM) belongs to i
 volume file is made, and `rss_before_mib` is the process once torch and the model are loaded, before any
 forward pass. The target: peak <= that + the raw volume + the outputs + 1 GiB (a batch of slices with its
 activations, and the per-case statistics' temporaries): the volume is never converted to float as a whole.
+
+glibc keeps freed blocks resident as it sees fit, which moved this peak by up to ~100 MiB between runs of the
+same code; the process runs with fixed malloc thresholds (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ at
+128 KiB: large blocks are mapped and returned at once), so the peak is the memory the code holds.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -153,7 +159,13 @@ def run(out: Path, size: int = 512, depth: int = 300, device: str = "cpu", batch
     return result
 
 
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 def main() -> None:
+    if any(os.environ.get(k) != v for k, v in MALLOC.items()):  # glibc reads them at start: run again with them
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.volume_predict", *sys.argv[1:]],
+                  {**os.environ, **MALLOC})
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.add_argument("--size", type=int, default=512)
