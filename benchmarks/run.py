@@ -34,9 +34,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.add_argument("--device", default="auto")
-    p.add_argument("--only", default="data,predict,train,huge,raster,windowed,volume,soak,gpusync",
+    p.add_argument("--only", default="data,predict,train,plan,huge,raster,windowed,volume,soak,gpusync",
                    help="comma-separated subset")
     p.add_argument("--steps", type=int, default=300, help="training steps of the train comparison")
+    p.add_argument("--plan-budget", default="3m", help="budget of the zero-config plan against configs/")
     p.add_argument("--raster-size", type=int, default=8192, help="side of the huge GeoTIFF (30000 in the notes)")
     p.add_argument("--volume-depth", type=int, default=300, help="slices of the 512 x 512 int16 volume")
     a = p.parse_args()
@@ -60,6 +61,14 @@ def main() -> None:
                      status(r["ratio"] <= 1.15)))
         rows.append(("  validation Dice segkit / loop", f"{r['segkit_val_dice']:.3f} / {r['loop_val_dice']:.3f}",
                      ">= loop", status(r["segkit_val_dice"] >= r["loop_val_dice"])))
+    if "plan" in only:
+        r = child("plan_vs_config", out, "plan_vs_config", "--budget", a.plan_budget)["rows"][0]
+        plan, hand = r["plan"], r["config_run"]
+        rows.append((f"zero-config plan / configs/nuclei-sigmoid.yaml, {a.plan_budget} (val fg Dice)",
+                     f"{plan['val_fg_dice']:.3f} / {hand['val_fg_dice']:.3f}", ">= config",
+                     status(plan["val_fg_dice"] >= hand["val_fg_dice"])))
+        rows.append(("  the plan's wall time against its budget", f"{plan['vs_budget']:+.1%}", "within +-10 %",
+                     status(abs(plan["vs_budget"]) <= 0.10)))
     if "huge" in only:
         r = child("huge_image", out, "huge_image_8192", "--size", "8192", "--device", a.device)
         rows.append(("predict 8192^2 RGB in memory, peak above model", f"{r['peak_rss_mib'] - r['rss_before_image_mib']:.0f} MiB",

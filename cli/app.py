@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import typer
 
@@ -18,8 +19,12 @@ app = typer.Typer(
 )
 
 
+STARTED = time.perf_counter()
+"""When this command began (a time budget counts from here)."""
+
+
 def _register() -> None:
-    from cli import compare, evaluate, export, inspect, predict, train, visualize  # noqa: F401  (each module adds its command to `app`)
+    from cli import compare, evaluate, export, inspect, plan, predict, train, visualize  # noqa: F401  (each module adds its command to `app`)
 
 
 def setup_logging() -> None:

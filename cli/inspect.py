@@ -19,13 +19,20 @@ def inspect(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON.")] = None,
 ) -> None:
     """Class frequencies, empty/missing/mismatched masks, label overlap, and which head fits; for volumes also
-    spacing and shape statistics per case."""
+    spacing and shape statistics per case; without --config, the plan `segkit plan` would start from."""
     from segkit.config import load_config
     from segkit.data.inspect import inspect_data
     from segkit.data.io import write_json
+    from segkit.errors import DataError
+    from segkit.plan import make_plan
 
     cfg = load_config(config, [f"data.root={root}"]).data if config is not None else None
     report = inspect_data(root, cfg)
     typer.echo(report.text())
+    if cfg is None:
+        try:
+            typer.echo("\n" + make_plan(root, measure=False, report=report).table())
+        except DataError as err:
+            typer.echo(f"\nno plan: {err}")
     if json_out is not None:
         write_json(json_out, report.to_dict())

@@ -109,6 +109,9 @@ class TrainConfig(_Strict):
                                       "nnU-Net), 0 for images")
     early_stop_patience: int | None = Field(None, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1)
+    time_limit: float | None = Field(
+        None, gt=0, description="seconds from the start of training: it stops after the epoch past which the next "
+                                "would end beyond them (with validation and last/ written)")
     augment: AugmentConfig = AugmentConfig()
 
     @field_validator("val_every")
@@ -126,10 +129,36 @@ class TrainConfig(_Strict):
         return v
 
 
+class PlanRecord(_Strict):
+    """What the planner (`segkit plan`) decided and why; training copies it into model.json, naming the keys
+    changed since (`edited`)."""
+
+    device: str
+    budget_s: float | None = None
+    predicted_s: float | None = None
+    reasons: dict[str, str]
+    planned: dict[str, Any]
+
+
 class Config(_Strict):
     data: DataConfig
     model: ModelConfig
     train: TrainConfig = TrainConfig()
+    plan: PlanRecord | None = None
+
+    def value(self, key: str) -> Any:
+        """The value of a dotted key (`train.batch_size`), as the YAML holds it."""
+        node: Any = self.model_dump(mode="json")
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    def plan_meta(self) -> dict | None:
+        """model.json's `plan`: the planner's reasons, and which planned keys this config changed."""
+        if self.plan is None:
+            return None
+        edited = sorted(k for k, v in self.plan.planned.items() if self.value(k) != v)
+        return {**self.plan.model_dump(mode="json"), "edited": edited}
 
     def split_seed(self) -> int:
         """The seed of the validation share: data.split_seed, else train.seed."""
@@ -259,8 +288,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a YAML config, apply `key=value` overrides, validate everything."""
     path = Path(path)
     if path.is_dir():
-        raise ConfigError(f"{path}: a folder, and a config file (YAML) is needed. Fix: `segkit inspect {path}` "
-                          "prints the config that fits this data; save it as a .yaml file and give that path.")
+        raise ConfigError(f"{path}: a folder, and a config file (YAML) is needed here. Fix: `segkit plan {path}` "
+                          "writes the config planned from this data (`segkit train {path}` plans and trains).")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:

@@ -49,7 +49,8 @@ class TrainResult:
     best_epoch: int
     best_dice: float
     images_per_s: float
-    stopped: str  # "completed", "early stop"
+    stopped: str  # "completed", "early stop", "time limit"
+    seconds: float = 0.0  # wall time of train(), from its start to its end
 
 
 def lr_lambda(total_steps: int, warmup: int):
@@ -78,15 +79,17 @@ def compiled(model: nn.Module, example: torch.Tensor) -> nn.Module:
         return model
 
 
-def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train the model `cfg` describes into the run folder `out` (see README for its files).
+def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
+          files: dict[str, bytes] | None = None) -> TrainResult:
+    """Train the model `cfg` describes into the run folder `out` (see README for its files); `files` (name ->
+    bytes) are written beside config.yaml (a planned run's plan.yaml and fingerprint.json).
 
     Rank 0 holds the run folder's lock (`RunLock`) from start to end. SIGTERM/SIGINT stop after
     the current step with last/ written, and raise `Interrupted` saying where.
     """
     lock = RunLock(Path(out))
     try:
-        return _train(cfg, Path(out), resume, progress, lock)
+        return _train(cfg, Path(out), resume, progress, lock, files or {})
     finally:
         lock.release()
 
@@ -187,7 +190,7 @@ def build_run(cfg: Config, device: torch.device) -> Run:
                                  "foreground_value": d.foreground_value, "binary_threshold": d.binary_threshold,
                                  "colors": d.colors, "bands": d.bands, "nodata": d.nodata,
                                  "val_fraction": d.val_fraction, "split_seed": cfg.split_seed(), "overlap": d.overlap,
-                                 **data.meta})
+                                 **data.meta}, **({"plan": cfg.plan_meta()} if cfg.plan else {}))
     return Run(cfg, head, device, dtype, data, train_ds, val_ds, units, batch, steps, sampler, workers, loader,
                model, loss_fn, optimizer, scheduler,
                torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), meta,
@@ -243,7 +246,9 @@ def train_step(run: Run, net: nn.Module, item) -> torch.Tensor:
     return loss.detach()
 
 
-def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) -> TrainResult:
+def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, files: dict[str, bytes]
+           ) -> TrainResult:
+    started = time.perf_counter()
     device = run_device(cfg)
     t, main = cfg.train, dist.rank() == 0
     if main and out.is_dir():  # everything is checked before anything is written; a folder another run is
@@ -256,7 +261,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) 
     p = resumed(run, out) if resume else fresh_progress(t)
     start_epoch, start_step = p.epoch, p.step
     if main:
-        _start(run, out, lock, resume)
+        _start(run, out, lock, resume, files)
     model = run.model
     if t.sync_batchnorm and dist.active():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -267,7 +272,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) 
     board = TensorBoardLog(out / "tensorboard") if main and t.tensorboard else None
     signals = StopSignals()
     interrupted: Interrupted | None = None
-    stopped, images_seen, train_seconds = "completed", 0, 0.0
+    stopped, images_seen, train_seconds, tail = "completed", 0, 0.0, 0.0
     signals.install()
     try:
         for epoch in range(start_epoch, t.epochs):
@@ -284,7 +289,10 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) 
             seconds = time.perf_counter() - began
             images = steps_run * run.batch * dist.world_size()
             images_seen, train_seconds = images_seen + images, train_seconds + seconds
-            early, stopping = _end_epoch(run, model, p, epoch, seconds, images, signals, saver, board)
+            ending = time.perf_counter()  # out of time: the next epoch and its end would finish past the limit
+            out_of_time = bool(t.time_limit and ending - started + seconds + 2 * tail > t.time_limit)
+            early, stopping = _end_epoch(run, model, p, epoch, seconds, images, signals, saver, board, out_of_time)
+            tail = time.perf_counter() - ending
             if stopping:
                 interrupted = Interrupted(signals.signum or signal.SIGTERM, epoch + 1, run.steps, run.steps)
                 break
@@ -292,6 +300,12 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) 
                 stopped = "early stop"
                 if main:
                     log.info("early stop: no better validation Dice for %d validations", p.bad_epochs)
+                break
+            if out_of_time and epoch + 1 < t.epochs:
+                stopped = "time limit"
+                if main:
+                    log.info("time limit: %.0f s of train.time_limit %.0f s used; the next epoch would end past it",
+                             time.perf_counter() - started, t.time_limit)
                 break
     finally:  # a pending checkpoint write finishes (or reports its error) whatever stopped the loop
         signals.restore()
@@ -303,16 +317,20 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock) 
     dist.barrier()
     if interrupted is not None:
         raise interrupted
-    return TrainResult(out, len(p.history), p.best_epoch, p.best, images_seen / max(train_seconds, 1e-9), stopped)
+    return TrainResult(out, len(p.history), p.best_epoch, p.best, images_seen / max(train_seconds, 1e-9), stopped,
+                       time.perf_counter() - started)
 
 
-def _start(run: Run, out: Path, lock: RunLock, resume: bool) -> None:
-    """Rank 0: the run folder made and locked, config.yaml written, and what the run will do logged."""
+def _start(run: Run, out: Path, lock: RunLock, resume: bool, files: dict[str, bytes]) -> None:
+    """Rank 0: the run folder made and locked, config.yaml (and `files`: the plan) written, and what the run
+    will do logged."""
     out.mkdir(parents=True, exist_ok=True)
     if not lock.tried:  # a new folder: lock it, then make sure no other run started in it meanwhile
         lock.acquire()
         check_run_dir(out, run.cfg, resume)
     write_bytes(out / "config.yaml", dump_config(run.cfg).encode())
+    for name, data in files.items():
+        write_bytes(out / name, data)
     log.info("%s head, classes %s; %d train / %d val images; device %s%s; %d steps/epoch of %d; "
              "%d loader workers", run.head.name, run.head.classes, len(run.train_ds), len(run.data.val), run.device,
              f" ({run.dtype})" if run.dtype else "", run.steps, run.batch * dist.world_size(), run.workers)
@@ -376,11 +394,13 @@ def _epoch(run: Run, model: nn.Module, net: nn.Module, p: Progress, epoch: int, 
 
 
 def _end_epoch(run: Run, model: nn.Module, p: Progress, epoch: int, seconds: float, images: int,
-               signals: StopSignals, saver: Checkpointer | None, board: TensorBoardLog | None) -> tuple[bool, bool]:
-    """Validation (when due), the history row, best/ and last/, the epoch's log line. Returns (early stop,
-    stop for a signal that came during validation)."""
+               signals: StopSignals, saver: Checkpointer | None, board: TensorBoardLog | None, final: bool = False
+               ) -> tuple[bool, bool]:
+    """Validation (when due), the history row, best/ and last/, the epoch's log line; `final`: the run ends
+    here (time limit), so it validates and saves as a last epoch does. Returns (early stop, stop for a
+    signal that came during validation)."""
     t, main, world = run.cfg.train, saver is not None, dist.world_size()
-    last_epoch = epoch + 1 == t.epochs
+    last_epoch = epoch + 1 == t.epochs or final
     validated = (epoch + 1) % p.val_every == 0 or last_epoch
     val_loss, dice, iou = math.nan, math.nan, math.nan
     per_class = {c: {"dice": math.nan, "iou": math.nan} for c in run.head.classes}  # same columns every row

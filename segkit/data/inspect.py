@@ -18,6 +18,7 @@ says that data.classes must name them.
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from scipy import ndimage
+from tqdm import tqdm
 
 from segkit.config import DataConfig
 from segkit.data.dataset import label_stats
@@ -51,6 +54,7 @@ class DataGuess:
     binary_threshold: float | None = None
     bands: list[int] | None = None
     nodata: float | None = None
+    reason: str = "as the config says"
 
     @classmethod
     def from_config(cls, d: DataConfig) -> DataGuess:
@@ -86,6 +90,9 @@ class SplitReport:
     total: int = 0
     multi: int = 0
     unlabeled: int = 0
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) of each labelled image
+    present: np.ndarray | None = None  # images holding each class
+    objects: list[list[int]] = field(default_factory=list)  # per class: pixel areas of its connected regions
 
 
 @dataclass
@@ -171,6 +178,83 @@ class Report:
     def class_pixels(self) -> np.ndarray:
         return sum((s.pixels for s in self.splits if s.pixels is not None), np.zeros(len(self.data.classes), np.int64))
 
+    # -- what a plan is made from (the same questions VolumeReport answers) ---------------------------------
+
+    def _training(self) -> list[SplitReport]:
+        return [s for s in self.splits if s.name != "test"] or self.splits
+
+    @property
+    def items(self) -> int:
+        """Labelled 2-D training samples (images) training draws its crops from."""
+        return sum(s.labelled for s in self._training())
+
+    def plane_size(self) -> tuple[float, float]:
+        """Median (height, width) of the labelled images."""
+        sizes = [hw for s in self._training() for hw in s.sizes]
+        return tuple(np.median(sizes, axis=0).tolist()) if sizes else (0.0, 0.0)
+
+    def class_shares(self) -> dict[str, float]:
+        """Share of valid pixels in each class."""
+        valid = max(1, self._sum("valid"))
+        return {c: int(n) / valid for c, n in zip(self.data.classes, self.class_pixels().tolist())}
+
+    def presence(self) -> dict[str, int]:
+        """How many labelled images hold each class."""
+        present = sum((s.present for s in self._training() if s.present is not None), np.zeros(len(self.data.classes)))
+        return {c: int(n) for c, n in zip(self.data.classes, present)}
+
+    def object_sizes(self) -> dict[str, float]:
+        """Each class's typical object: the pixel area of the connected region a random pixel of the class lies
+        in, at the median (an area-weighted median, so specks of a noisy mask do not make a class look small;
+        nan where the class has none)."""
+        return {c: weighted_median([a for s in self._training() if s.objects for a in s.objects[k]])
+                for k, c in enumerate(self.data.classes)}
+
+    def fingerprint_items(self) -> tuple[str, int]:
+        """What presence counts, and how many there are."""
+        return "images", self.items
+
+    def refuse_untrainable(self) -> None:
+        """A DataError naming every pair training could not use: no labelled image at all, masks of another
+        size than their image, unreadable files (volume datasets refuse such cases while being read)."""
+        problems = [f"{s.name}: {item}" for s in self.splits for item in s.size_mismatch + s.unreadable]
+        if problems:
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise DataError(f"{self.root}: {len(problems)} image/mask pair(s) cannot be used:\n  "
+                            + "\n  ".join(problems[:10]) + more + "\nFix: repair or remove them.")
+        if not self.items:
+            orphans = sum(len(s.orphan_masks) for s in self.splits)
+            raise DataError(f"{self.root}: no image has a mask ({sum(s.images for s in self.splits)} images, "
+                            f"{orphans} masks without an image); a mask pairs with the image of the same stem. "
+                            "Fix: put each image's mask, named like it, in masks/.")
+
+    def input_choices(self) -> list[tuple[str, object, str]]:
+        """(key, value, reason) of the input a plan fixes: channels and normalisation, from the image sample."""
+        s = self.images
+        if len(s.bands) != 1:
+            raise DataError(f"{self.root}: the images have different band counts ({s.bands} images of each count). "
+                            "Fix: make them alike, or choose the bands every image has with data.bands.")
+        channels, dtypes = next(iter(s.bands)), sorted(s.dtypes)
+        seen = f"{' and '.join(dtypes)} images, a sample of {s.sampled}"
+        out: list[tuple[str, object, str]] = [("data.channels", channels, f"{channels} band(s) per image ({seen})")]
+        if channels == 3 and dtypes == ["uint8"]:
+            out.append(("data.normalize", "imagenet", "8-bit RGB: ImageNet's mean and std per band (what the "
+                                                       "encoders are built for, and pretrained weights expect)"))
+        else:
+            rng = ", ".join(f"{lo:.4g}..{hi:.4g}" for lo, hi in zip(s.minimum, s.maximum)) if s.mean is not None \
+                else "unknown"
+            out.append(("data.normalize", "dataset", f"not 8-bit RGB ({seen}; values per band {rng}): each band "
+                                                      "clipped to the training pixels' 0.5/99.5 percentiles, then "
+                                                      "their mean and std"))
+        if s.nodata:
+            key, value, why = out[-1]
+            out[-1] = (key, value, why + f"; the files declare nodata {sorted(s.nodata)}: such pixels are left out of "
+                                         "statistics, loss and scores")
+        return out
+
+    def encoding_reason(self) -> str:
+        return self.data.reason
+
     def advice(self) -> tuple[str, str]:
         """(head, why) computed from the overlap and coverage shares."""
         if self.overlap_share > 0:
@@ -210,6 +294,8 @@ class Report:
                                 "size_mismatch": len(s.size_mismatch), "unreadable": len(s.unreadable)}
                        for s in self.splits},
             "head": head, "why": head + ": " + why, "images": self.images.to_dict(), "config": self.config(),
+            "items": self.items, "median_size": list(self.plane_size()), "images_with_class": self.presence(),
+            "typical_object_pixels": self.object_sizes(), "encoding_reason": self.data.reason,
         }
 
     def text(self) -> str:
@@ -248,18 +334,20 @@ def _files(folder: Path) -> list[Path]:
 
 
 def guess_data(root: Path) -> DataGuess:
-    """Mask format and class names from the mask files of the first split."""
+    """Mask format and class names from (a sample of 20) mask files of the first split, with the reason."""
     _, masks_dir = next(iter(split_dirs(root).values()))
     folders = sorted(p.name for p in masks_dir.iterdir() if p.is_dir() and _files(p)) if masks_dir.is_dir() else []
     if folders:
-        return DataGuess("multilabel", folders, guessed=True)
+        return DataGuess("multilabel", folders, guessed=True,
+                         reason=f"{masks_dir} holds one folder of masks per class: {', '.join(folders)}")
     files = _files(masks_dir)
     if not files:
         raise DataError(f"{masks_dir}: no mask files. Fix: put masks (same stem as the images) there.")
-    values: set[int] = set()
+    counts: dict[int, int] = {}
     colours: set[tuple[int, int, int]] = set()
     lossy = False
-    for path in files[:: max(1, len(files) // 20)]:
+    sample = files[:: max(1, len(files) // 20)]
+    for path in sample:
         try:
             px = read_mask_raw(path, as_palette_index=True)
         except DataError:
@@ -268,14 +356,38 @@ def guess_data(root: Path) -> DataGuess:
         if arr.ndim == 3 and not (arr == arr[:, :, :1]).all():
             colours.update(map(tuple, np.unique(arr.reshape(-1, 3), axis=0).tolist()))
         else:
-            values.update(distinct(arr if arr.ndim == 2 else arr[:, :, 0]).tolist())
+            for value, n in _histogram(arr if arr.ndim == 2 else arr[:, :, 0]).items():
+                counts[value] = counts.get(value, 0) + n
+    seen = f"{len(sample)} of {len(files)} mask files read"
     if colours and not lossy:
         ordered = sorted(colours)
-        return DataGuess("color", [f"color_{r}_{g}_{b}" for r, g, b in ordered], colors=ordered, guessed=True)
-    if lossy or len(values - {0}) <= 1 or max(values) > 255:
+        return DataGuess("color", [f"color_{r}_{g}_{b}" for r, g, b in ordered], colors=ordered, guessed=True,
+                         reason=f"RGB masks with {len(ordered)} distinct colours ({seen}); one class per colour")
+    values = sorted(counts)
+    if lossy:
         return DataGuess("binary", ["fg"], guessed=True,
-                         foreground_value="nonzero" if len(values - {0}) > 1 and not lossy else None)
-    return DataGuess("index", [f"class_{i}" for i in range(int(max(values)) + 1)], guessed=True)
+                         reason=f"lossy (JPEG) masks ({seen}): foreground is above the middle of the value range")
+    if len(values) <= 2 and values and max(values) > 0:
+        other = max(values)
+        share = counts[other] / sum(counts.values())
+        if share > 0.5 and 0 in counts:
+            return DataGuess("binary", ["fg"], guessed=True, foreground_value=0,
+                             reason=f"binary masks of 0 and {other}, and {other} covers {share:.1%} of the pixels "
+                                    f"({seen}): the minority value 0 is taken as the foreground (if {other} is "
+                                    f"the object, set data.foreground_value: {other})")
+        return DataGuess("binary", ["fg"], guessed=True,
+                         reason=f"binary masks of 0 and {other} ({seen}); {other} ({share:.1%} of the pixels, the "
+                                "minority) is the foreground")
+    if max(values, default=0) > 255:
+        return DataGuess("binary", ["fg"], guessed=True, foreground_value="nonzero",
+                         reason=f"{len(values)} values up to {max(values)} ({seen}): instance IDs, so any value but "
+                                "0 is foreground")
+    top = int(max(values, default=0))
+    return DataGuess("index", ["background", *(f"class_{i}" for i in range(1, top + 1))], guessed=True,
+                     reason=f"grey masks holding the values {values[:12]}{' ...' if len(values) > 12 else ''} "
+                            f"({seen}): class index masks, 0 = background; name the classes in data.classes "
+                            "(value order), and declare an ignore value (e.g. data.ignore_index: 255) if one "
+                            "marks unlabelled pixels")
 
 
 def _inspect_one(sample: Sample, fmt: MaskFormat, background: int | None,
@@ -292,11 +404,28 @@ def _inspect_one(sample: Sample, fmt: MaskFormat, background: int | None,
         out["mismatch"] = f"{where} {labels.shape[1]}x{labels.shape[0]} vs image {iw}x{ih}"
     stats = label_stats(labels, valid)
     fg = np.delete(stats.pixels, background) if background is not None else stats.pixels
-    out["stats"], out["empty"] = stats, int(fg.sum()) == 0
+    out["stats"], out["empty"], out["size"] = stats, int(fg.sum()) == 0, labels.shape[:2]
+    out["objects"] = [object_areas(labels[:, :, k] & valid) for k in range(labels.shape[2])]
     return out
 
 
-def inspect(root: str | Path, data: DataGuess | None = None, threads: int = 4) -> Report:
+def weighted_median(areas: Sequence[float]) -> float:
+    """The area at which half of all the areas' pixels lie in smaller regions (nan for none)."""
+    if not len(areas):
+        return math.nan
+    ordered = np.sort(np.asarray(areas, np.float64))
+    return float(ordered[np.searchsorted(np.cumsum(ordered), ordered.sum() / 2)])
+
+
+def object_areas(layer: np.ndarray) -> list[int]:
+    """Pixel areas of the 8-connected regions of a 0/1 layer: how big the things to find are. (SciPy, not
+    OpenCV: OpenCV's parallel labelling starts its thread pool, which loader workers forked later inherit
+    locked.)"""
+    regions, n = ndimage.label(layer, structure=np.ones((3, 3), bool))
+    return np.bincount(regions.ravel(), minlength=n + 1)[1:].tolist()
+
+
+def inspect(root: str | Path, data: DataGuess | None = None, threads: int = 4, progress: bool = False) -> Report:
     """Read every mask under `root` (all splits) and report on it; nothing is written."""
     root = Path(root)
     data = data or guess_data(root)
@@ -309,8 +438,11 @@ def inspect(root: str | Path, data: DataGuess | None = None, threads: int = 4) -
         s.labelled = len(pairing.samples)
         s.without_mask, s.orphan_masks = pairing.unlabeled, pairing.orphan_masks
         s.pixels = np.zeros(len(data.classes), np.int64)
+        s.present = np.zeros(len(data.classes), np.int64)
+        s.objects = [[] for _ in data.classes]
         with ThreadPoolExecutor(threads) as pool:
-            for r in pool.map(lambda smp: _inspect_one(smp, fmt, data.background, data.bands), pairing.samples):
+            for r in tqdm(pool.map(lambda smp: _inspect_one(smp, fmt, data.background, data.bands), pairing.samples),
+                          total=len(pairing.samples), desc=f"reading {name}", disable=not progress, leave=False):
                 if "error" in r:
                     s.unreadable.append(r["error"])
                     continue
@@ -319,6 +451,10 @@ def inspect(root: str | Path, data: DataGuess | None = None, threads: int = 4) -
                 if r["empty"]:
                     s.empty.append(r["sample"].image.name)
                 st = r["stats"]
+                s.sizes.append(r["size"])
+                s.present += st.pixels > 0
+                for areas, found in zip(s.objects, r["objects"]):
+                    areas += found
                 s.pixels += st.pixels
                 s.valid += st.valid
                 s.total += st.total
@@ -329,12 +465,13 @@ def inspect(root: str | Path, data: DataGuess | None = None, threads: int = 4) -
     return Report(root, data, splits, summarize_images(images, data.bands, data.nodata))
 
 
-def inspect_data(root: str | Path, data: DataConfig | None = None) -> Report | VolumeReport:
+def inspect_data(root: str | Path, data: DataConfig | None = None, progress: bool = False) -> Report | VolumeReport:
     """`inspect` for images, `inspect_volumes` for a volume dataset; `data` (a config's data section) says how
     to read masks, or, for volumes, selects or renames classes."""
     if is_volume_root(Path(root)):
-        return inspect_volumes(root, data.classes if data else None, data.ignore_index if data else None)
-    return inspect(root, DataGuess.from_config(data) if data else None)
+        return inspect_volumes(root, data.classes if data else None, data.ignore_index if data else None,
+                               progress=progress)
+    return inspect(root, DataGuess.from_config(data) if data else None, progress=progress)
 
 
 TRAINING_SPLITS = ("train", "val")
@@ -357,6 +494,7 @@ class CaseStats:
     total: np.ndarray
     squares: np.ndarray
     histogram: dict[int, int]
+    slices: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # value -> slices holding it, per axis
 
     @property
     def voxels(self) -> int:
@@ -390,9 +528,20 @@ def _case_stats(ds: VolumeDataset, split: str, case: VolumeCase, check: bool) ->
         block = flat[start:start + CHUNK].astype(np.float64)
         total += block.sum(0)
         squares += np.square(block).sum(0)
+    histogram = _histogram(label)
     return CaseStats(case.name, split, volume.shape, volume.spacing, str(data.dtype),
                      flat.min(0).astype(np.float64), flat.max(0).astype(np.float64), total, squares,
-                     _histogram(label))
+                     histogram, _slices_holding(label, [v for v in histogram if v != 0]))
+
+
+def _slices_holding(label: np.ndarray, values: Sequence[int]) -> dict[int, tuple[int, int, int]]:
+    """For each label value, how many slices along each axis hold it (its count over these is the mean
+    area of its cross-sections: the object size a 2-D network sees)."""
+    out = {}
+    for v in values:
+        hit = label == v
+        out[v] = tuple(int(hit.any(axis=tuple(b for b in range(3) if b != a)).sum()) for a in range(3))
+    return out
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
@@ -453,6 +602,71 @@ class VolumeReport:
     def unlabeled_share(self) -> float:
         """Share of valid voxels in no class (outside every region, or a class left out)."""
         return self._count(lambda k: k == 0) / max(1, self.valid)
+
+    # -- what a plan is made from (the same questions Report answers) -----------------------------------
+
+    @property
+    def items(self) -> int:
+        """2-D training samples: the slices of the cases along the slice axis."""
+        return sum(c.shape[self.slice_axis] for c in self.cases)
+
+    def plane_size(self) -> tuple[float, float]:
+        """Median (height, width) of the slices."""
+        plane = [a for a in range(3) if a != self.slice_axis]
+        return tuple(float(np.median([c.shape[a] for c in self.cases])) for a in plane)
+
+    def class_shares(self) -> dict[str, float]:
+        valid = max(1, self.valid)
+        return {k: n / valid for k, n in self.class_voxels().items()}
+
+    def presence(self) -> dict[str, int]:
+        return self.cases_with()
+
+    def object_sizes(self) -> dict[str, float]:
+        """Median over cases of the mean area of a class's cross-sections in the slices that hold it."""
+        axis, out = self.slice_axis, {}
+        for name, values in self.dataset.class_values.items():
+            areas = []
+            for c in self.cases:
+                count = sum(c.histogram.get(v, 0) for v in values)
+                held = max((c.slices.get(v, (0, 0, 0))[axis] for v in values), default=0)
+                if count and held:
+                    areas.append(count / held)
+            out[name] = float(np.median(areas)) if areas else math.nan
+        return out
+
+    def fingerprint_items(self) -> tuple[str, int]:
+        return "cases", len(self.cases)
+
+    def refuse_untrainable(self) -> None:
+        """Nothing left to refuse: `inspect_volumes` refused broken and missing cases while reading them."""
+
+    def input_choices(self) -> list[tuple[str, object, str]]:
+        """(key, value, reason) of the input a plan fixes: normalisation per channel and the slice axis."""
+        from segkit.data.normalize import schemes_for
+
+        names = list(self.dataset.channel_names)
+        schemes = schemes_for("auto", names)
+        why = {"ct": "CT: Hounsfield units are absolute, so one transform for all cases (clip to the training "
+                     "foreground's 0.5/99.5 percentiles, then its mean and std; nnU-Net's CT scheme)",
+               "zscore": "no absolute scale (MRI and most modalities): z-score per case over its body"}
+        spacing = ", ".join(f"{v:.3g}" for v in self.median_spacing)
+        plane = [a for a in range(3) if a != self.slice_axis]
+        inplane = " x ".join(f"{self.median_spacing[a]:.3g}" for a in plane)
+        return [("data.normalize", schemes, "; ".join(f"{n} -> {sch}: {why[sch]}" for n, sch in zip(names, schemes))),
+                ("data.slice_axis", self.slice_axis,
+                 f"median spacing ({spacing}) mm, anisotropy {self.anisotropy:.3g}: slices along axis "
+                 f"{self.slice_axis} (the coarsest; on the closest RAS axes), {self.items} training slices of median "
+                 f"{' x '.join(f'{v:g}' for v in self.plane_size())} voxels at {inplane} mm in-plane (not resampled: "
+                 "a case more than 2x from it is named at prediction)")]
+
+    def encoding_reason(self) -> str:
+        ds = self.dataset
+        if self.guessed:
+            return (f"no dataset.json: label value = class index, values {sorted({v for c in self.cases for v in c.histogram})} "
+                    "found; name the classes in data.classes (value order)")
+        kind = "regions (nnU-Net: a class is a set of label values)" if ds.multilabel else "labels"
+        return f"{ds.layout} layout; dataset.json names the {kind}: {', '.join(ds.classes)}"
 
     # -- geometry and images ------------------------------------------------------------------------------
 
@@ -550,6 +764,7 @@ class VolumeReport:
             "per_case": [{"case": c.name, "split": c.split, "shape": list(c.shape), "spacing": list(c.spacing),
                           "dtype": c.dtype} for c in self.cases],
             "head": head, "why": head + ": " + why, "config": self.config(),
+            "items": self.items, "median_size": list(self.plane_size()), "typical_object_pixels": self.object_sizes(),
         }
 
     def text(self) -> str:
@@ -601,11 +816,12 @@ class VolumeReport:
         return "\n".join(lines)
 
 
-def _read_cases(ds: VolumeDataset, check: bool, threads: int) -> list[CaseStats]:
+def _read_cases(ds: VolumeDataset, check: bool, threads: int, progress: bool = False) -> list[CaseStats]:
     """Statistics of every training case; all broken cases refused together, each named."""
     work = [(split, case) for split in TRAINING_SPLITS if split in ds.splits for case in ds.cases(split)]
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        results = list(pool.map(lambda item: _case_stats(ds, item[0], item[1], check), work))
+        results = list(tqdm(pool.map(lambda item: _case_stats(ds, item[0], item[1], check), work), total=len(work),
+                            desc="reading cases", disable=not progress, leave=False))
     errors = [r for r in results if isinstance(r, str)]
     if errors:
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
@@ -614,14 +830,14 @@ def _read_cases(ds: VolumeDataset, check: bool, threads: int) -> list[CaseStats]
 
 
 def inspect_volumes(root: str | Path, classes: Sequence[str] | None = None, ignore_index: int | None = None,
-                    threads: int = 2) -> VolumeReport:
+                    threads: int = 2, progress: bool = False) -> VolumeReport:
     """Read every training case under `root` and report on it; nothing is written. `classes` and
     `ignore_index` are a config's data.classes and data.ignore_index (select or rename; needed to name
     the classes of a segkit-layout dataset)."""
     root = Path(root)
     guessed = classes is None and not (root / "dataset.json").is_file()
     ds = VolumeDataset.from_root(root, ["background"] if guessed else classes, ignore_index)
-    cases = _read_cases(ds, check=not guessed, threads=threads)
+    cases = _read_cases(ds, check=not guessed, threads=threads, progress=progress)
     if not cases:
         raise DataError(f"{root}: no labelled training cases. Fix: add images with their labels (nnU-Net: imagesTr/ "
                         "and labelsTr/; segkit layout: train/images and train/masks).")

@@ -1,0 +1,76 @@
+"""Zero-config training (`segkit train ROOT --budget B`) against the hand-written configs in configs/ at the
+same wall time (the config run gets `train.time_limit` = B).
+
+Both runs hold back the same validation images (val_fraction 0.2, split seed 0); each best/ is scored on them
+with `segkit evaluate --split val --exclude-background` (mean Dice over the classes that are not background,
+so a 1-class sigmoid config and a 2-class softmax plan are compared on the same thing). Reported: both
+scores, both wall times, and the plan's time against its budget (goal: within +-10 %).
+
+    python -m benchmarks.plan_vs_config                        # embedded data/nuclei, configs/nuclei-sigmoid.yaml
+    python -m benchmarks.plan_vs_config --budget 5m \\
+        --pair DATASETS/isbi2012-membrane:configs/isbi2012-membrane.yaml \\
+        --pair DATASETS/isic2018-multilabel-mini:configs/isic2018-multilabel-mini.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import ROOT, write_result
+from segkit.plan import parse_budget
+
+
+def _run(cmd: list[str]) -> float:
+    began = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return time.perf_counter() - began
+
+
+def _score(run_dir: Path, root: Path, out: Path) -> float:
+    scores = out / f"{run_dir.name}.scores.json"
+    classes = json.loads((run_dir / "best" / "model.json").read_text())["classes"]
+    background = ["--exclude-background"] if "background" in [c.lower() for c in classes] else []
+    _run([sys.executable, "-m", "cli", "evaluate", str(run_dir / "best"), str(root), "--split", "val",
+          *background, "--json", str(scores), "--device", "cpu", "--no-progress"])
+    return float(json.loads(scores.read_text())["mean"]["dice"])
+
+
+def compare(root: Path, config: Path, budget: str, out: Path) -> dict:
+    seconds = parse_budget(budget)
+    plan_dir, hand_dir = out / f"{root.name}-plan", out / f"{root.name}-config"
+    for d in (plan_dir, hand_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    plan_s = _run([sys.executable, "-m", "cli", "train", str(root), "--budget", budget, "--out", str(plan_dir),
+                   "--device", "cpu", "--no-progress"])
+    hand_s = _run([sys.executable, "-m", "cli", "train", str(config), "--out", str(hand_dir), "--device", "cpu",
+                   "--no-progress", "--set", f"data.root={root}", "--set", f"train.time_limit={seconds}"])
+    planned = json.loads((plan_dir / "best" / "model.json").read_text())["plan"]
+    return {"root": str(root), "config": str(config), "budget_s": seconds,
+            "plan": {"seconds": round(plan_s, 1), "vs_budget": round(plan_s / seconds - 1, 4),
+                     "predicted_s": round(planned["predicted_s"], 1), "val_fg_dice": _score(plan_dir, root, out)},
+            "config_run": {"seconds": round(hand_s, 1), "val_fg_dice": _score(hand_dir, root, out)}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", default="3m")
+    p.add_argument("--pair", action="append", help="ROOT:CONFIG (repeatable)")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
+    a = p.parse_args()
+    pairs = a.pair or [f"{ROOT / 'data' / 'nuclei'}:{ROOT / 'configs' / 'nuclei-sigmoid.yaml'}"]
+    rows = [compare(Path(root), Path(config), a.budget, a.out / "plan_vs_config")
+            for root, config in (pair.rsplit(":", 1) for pair in pairs)]
+    write_result(a.out, "plan_vs_config", {"benchmark": "zero-config plan vs hand-written config, same wall time",
+                                           "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""`segkit plan ROOT`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.app import STARTED, app
+
+
+@app.command()
+def plan(
+    root: Annotated[Path, typer.Argument(help="Dataset folder (any layout `segkit inspect` reads).")],
+    budget: Annotated[str | None, typer.Option(help="Training time, e.g. 30m, 1h, 600 (seconds); without it, "
+                                                    "training runs until validation stops improving.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda: the device to measure and plan for.")] = "auto",
+    out: Annotated[Path, typer.Option(help="The plan (a segkit config with its reasons); the fingerprint is "
+                                           "written beside it as <name>.fingerprint.json.")] = Path("plan.yaml"),
+    progress: Annotated[bool, typer.Option(help="Show a progress bar while reading the data.")] = True,
+) -> None:
+    """Read the data once, measure training on the device, and write a complete config whose every choice
+    carries its reason; `segkit train plan.yaml` trains it."""
+    from segkit.data.io import write_bytes
+    from segkit.errors import SegkitError
+    from segkit.plan import make_plan, parse_budget
+
+    seconds = parse_budget(budget) if budget is not None else None
+    if out.exists() and out.is_dir():
+        raise SegkitError(f"--out {out}: a folder. Fix: give a file name, e.g. --out {out / 'plan.yaml'}.")
+    made = make_plan(root, seconds, device, progress=progress, started=STARTED)
+    files = made.files()
+    write_bytes(out, files["plan.yaml"])
+    write_bytes(out.with_suffix(".fingerprint.json"), files["fingerprint.json"])
+    typer.echo(made.table())
+    typer.echo(f"\nplan:        {out}\nfingerprint: {out.with_suffix('.fingerprint.json')}\n"
+               f"train it:    segkit train {out}")

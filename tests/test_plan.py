@@ -1,0 +1,202 @@
+"""The planner (`segkit plan`, `segkit train ROOT`): each decision and its reason, on real embedded data and
+datasets derived from it (tests/samples.py says how), the budget arithmetic, and the errors of a folder that
+cannot be planned."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+import samples
+from conftest import assert_refused, copy_nuclei
+from geodata import make_geo_dataset
+from segkit.config import parse_config
+from segkit.errors import ConfigError
+from segkit.plan import make_plan, parse_budget
+
+
+def _plan(root, **kw):
+    return make_plan(root, device="cpu", measure=False, **kw)
+
+
+def _reason(plan, key: str) -> str:
+    return next(c.reason for c in plan.choices if c.key == key)
+
+
+def test_nuclei_binary_sigmoid_imagenet_and_dice_for_the_minority_foreground():
+    plan = _plan(samples.NUCLEI)
+    assert (plan.get("data.mask"), plan.get("data.classes"), plan.get("model.head")) == ("binary", ["fg"], "sigmoid")
+    assert "0 and 255" in _reason(plan, "data.mask")
+    assert plan.get("data.normalize") == "imagenet" and plan.get("data.channels") == 3
+    # nuclei cover 15.6 % of the pixels: counted here independently of the planner
+    masks = [np.asarray(Image.open(p)) for p in sorted((samples.NUCLEI / "train" / "masks").glob("*.png"))]
+    masks += [np.asarray(Image.open(p)) for p in sorted((samples.NUCLEI / "test" / "masks").glob("*.png"))]
+    share = sum(int((m > 0).sum()) for m in masks) / sum(m.size for m in masks)
+    assert plan.get("train.loss") == "bce+dice"
+    assert f"{share:.2%}" in _reason(plan, "train.loss")
+    assert plan.get("train.crop") == 256 and "256 x 256" in _reason(plan, "train.crop")
+    plan.config()  # a valid config
+
+
+def test_foreground_stored_as_zero_is_found_by_the_majority_and_said(tmp_path):
+    root = samples.inverted_nuclei(tmp_path / "inv", sorted(p.stem for p in (samples.NUCLEI / "train" / "images")
+                                                             .glob("*.png"))[:6])
+    plan = _plan(root)
+    assert plan.get("data.foreground_value") == 0
+    assert "minority value 0 is taken as the foreground" in _reason(plan, "data.foreground_value")
+
+
+def test_overlapping_labels_need_sigmoid(tmp_path):
+    root = samples.hippo_multilabel(tmp_path / "ml", cases=samples.HIPPO_CASES[:2], every=3)
+    plan = _plan(root)
+    assert plan.get("data.mask") == "multilabel" and plan.get("data.classes") == ["hippocampus", "posterior"]
+    assert plan.get("model.head") == "sigmoid" and "more than one label" in _reason(plan, "model.head")
+    assert plan.get("model.thresholds") == 0.5 and plan.get("train.loss").startswith("bce")
+
+
+def test_index_masks_are_named_by_value_and_rare_classes_get_dice(tmp_path):
+    root = samples.hippo_slices(tmp_path / "idx", cases=samples.HIPPO_CASES[:2], every=2)
+    plan = _plan(root)
+    assert plan.get("data.mask") == "index"
+    assert plan.get("data.classes") == ["background", "class_1", "class_2"]
+    assert "name the classes in data.classes" in _reason(plan, "data.classes")
+    assert plan.get("model.head") == "softmax" and plan.get("train.loss") == "ce+dice"
+    assert plan.get("train.crop") == 64  # slices of ~35 x 50 pixels fit one crop of 64
+
+
+def test_colour_masks_give_one_class_per_colour(tmp_path):
+    colours = {0: (0, 0, 0), 1: (255, 0, 0), 2: (0, 0, 255)}
+    for stem, (image, labels) in list(samples.hippo_slice_arrays(samples.HIPPO_CASES[:1], every=4).items()):
+        (tmp_path / "c" / "images").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "c" / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "c" / "images" / f"{stem}.png")
+        Image.fromarray(np.array([colours[v] for v in range(3)], np.uint8)[labels]).save(
+            tmp_path / "c" / "masks" / f"{stem}.png")
+    plan = _plan(tmp_path / "c")
+    assert plan.get("data.mask") == "color"
+    assert plan.get("data.colors") == [list(c) for c in sorted(colours.values())]
+
+
+def test_geotiff_chips_take_their_bands_and_dataset_statistics(tmp_path):
+    root = make_geo_dataset(tmp_path / "geo", bands=4, splits={"train": 6, "test": 3})
+    plan = _plan(root)
+    assert plan.get("data.channels") == 4 and plan.get("data.normalize") == "dataset"
+    assert "uint16" in _reason(plan, "data.normalize")
+    assert "nodata [0.0]" in _reason(plan, "data.normalize")
+    plan.config()
+
+
+def test_volume_labels_are_softmax_with_dice_and_a_stated_slice_axis():
+    plan = _plan(samples.HIPPO)
+    assert plan.get("model.head") == "softmax" and plan.get("train.loss") == "ce+dice"
+    assert plan.get("data.normalize") == ["zscore"] and "MRI -> zscore" in _reason(plan, "data.normalize")
+    assert plan.get("data.slice_axis") in (0, 1, 2) and "slices along axis" in _reason(plan, "data.slice_axis")
+    assert "data.classes" not in [c.key for c in plan.choices]  # dataset.json names them
+    plan.config()
+
+
+def test_regions_need_sigmoid(tmp_path):
+    plan = _plan(samples.hippo_regions(tmp_path / "regions"))
+    assert plan.get("model.head") == "sigmoid" and "regions" in _reason(plan, "model.head")
+
+
+def test_the_yaml_is_the_config_with_every_reason_above_its_key():
+    plan = _plan(samples.NUCLEI)
+    text = plan.yaml()
+    raw = yaml.safe_load(text)
+    assert parse_config(raw).model_dump() == plan.config().model_dump()
+    lines = text.splitlines()
+    for c in plan.choices:
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"  {c.key.split('.', 1)[1]}:"))
+        assert lines[at - 1].startswith("  # "), c.key
+
+
+def test_edited_keys_are_named_in_the_plan_record():
+    raw = _plan(samples.NUCLEI).raw()
+    raw["train"]["crop"] = 128
+    meta = parse_config(raw).plan_meta()
+    assert meta["edited"] == ["train.crop"] and "train.crop" in meta["reasons"]
+
+
+@pytest.mark.parametrize("text, seconds", [("30m", 1800), ("1h", 3600), ("1h30m", 5400), ("90s", 90), ("600", 600),
+                                           ("2.5m", 150)])
+def test_budgets(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "10x", "0", "-5m"])
+def test_bad_budgets_are_refused(text):
+    with pytest.raises(ConfigError, match="--budget"):
+        parse_budget(text)
+
+
+def test_a_measured_plan_fits_its_budget(tmp_path):
+    """The schedule's arithmetic on measured costs: the predicted time is the budget's (within the rounding of
+    steps into epochs), and the training time limit is the budget less the planning."""
+    root = samples.hippo_slices(tmp_path / "idx", cases=samples.HIPPO_CASES[:3], every=2)
+    plan = make_plan(root, budget_s=120, device="cpu")
+    per_epoch, epochs = plan.get("train.steps_per_epoch"), plan.get("train.epochs")
+    assert epochs >= 1 and per_epoch >= 1 and plan.get("train.batch_size") >= 2
+    assert plan.predicted_s == pytest.approx(120, rel=0.05)
+    assert 0 < plan.get("train.time_limit") < 120
+    assert "s a step" in _reason(plan, "train.steps_per_epoch")
+    assert "MiB a step" in _reason(plan, "train.batch_size")
+    assert json.loads(plan.files()["fingerprint.json"])["items"] > 0
+
+
+def test_no_budget_trains_to_a_plateau_with_a_cap(tmp_path):
+    root = samples.hippo_slices(tmp_path / "idx", cases=samples.HIPPO_CASES[:2], every=3)
+    plan = make_plan(root, device="cpu")
+    assert plan.get("train.early_stop_patience") >= 1
+    assert plan.get("train.epochs") * plan.get("train.steps_per_epoch") > 0
+    assert "train.time_limit" not in [c.key for c in plan.choices]
+
+
+def test_a_folder_that_is_no_dataset_is_refused(cli, tmp_path):
+    (tmp_path / "holiday").mkdir()
+    assert_refused(cli("train", tmp_path / "holiday", "--budget", "1m", "--out", tmp_path / "run", "--no-progress"), tmp_path / "run",
+                   "no images/ folder")
+
+
+def test_a_dataset_without_masks_is_refused(cli, tmp_path):
+    root = copy_nuclei(tmp_path / "d", 4)
+    for mask in (root / "train" / "masks").iterdir():
+        mask.unlink()
+    assert_refused(cli("plan", root, "--out", tmp_path / "out" / "plan.yaml", "--no-progress"), tmp_path / "out", "no mask files")
+
+
+def test_pairs_that_do_not_match_are_refused(cli, tmp_path):
+    root = copy_nuclei(tmp_path / "d", 4)
+    for mask in (root / "train" / "masks").iterdir():
+        mask.rename(mask.with_name("other_" + mask.name))
+    assert_refused(cli("plan", root, "--out", tmp_path / "out" / "plan.yaml", "--no-progress"), tmp_path / "out",
+                   "no image has a mask")
+
+
+def test_a_budget_with_a_config_file_is_refused(cli, tmp_path):
+    result = cli("train", samples.ROOT / "configs" / "nuclei-softmax.yaml", "--budget", "1m", "--out",
+                 tmp_path / "run")
+    assert_refused(result, tmp_path / "run", "--budget plans a dataset folder")
+
+
+@pytest.mark.slow
+def test_train_a_folder_keeps_the_plan_and_its_reasons_in_model_json(cli, tmp_path):
+    root = samples.hippo_slices(tmp_path / "idx", cases=samples.HIPPO_CASES[:2], every=2)
+    out = tmp_path / "run"
+    result = cli("train", root, "--budget", "45s", "--out", out, "--no-progress")
+    assert result.code == 0, result.err
+    assert {"plan.yaml", "fingerprint.json", "config.yaml"} <= {p.name for p in out.iterdir()}
+    meta = json.loads((out / "best" / "model.json").read_text())
+    assert meta["plan"]["edited"] == [] and meta["plan"]["reasons"]["model.head"].startswith("every pixel")
+    assert "of the 45 s budget" in result.out
+    again = cli("train", out / "plan.yaml", "--out", tmp_path / "again", "--set", "train.lr=0.002", "--epochs", "1",
+                "--no-progress")
+    assert again.code == 0, again.err
+    edited = json.loads((tmp_path / "again" / "best" / "model.json").read_text())["plan"]["edited"]
+    assert edited == ["train.epochs", "train.lr"]
+    assert not math.isnan(meta["val"]["mean_dice"])
