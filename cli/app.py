@@ -19,8 +19,12 @@ app = typer.Typer(
 )
 
 
-STARTED = time.perf_counter()
-"""When this command began (a time budget counts from here)."""
+_started = time.perf_counter()
+
+
+def started() -> float:
+    """When this command began (`main` sets it; a time budget counts from here)."""
+    return _started
 
 
 def _register() -> None:
@@ -99,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     """
     from segkit import distributed
 
+    global _started
+    _started = time.perf_counter()
     setup_logging()
     _register()
     args = list(sys.argv[1:] if argv is None else argv)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.app import STARTED, app
+from cli.app import app, started
 
 
 @app.command()
@@ -29,7 +29,7 @@ def plan(
     seconds = parse_budget(budget) if budget is not None else None
     if out.exists() and out.is_dir():
         raise SegkitError(f"--out {out}: a folder. Fix: give a file name, e.g. --out {out / 'plan.yaml'}.")
-    made = make_plan(root, seconds, device, progress=progress, started=STARTED)
+    made = make_plan(root, seconds, device, progress=progress, started=started())
     files = made.files()
     write_bytes(out, files["plan.yaml"])
     write_bytes(out.with_suffix(".fingerprint.json"), files["fingerprint.json"])

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cli.app import STARTED, app
+from cli.app import app, started
 
 
 def resume_command(config: Path, out: Path, epochs: int | None, device: str | None, overrides: list[str],
@@ -84,7 +84,7 @@ def train(
         typer.echo(f"{result.stopped} after {result.epochs_run} epochs; best validation mean Dice "
                    f"{result.best_dice:.4f} at epoch {result.best_epoch}; {result.images_per_s:.1f} train images/s")
         if cfg.plan is not None and cfg.plan.budget_s:
-            spent = time.perf_counter() - STARTED
+            spent = time.perf_counter() - started()
             typer.echo(f"time:       {spent:.0f} s of the {cfg.plan.budget_s:.0f} s budget "
                        f"({spent / cfg.plan.budget_s - 1:+.1%}); the plan predicted {cfg.plan.predicted_s:.0f} s")
         typer.echo(f"checkpoint: {result.run_dir / 'best'}")
@@ -106,7 +106,7 @@ def _planned(root: Path, budget: str | None, device: str | None, overrides: list
     if resume:
         return load_config(folder / "plan.yaml", overrides), {}
     made = make_plan(root, parse_budget(budget) if budget is not None else None, device or "auto",
-                     progress=progress, started=STARTED)
+                     progress=progress, started=started())
     typer.echo(made.table() + "\n", err=True)
     raw = made.raw()
     for assignment in overrides:
