@@ -307,9 +307,10 @@ def _size(plan: Plan, report: Report | VolumeReport, dev, largest: int, largest_
             break  # a batch found, or the data bounds it (which a faster encoder does not change)
     encoder, crop, batch, bound, seconds, measured = tried[-1]
     short = [f"{e} at crop {c}: batch {n} ({why})" for e, c, n, why, _, _ in tried[:-1]]
+    found = f"the first of resnet34 and resnet18 (at crops {crops}) where a batch of {BN_BATCH} fits" \
+        if batch >= BN_BATCH else f"the faster: neither gave a batch of {BN_BATCH} (at crops {crops})"
     plan.choices.append(Choice("model.encoder", encoder, (
-        f"{encoder}, the first of resnet34 and resnet18 (at crops {crops}) where a batch of {BN_BATCH} fits; "
-        f"too small before: {'; '.join(short)}" if short and encoder != "resnet34" else
+        f"{encoder}, {found}; too small before: {'; '.join(short)}" if short and encoder != "resnet34" else
         f"resnet34, segkit's default ({measured})")))
     plan.choices.append(Choice("train.crop", crop, largest_why if crop == largest else (
         f"{crop}: {largest_why.split(':')[0]}, but at {largest} only batches under {BN_BATCH} fit "
