@@ -146,18 +146,14 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     plan: PlanRecord | None = None
 
-    def value(self, key: str) -> Any:
-        """The value of a dotted key (`train.batch_size`), as the YAML holds it."""
-        node: Any = self.model_dump(mode="json")
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        return node
-
     def plan_meta(self) -> dict | None:
-        """model.json's `plan`: the planner's reasons, and which planned keys this config changed."""
+        """model.json's `plan`: the planner's reasons, and which planned keys (`train.batch_size`) this config
+        changed, compared as the YAML holds them."""
         if self.plan is None:
             return None
-        edited = sorted(k for k, v in self.plan.planned.items() if self.value(k) != v)
+        now = self.model_dump(mode="json")
+        edited = sorted(k for k, v in self.plan.planned.items()
+                        if now.get(k.partition(".")[0], {}).get(k.partition(".")[2]) != v)
         return {**self.plan.model_dump(mode="json"), "edited": edited}
 
     def split_seed(self) -> int:

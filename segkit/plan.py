@@ -109,7 +109,7 @@ class Plan:
     def yaml(self) -> str:
         """plan.yaml: a segkit config whose every key has its reason above it, then the record training keeps."""
         lines = [f"# segkit plan of {self.root} on {self.device}"
-                 + (f", budget {self.budget_s:.0f} s, predicted {self.predicted_s:.0f} s" if self.budget_s else ""),
+                 + (f", budget {self.budget_s:.0f} s, predicted {self.predicted_s or 0:.0f} s" if self.budget_s else ""),
                  "# Edit any value and train it with `segkit train plan.yaml`; model.json names the keys you changed."]
         lines += [f"# {note}" for note in self.notes]
         section = None
@@ -219,7 +219,8 @@ def _data_choices(report: Report | VolumeReport) -> list[Choice]:
 def _model_choices(report: Report | VolumeReport) -> list[Choice]:
     head, why = report.advice()
     shares = report.class_shares()
-    fg = [c for i, c in enumerate(shares) if i in foreground_classes(list(shares))] or list(shares)
+    names = list(shares)
+    fg = [names[i] for i in foreground_classes(names)] or names
     rarest = min(fg, key=lambda c: shares[c])
     base = "ce" if head == "softmax" else "bce"
     loss = f"{base}+dice" if shares[rarest] < RARE else base
@@ -250,10 +251,10 @@ def _crop(report: Report | VolumeReport, kind: str) -> tuple[int, str]:
 
 def _oversampling(report: Report | VolumeReport, crop: int) -> list[Choice]:
     sizes, present, items = report.object_sizes(), report.presence(), report.fingerprint_items()
-    fg = foreground_classes(list(sizes))
-    small = [(c, sizes[c]) for i, c in enumerate(sizes) if i in fg and sizes[c] == sizes[c]
-             and sizes[c] < SMALL * crop * crop]
-    scarce = [(c, present[c]) for i, c in enumerate(present) if i in fg and present[c] < items[1] / 2]
+    names = list(sizes)
+    fg = [names[i] for i in foreground_classes(names)]
+    small = [(c, sizes[c]) for c in fg if sizes[c] < SMALL * crop * crop]  # nan (no object) compares False
+    scarce = [(c, present[c]) for c in fg if present[c] < items[1] / 2]
     if not (small or scarce):
         return [Choice("train.foreground_oversample", 0.0,
                        f"every foreground class is in at least half of the {items[0]} and its typical object covers "
@@ -362,4 +363,4 @@ def _schedule(plan: Plan, dev, started: float) -> None:
                                             f"{MAX_VALIDATIONS}); best/ is the best of them"),
         Choice("train.val_every", 1, "every epoch"),
         Choice("train.time_limit", round(plan.budget_s - spent, 1),
-               f"the budget less planning: training stops after the epoch past which the next would overrun")]
+               "the budget less planning: training stops after the epoch past which the next would overrun")]

@@ -5,7 +5,6 @@ steps to a time budget."""
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,9 +17,6 @@ from segkit.config import Config
 from segkit.data.dataset import SegmentationDataset
 from segkit.heads import Head
 from segkit.model import build_model
-
-log = logging.getLogger("segkit")
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":

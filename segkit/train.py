@@ -50,7 +50,6 @@ class TrainResult:
     best_dice: float
     images_per_s: float
     stopped: str  # "completed", "early stop", "time limit"
-    seconds: float = 0.0  # wall time of train(), from its start to its end
 
 
 def lr_lambda(total_steps: int, warmup: int):
@@ -290,7 +289,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
             images = steps_run * run.batch * dist.world_size()
             images_seen, train_seconds = images_seen + images, train_seconds + seconds
             ending = time.perf_counter()  # out of time: the next epoch and its end would finish past the limit
-            out_of_time = bool(t.time_limit and ending - started + seconds + 2 * tail > t.time_limit)
+            out_of_time = bool(t.time_limit) and _agreed(ending - started + seconds + 2 * tail > t.time_limit,
+                                                         run.device)
             early, stopping = _end_epoch(run, model, p, epoch, seconds, images, signals, saver, board, out_of_time)
             tail = time.perf_counter() - ending
             if stopping:
@@ -317,8 +317,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
     dist.barrier()
     if interrupted is not None:
         raise interrupted
-    return TrainResult(out, len(p.history), p.best_epoch, p.best, images_seen / max(train_seconds, 1e-9), stopped,
-                       time.perf_counter() - started)
+    return TrainResult(out, len(p.history), p.best_epoch, p.best, images_seen / max(train_seconds, 1e-9), stopped)
 
 
 def _start(run: Run, out: Path, lock: RunLock, resume: bool, files: dict[str, bytes]) -> None:
@@ -340,11 +339,17 @@ def _start(run: Run, out: Path, lock: RunLock, resume: bool, files: dict[str, by
     log.info("validation: %s", validation_rule(run.units))
 
 
+def _agreed(flag: bool, device: torch.device) -> bool:
+    """`flag` on this process or, under DDP, on any rank: every rank takes the same branch (one rank's clock or
+    signal must not leave the others waiting in a collective)."""
+    if not dist.active():
+        return flag
+    return dist.all_reduce_sum([1.0 if flag else 0.0], device)[0] > 0
+
+
 def _stop_requested(signals: StopSignals, device: torch.device) -> bool:
     """A signal reached this process (or, under DDP, any rank: all ranks stop at the same step)."""
-    if not dist.active():
-        return bool(signals.signum)
-    return dist.all_reduce_sum([1.0 if signals.signum else 0.0], device)[0] > 0
+    return _agreed(bool(signals.signum), device)
 
 
 def _epoch(run: Run, model: nn.Module, net: nn.Module, p: Progress, epoch: int, first: int, signals: StopSignals,

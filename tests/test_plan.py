@@ -69,6 +69,17 @@ def test_index_masks_are_named_by_value_and_rare_classes_get_dice(tmp_path):
     assert plan.get("train.crop") == 64  # slices of ~35 x 50 pixels fit one crop of 64
 
 
+def test_two_values_without_0_are_index_masks_not_binary(tmp_path):
+    """Masks of 1 (background) and 2 (nucleus): not "0 and one foreground value", so not binary masks (which
+    would refuse them), but class indices."""
+    root = copy_nuclei(tmp_path / "d", 4)
+    for mask in (root / "train" / "masks").iterdir():
+        Image.fromarray(np.where(np.asarray(Image.open(mask)) > 0, 2, 1).astype(np.uint8)).save(mask)
+    plan = _plan(root)
+    assert plan.get("data.mask") == "index" and plan.get("data.classes") == ["background", "class_1", "class_2"]
+    plan.config()
+
+
 def test_colour_masks_give_one_class_per_colour(tmp_path):
     colours = {0: (0, 0, 0), 1: (255, 0, 0), 2: (0, 0, 255)}
     for stem, (image, labels) in list(samples.hippo_slice_arrays(samples.HIPPO_CASES[:1], every=4).items()):

@@ -367,10 +367,13 @@ def guess_data(root: Path) -> DataGuess:
     if lossy:
         return DataGuess("binary", ["fg"], guessed=True,
                          reason=f"lossy (JPEG) masks ({seen}): foreground is above the middle of the value range")
-    if len(values) <= 2 and values and max(values) > 0:
+    if len(values) <= 1:
+        return DataGuess("binary", ["fg"], guessed=True,
+                         reason=f"the sampled masks hold only the values {values} ({seen}): binary, 0 = background")
+    if len(values) == 2 and 0 in counts:
         other = max(values)
         share = counts[other] / sum(counts.values())
-        if share > 0.5 and 0 in counts:
+        if share > 0.5:
             return DataGuess("binary", ["fg"], guessed=True, foreground_value=0,
                              reason=f"binary masks of 0 and {other}, and {other} covers {share:.1%} of the pixels "
                                     f"({seen}): the minority value 0 is taken as the foreground (if {other} is "
