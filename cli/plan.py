@@ -27,12 +27,15 @@ def plan(
     from segkit.plan import make_plan, parse_budget
 
     seconds = parse_budget(budget) if budget is not None else None
-    if out.exists() and out.is_dir():
+    fingerprint = out.with_suffix(".fingerprint.json")
+    if out.is_dir():
         raise SegkitError(f"--out {out}: a folder. Fix: give a file name, e.g. --out {out / 'plan.yaml'}.")
+    for path in (out, fingerprint):  # a plan the user may have edited is never overwritten
+        if path.exists():
+            raise SegkitError(f"--out {out}: {path} exists. Fix: --out another file, or remove it first.")
     made = make_plan(root, seconds, device, progress=progress, started=started())
     files = made.files()
     write_bytes(out, files["plan.yaml"])
-    write_bytes(out.with_suffix(".fingerprint.json"), files["fingerprint.json"])
+    write_bytes(fingerprint, files["fingerprint.json"])
     typer.echo(made.table())
-    typer.echo(f"\nplan:        {out}\nfingerprint: {out.with_suffix('.fingerprint.json')}\n"
-               f"train it:    segkit train {out}")
+    typer.echo(f"\nplan:        {out}\nfingerprint: {fingerprint}\ntrain it:    segkit train {out}")

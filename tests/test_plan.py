@@ -189,6 +189,14 @@ def test_pairs_that_do_not_match_are_refused(cli, tmp_path):
                    "no image has a mask")
 
 
+def test_an_existing_plan_is_never_overwritten(cli, tmp_path):
+    out = tmp_path / "plan.yaml"
+    out.write_text("# edited by hand\n")
+    result = cli("plan", samples.NUCLEI, "--out", out, "--no-progress")
+    assert result.code == 2 and "exists" in result.err and "Traceback" not in result.err
+    assert out.read_text() == "# edited by hand\n" and not out.with_suffix(".fingerprint.json").exists()
+
+
 def test_a_budget_with_a_config_file_is_refused(cli, tmp_path):
     result = cli("train", samples.ROOT / "configs" / "nuclei-softmax.yaml", "--budget", "1m", "--out",
                  tmp_path / "run")
