@@ -363,4 +363,5 @@ def _schedule(plan: Plan, dev, started: float) -> None:
                                             f"{MAX_VALIDATIONS}); best/ is the best of them"),
         Choice("train.val_every", 1, "every epoch"),
         Choice("train.time_limit", round(plan.budget_s - spent, 1),
-               "the budget less planning: training stops after the epoch past which the next would overrun")]
+               "the budget less planning: training stops at the step after which only its last validation and "
+               "save still fit, then validates and saves")]

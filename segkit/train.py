@@ -13,6 +13,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,6 +273,14 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
     signals = StopSignals()
     interrupted: Interrupted | None = None
     stopped, images_seen, train_seconds, tail = "completed", 0, 0.0, 0.0
+
+    def time_up(at_sync: bool) -> bool:
+        """Whether only the run's end (the last validation and save, as long as the longest so far) still fits
+        train.time_limit; under DDP decided at the loss read-backs, where the ranks meet anyway."""
+        if not t.time_limit or (dist.active() and not at_sync):
+            return False
+        return _agreed(time.perf_counter() - started + tail > t.time_limit, run.device)
+
     signals.install()
     try:
         for epoch in range(start_epoch, t.epochs):
@@ -280,7 +289,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
             if epoch != start_epoch:  # a resumed epoch goes on from the losses of the steps it had run
                 p.loss_sum, p.seen = 0.0, 0
             model.train()
-            interrupted, steps_run = _epoch(run, model, net, p, epoch, first, signals, saver, board, progress)
+            interrupted, steps_run, out_of_time = _epoch(run, model, net, p, epoch, first, signals, saver, board,
+                                                         progress, time_up)
             if interrupted is not None:
                 break
             if run.device.type == "cuda":
@@ -288,11 +298,9 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
             seconds = time.perf_counter() - began
             images = steps_run * run.batch * dist.world_size()
             images_seen, train_seconds = images_seen + images, train_seconds + seconds
-            ending = time.perf_counter()  # out of time: the next epoch and its end would finish past the limit
-            out_of_time = bool(t.time_limit) and _agreed(ending - started + seconds + 2 * tail > t.time_limit,
-                                                         run.device)
+            ending = time.perf_counter()
             early, stopping = _end_epoch(run, model, p, epoch, seconds, images, signals, saver, board, out_of_time)
-            tail = time.perf_counter() - ending
+            tail = max(tail, time.perf_counter() - ending)
             if stopping:
                 interrupted = Interrupted(signals.signum or signal.SIGTERM, epoch + 1, run.steps, run.steps)
                 break
@@ -301,10 +309,11 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
                 if main:
                     log.info("early stop: no better validation Dice for %d validations", p.bad_epochs)
                 break
-            if out_of_time and epoch + 1 < t.epochs:
+            if out_of_time and (epoch + 1 < t.epochs or first + steps_run < run.steps):
                 stopped = "time limit"
                 if main:
-                    log.info("time limit: %.0f s of train.time_limit %.0f s used; the next epoch would end past it",
+                    log.info("time limit: stopped after %d of %d steps of epoch %d, validated and saved; %.0f s of "
+                             "train.time_limit %.0f s used", steps_run + first, run.steps, epoch + 1,
                              time.perf_counter() - started, t.time_limit)
                 break
     finally:  # a pending checkpoint write finishes (or reports its error) whatever stopped the loop
@@ -353,11 +362,12 @@ def _stop_requested(signals: StopSignals, device: torch.device) -> bool:
 
 
 def _epoch(run: Run, model: nn.Module, net: nn.Module, p: Progress, epoch: int, first: int, signals: StopSignals,
-           saver: Checkpointer | None, board: TensorBoardLog | None, progress: bool
-           ) -> tuple[Interrupted | None, int]:
+           saver: Checkpointer | None, board: TensorBoardLog | None, progress: bool,
+           time_up: Callable[[bool], bool]) -> tuple[Interrupted | None, int, bool]:
     """The steps of one epoch from step `first`; losses are read back every log_every steps (the only
     host-device sync of a step), checked finite and summed into `p`. On a signal, last/ is written at the
-    step reached and the `Interrupted` comes back. Returns it (or None) and the steps run."""
+    step reached and the `Interrupted` comes back; when `time_up` (asked every step, with whether it is a
+    read-back) the epoch ends early. Returns the Interrupted (or None), the steps run, and whether time was up."""
     t, world = run.cfg.train, dist.world_size()
     run.sampler.set_epoch(epoch, skip=first * run.batch)
     losses = torch.zeros(t.log_every, device=run.device)
@@ -369,7 +379,9 @@ def _epoch(run: Run, model: nn.Module, net: nn.Module, p: Progress, epoch: int, 
         for step, item in enumerate(run.loader, start=first):
             k = step % t.log_every
             losses[k] = train_step(run, net, item)
-            if not (k == t.log_every - 1 or step == run.steps - 1 or (signals.signum and not dist.active())):
+            at_sync = k == t.log_every - 1 or step == run.steps - 1
+            late = time_up(at_sync)
+            if not (at_sync or late or (signals.signum and not dist.active())):
                 continue
             values = losses[unread:k + 1].tolist()
             bad = next((j for j, v in enumerate(values) if not math.isfinite(v)), None)
@@ -392,10 +404,13 @@ def _epoch(run: Run, model: nn.Module, net: nn.Module, p: Progress, epoch: int, 
                 if saver is not None:
                     saver.save(model, {**run.meta, "epoch": epoch, "step": step + 1}, False, True, p.state(run),
                                p.history, plot=False)
-                return Interrupted(signals.signum or signal.SIGTERM, epoch + 1, step + 1, run.steps), step + 1 - first
+                return (Interrupted(signals.signum or signal.SIGTERM, epoch + 1, step + 1, run.steps), step + 1 - first,
+                        False)
+            if late:
+                return None, step + 1 - first, True
     finally:
         bar.close()
-    return None, step + 1 - first
+    return None, step + 1 - first, False
 
 
 def _end_epoch(run: Run, model: nn.Module, p: Progress, epoch: int, seconds: float, images: int,

@@ -387,3 +387,20 @@ def test_mask_at_another_resolution_same_aspect_is_resized_logged_and_trains(cli
     assert [row["epoch"] for row in _rows(out / "metrics.csv")] == ["1"]
     resized = [rec.getMessage() for rec in caplog.records if "resized" in rec.getMessage()]
     assert len(resized) == 1 and str(masks[0]) in resized[0] and "128x128" in resized[0]
+
+
+def test_a_time_limit_stops_inside_an_epoch_then_validates_and_saves(tmp_path, tiny_nuclei, caplog):
+    """An epoch of 100 000 steps would take hours: train.time_limit 8 s stops it after the steps that fit,
+    then the run validates and writes best/ and last/ as a last epoch does (resumable into epoch 2)."""
+    run = tmp_path / "run"
+    r = run_cli(*train_args(SIGMOID, tiny_nuclei, run, "--set", "train.steps_per_epoch=100000",
+                            "--set", "train.time_limit=8", epochs=3))
+    assert r.code == 0, r.err
+    stop = next(m for m in caplog.messages if m.startswith("time limit: stopped after"))
+    steps = int(stop.split()[4])
+    assert 0 < steps < 100000 and "of 100000 steps of epoch 1" in stop
+    rows = _rows(run / "metrics.csv")
+    assert len(rows) == 1 and rows[0]["val_mean_dice"] != "nan"
+    assert json.loads((run / "last" / "model.json").read_text())["epoch"] == 1
+    assert torch.load(run / "last" / "train_state.pt", weights_only=True)["epoch"] == 1
+    assert (run / "best" / "model.json").is_file()
