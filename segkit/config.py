@@ -61,9 +61,21 @@ class DataConfig(_Strict):
     slice_axis: Literal["auto", 0, 1, 2] = Field(
         "auto", description="volumes: the axis (of the closest RAS axes) to cut 2-D slices along; auto: the "
                             "coarsest median spacing, axial on a tie")
+    target_spacing: Literal["median"] | tuple[float, float] | None = Field(
+        None, description="volumes: in-plane spacing (mm, the slice's height then width axis) the slices are "
+                          "resampled to for training, prediction resampling each case to it and its outputs back "
+                          "to the case's grid; median: the training cases' median (nnU-Net's 2-D rule); null: "
+                          "every case on its own grid")
     overlap: Literal["error", "ignore"] = Field(
         "error", description="pixels with several labels: refused by softmax, or 'ignore' them (excluded from "
                              "loss and scores) to train softmax on the exclusive part")
+
+    @field_validator("target_spacing")
+    @classmethod
+    def _positive_spacing(cls, value: object) -> object:
+        if isinstance(value, tuple) and min(value) <= 0:
+            raise ValueError(f"{list(value)}: spacings are millimetres, more than 0. Fix: e.g. [0.8, 0.8], or median")
+        return value
 
     @model_validator(mode="after")
     def _default_channels(self) -> DataConfig:
@@ -110,8 +122,9 @@ class TrainConfig(_Strict):
     early_stop_patience: int | None = Field(None, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1)
     time_limit: float | None = Field(
-        None, gt=0, description="seconds from the start of training: it stops after the epoch past which the next "
-                                "would end beyond them (with validation and last/ written)")
+        None, gt=0, description="seconds from the start of training: it stops at the step after which only its "
+                                "last validation and save (as long as the longest so far) still fit, then "
+                                "validates and writes best/ and last/")
     augment: AugmentConfig = AugmentConfig()
 
     @field_validator("val_every")
@@ -171,8 +184,10 @@ class Config(_Strict):
         d = self.data
         if d.mask == "volume":  # resolve_volumes checked it against the dataset's files
             return
-        if not isinstance(d.normalize, str) or d.slice_axis != "auto":
-            key = "normalize" if not isinstance(d.normalize, str) else "slice_axis"
+        volume_keys = {"normalize": not isinstance(d.normalize, str), "slice_axis": d.slice_axis != "auto",
+                       "target_spacing": d.target_spacing is not None}
+        key = next((k for k, used in volume_keys.items() if used), None)
+        if key is not None:
             raise ConfigError(f"data.{key}: {getattr(d, key)!r} is for volume datasets, and {d.root} holds images. "
                               f"Fix: remove data.{key} (images: data.normalize is one mode, e.g. dataset).")
         if d.mask == "binary" and len(d.classes) > 2:

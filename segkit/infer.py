@@ -243,7 +243,8 @@ class Segmenter:
 
     # -- decoding ----------------------------------------------------------------------
 
-    def _decode(self, logits: torch.Tensor, probs: bool, valid: np.ndarray | None = None) -> Prediction:
+    def decode(self, logits: torch.Tensor, probs: bool, valid: np.ndarray | None = None) -> Prediction:
+        """(C, H, W) logits of one image -> its masks (and probabilities)."""
         mask = self.head.decode(logits[None])[0]
         if mask.dtype != torch.bool and self.head.channels <= 256:
             mask = mask.to(torch.uint8)  # on the device: a quarter of int32's bytes cross back
@@ -262,7 +263,7 @@ class Segmenter:
         """Predictions for images of one size not larger than the tile, in one forward pass."""
         sources = [self.source(i) for i in images]
         logits = self.forward(self.to_input(sources))
-        return [self._decode(one, probs, self._valid_rows(s, 0, s.height)) for one, s in zip(logits, sources)]
+        return [self.decode(one, probs, self._valid_rows(s, 0, s.height)) for one, s in zip(logits, sources)]
 
     @torch.inference_mode()
     def predict(self, image: Image, probs: bool = False) -> Prediction:
@@ -280,7 +281,7 @@ class Segmenter:
         windows, not by the image (a GeoTIFF writer writes them straight to disk)."""
         src = self.source(image)
         for top, rows in self.rows(src):
-            part = self._decode(rows, writer.probs, self._valid_rows(src, top, rows.shape[1]))
+            part = self.decode(rows, writer.probs, self._valid_rows(src, top, rows.shape[1]))
             writer.write_rows(top, part.mask, part.valid, part.probs)
 
     def predict_file(self, path: str | Path, output_dir: str | Path, probs: bool = False,

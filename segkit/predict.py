@@ -29,12 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from segkit import distributed as dist
 from segkit.data.io import no_data
 from segkit.data.normalize import body, case_params
 from segkit.data.readers.volume import VOLUME_ENDINGS, output_ending
+from segkit.data.resample import resize_logits, resize_slices
 from segkit.data.source import ImageSource
 from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import Volume, VolumeCase, combine_regions, folder_cases, is_volume_folder
@@ -112,24 +114,32 @@ def label_dtype(values: Sequence[int]) -> np.dtype:
 def slice_sources(seg: Segmenter, spec: VolumeSpec, volume: Volume, batch_size: int
                   ) -> Iterator[tuple[int, list[ImageSource]]]:
     """(index of the first slice, raw slices as sources) of a case, a batch at a time. Slice k is
-    `np.take(data, k, slice_axis)`, as training cuts it; each carries the parameters of the whole case and its
-    body mask, so the Segmenter normalises it on the device as training did."""
+    `np.take(data, k, slice_axis)`, as training cuts it, resampled in-plane to the model's target spacing where
+    it has one; each carries the parameters of the whole case and its body mask, so the Segmenter normalises it
+    on the device as training did."""
     stack = np.moveaxis(volume.data, spec.slice_axis, 0)  # the case as its slices (a view)
     params = case_params(seg.norm, stack) if seg.norm.mode == "per_case" else None
     zeroed = any(seg.norm.body_only)
+    size = spec.slice_size(volume.shape, volume.spacing)
     for start in range(0, stack.shape[0], batch_size):
         raw = np.ascontiguousarray(stack[start:start + batch_size])
+        raw = raw if size is None else resize_slices(raw, size)
         outside = ~body(raw) if zeroed else [None] * len(raw)
         yield start, [ImageSource.from_array(image, seg.in_channels, None, f"case {volume.case}, slice {start + i}",
                                              params=params, outside=out)
                       for i, (image, out) in enumerate(zip(raw, outside))]
 
 
-def _predict_slices(seg: Segmenter, batch: list[ImageSource], probs: bool) -> list[Prediction]:
-    """One forward pass for slices that fit the tile; larger slices go through windows one by one."""
-    if seg.fits(batch[0]):
-        return seg.predict_batch(batch, probs)
-    return [seg.predict(image, probs) for image in batch]
+def _predict_slices(seg: Segmenter, batch: list[ImageSource], probs: bool, size: tuple[int, int]
+                    ) -> list[Prediction]:
+    """One forward pass for slices that fit the tile; larger slices go through windows one by one. Slices
+    resampled in-plane have their logits resampled back to the case's `size` (h, w) before decoding."""
+    if (batch[0].height, batch[0].width) == size:
+        if seg.fits(batch[0]):
+            return seg.predict_batch(batch, probs)
+        return [seg.predict(image, probs) for image in batch]
+    logits = seg.forward(seg.to_input(batch)) if seg.fits(batch[0]) else torch.stack([seg.logits(i) for i in batch])
+    return [seg.decode(one, probs) for one in resize_logits(logits.to(seg.device), size)]
 
 
 def predict_volume(seg: Segmenter, volume: Volume, probs: bool = False, probs_dtype: type = np.float16
@@ -154,8 +164,9 @@ def predict_volume(seg: Segmenter, volume: Volume, probs: bool = False, probs_dt
     if probs:
         prob = np.empty((head.channels, *shape), probs_dtype)
         prob_stack = np.moveaxis(prob, axis + 1, 1)
+    plane = tuple(shape[a] for a in spec.plane)
     for start, batch in slice_sources(seg, spec, volume, seg.batch_size):
-        for k, pred in enumerate(_predict_slices(seg, batch, probs), start):
+        for k, pred in enumerate(_predict_slices(seg, batch, probs, plane), start):
             if sigmoid:
                 mask_stack[:, k] = pred.mask
             else:

@@ -335,7 +335,7 @@ def test_an_exported_volume_model_states_its_normalisation_and_writes_the_same_m
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     described = json.loads(props["normalization"])
     assert described == {**json.loads((ckpt / "model.json").read_text())["normalization"], "slice_axis": 2,
-                         "orientation": "RAS"}
+                         "orientation": "RAS", "target_spacing": None}
     assert described["mode"] == "per_case" and described["channels"] == [
         {"scheme": "zscore", "low": None, "high": None, "mean": None, "std": None}]
     cases = {}

@@ -49,11 +49,11 @@ class Oracle(nn.Module):
 def oracle_checkpoint(monkeypatch, tmp_path: Path, head: str, class_values: dict[str, tuple[int, ...]],
                       order: tuple[int, ...] | None = None, layout: str = "nnunet",
                       channel_names: tuple[str, ...] = ("MRI",), slice_axis: int = 2, volume: bool = True,
-                      **data) -> Path:
+                      target_spacing: tuple[float, float] | None = None, **data) -> Path:
     """A checkpoint folder whose model is an Oracle (Segmenter.load is pointed at it), trained 'on volumes'
     with normalisation none, so the network sees the raw voxel values."""
     h = build_head(head, list(class_values))
-    spec = VolumeSpec(layout, channel_names, slice_axis, class_values, order)
+    spec = VolumeSpec(layout, channel_names, slice_axis, class_values, order, target_spacing=target_spacing)
     meta = checkpoint_meta(h, "Unet", "oracle", len(channel_names), Normalization("none"),
                            data={"mask": "volume", **data, **({"volume": spec.to_meta()} if volume else {})})
     folder = tmp_path / "oracle"

@@ -36,6 +36,7 @@ from segkit.data.io import image_size, is_image, read_mask_raw
 from segkit.data.layout import Sample, by_stem, pair, split_dirs
 from segkit.data.masks import MaskFormat, build_mask_format, distinct
 from segkit.data.normalize import sample_windows, valid_pixels
+from segkit.data.resample import plane_size
 from segkit.data.source import ImageSource
 from segkit.data.volumes import VolumeCase, VolumeDataset, is_volume_root, slice_axis
 from segkit.errors import DataError, SegkitError
@@ -613,10 +614,28 @@ class VolumeReport:
         """2-D training samples: the slices of the cases along the slice axis."""
         return sum(c.shape[self.slice_axis] for c in self.cases)
 
+    @property
+    def _plane(self) -> list[int]:
+        return [a for a in range(3) if a != self.slice_axis]
+
+    @property
+    def target_spacing(self) -> list[float]:
+        """The in-plane spacing training resamples to (`data.target_spacing: median`)."""
+        return [self.median_spacing[a] for a in self._plane]
+
+    def _scale(self, case: CaseStats) -> list[float]:
+        """Per in-plane axis, a case's voxel size over the target's: its slices grow by these factors."""
+        return [case.spacing[a] / t for a, t in zip(self._plane, self.target_spacing)]
+
     def plane_size(self) -> tuple[float, float]:
-        """Median (height, width) of the slices."""
-        plane = [a for a in range(3) if a != self.slice_axis]
-        return tuple(float(np.median([c.shape[a] for c in self.cases])) for a in plane)
+        """Median (height, width) of the slices once resampled to the target spacing."""
+        sizes = [self._resampled(c) or [c.shape[a] for a in self._plane] for c in self.cases]
+        return tuple(float(v) for v in np.median(sizes, axis=0))
+
+    def _resampled(self, case: CaseStats) -> tuple[int, int] | None:
+        """A case's slice size at the target spacing, None when it is already there (as training decides)."""
+        return plane_size([case.shape[a] for a in self._plane], [case.spacing[a] for a in self._plane],
+                          self.target_spacing)
 
     def class_shares(self) -> dict[str, float]:
         valid = max(1, self.valid)
@@ -626,7 +645,8 @@ class VolumeReport:
         return self.cases_with()
 
     def object_sizes(self) -> dict[str, float]:
-        """Median over cases of the mean area of a class's cross-sections in the slices that hold it."""
+        """Median over cases of the mean area of a class's cross-sections in the slices that hold it, in pixels
+        at the target spacing."""
         axis, out = self.slice_axis, {}
         for name, values in self.dataset.class_values.items():
             areas = []
@@ -634,7 +654,7 @@ class VolumeReport:
                 count = sum(c.histogram.get(v, 0) for v in values)
                 held = max((c.slices.get(v, (0, 0, 0))[axis] for v in values), default=0)
                 if count and held:
-                    areas.append(count / held)
+                    areas.append(count / held * math.prod(self._scale(c)))
             out[name] = float(np.median(areas)) if areas else math.nan
         return out
 
@@ -654,14 +674,21 @@ class VolumeReport:
                      "foreground's 0.5/99.5 percentiles, then its mean and std; nnU-Net's CT scheme)",
                "zscore": "no absolute scale (MRI and most modalities): z-score per case over its body"}
         spacing = ", ".join(f"{v:.3g}" for v in self.median_spacing)
-        plane = [a for a in range(3) if a != self.slice_axis]
-        inplane = " x ".join(f"{self.median_spacing[a]:.3g}" for a in plane)
+        inplane = " x ".join(f"{t:.3g}" for t in self.target_spacing)
+        moved = [c.name for c in self.cases if self._resampled(c) is not None]
+        spread = " and ".join(f"{st['min']:.3g}-{st['max']:.3g}" for st in
+                              (_stats([c.spacing[a] for c in self.cases]) for a in self._plane))
+        resampled = (f"{len(moved)} of {len(self.cases)} cases ({', '.join(moved[:3])}{', ...' if len(moved) > 3 else ''}) "
+                     "are resampled in-plane to it for training (images bilinear, labels nearest)"
+                     if moved else f"every case is already at it (in-plane {spread} mm), so none is resampled")
         return [("data.normalize", schemes, "; ".join(f"{n} -> {sch}: {why[sch]}" for n, sch in zip(names, schemes))),
                 ("data.slice_axis", self.slice_axis,
                  f"median spacing ({spacing}) mm, anisotropy {self.anisotropy:.3g}: slices along axis "
                  f"{self.slice_axis} (the coarsest; on the closest RAS axes), {self.items} training slices of median "
-                 f"{' x '.join(f'{v:g}' for v in self.plane_size())} voxels at {inplane} mm in-plane (not resampled: "
-                 "a case more than 2x from it is named at prediction)")]
+                 f"{' x '.join(f'{v:g}' for v in self.plane_size())} voxels at {inplane} mm in-plane"),
+                ("data.target_spacing", "median",
+                 f"the median in-plane spacing, {inplane} mm (nnU-Net's 2-D rule): {resampled}; prediction "
+                 "resamples each case to it and puts the outputs back on the case's own grid")]
 
     def encoding_reason(self) -> str:
         ds = self.dataset

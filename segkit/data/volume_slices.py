@@ -16,7 +16,7 @@ import logging
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from segkit.data.dataset import Cached, Pixels, Record, foreground_points, label
 from segkit.data.io import no_data
 from segkit.data.layout import Sample
 from segkit.data.readers import Window
+from segkit.data.resample import resize_labels, resize_slices
 from segkit.data.normalize import Normalization, body, case_params, fit_per_case, foreground_sample, schemes_for
 from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import Volume, VolumeCase, VolumeDataset, case_split, read_slice, slice_axis
@@ -84,12 +85,16 @@ def fit_spec(ds: VolumeDataset, cases: Sequence[VolumeCase], d: DataConfig, seed
 
     norm = fit_per_case(schemes, [sample(i, case) for i, case in enumerate(cases)])
     spacing = tuple(float(s) for s in np.median([v.spacing for v in volumes], axis=0))
-    return VolumeSpec(ds.layout, tuple(ds.channel_names), axis, dict(ds.class_values), ds.regions_class_order,
-                      ds.ignore_label, spacing=spacing), norm
-
-
-def _take(array: np.ndarray, index: int, axis: int) -> np.ndarray:
-    return np.take(array, index, axis=axis)
+    spec = VolumeSpec(ds.layout, tuple(ds.channel_names), axis, dict(ds.class_values), ds.regions_class_order,
+                      ds.ignore_label, spacing=spacing)
+    if d.target_spacing is not None:
+        target = [spacing[a] for a in spec.plane] if d.target_spacing == "median" else d.target_spacing
+        spec = replace(spec, target_spacing=tuple(float(t) for t in target))
+        moved = [v.case for v in volumes if spec.slice_size(v.shape, v.spacing) is not None]
+        log.info("in-plane target spacing %s mm (data.target_spacing: %s): %d of %d training cases resampled%s",
+                 " x ".join(f"{t:.3g}" for t in spec.target_spacing), d.target_spacing, len(moved), len(volumes),
+                 f" ({', '.join(moved[:5])}{', ...' if len(moved) > 5 else ''})" if moved else "")
+    return spec, norm
 
 
 class SliceReader:
@@ -100,22 +105,37 @@ class SliceReader:
         self.ds, self.spec, self.norm = ds, spec, norm
         self.cases: dict[str, VolumeCase] = {}
         self.ornt: dict[str, np.ndarray] = {}
+        self.size: dict[str, tuple[int, int] | None] = {}
 
-    def add(self, case: VolumeCase, ornt: np.ndarray) -> None:
-        self.cases[case.name], self.ornt[case.name] = case, ornt
+    def add(self, case: VolumeCase, ornt: np.ndarray, size: tuple[int, int] | None) -> None:
+        """A case whose slices this reads; `size`: its in-plane resampled size (None: its own grid)."""
+        self.cases[case.name], self.ornt[case.name], self.size[case.name] = case, ornt, size
 
     def read(self, sample: SliceSample, window: Window | None = None) -> Pixels:
         case = self.cases[sample.case]
         ornt, axis = self.ornt[sample.case], self.spec.slice_axis
         parts = [read_slice(p, sample.index, axis, ornt) for p in case.images]
-        image = parts[0] if parts[0].ndim == 3 else np.stack(parts, axis=-1)
-        labels, valid = self.ds.layers(read_slice(case.label, sample.index, axis, ornt))
+        image, label = _resampled(parts[0] if parts[0].ndim == 3 else np.stack(parts, axis=-1),
+                                  read_slice(case.label, sample.index, axis, ornt), self.size[sample.case])
+        labels, valid = self.ds.layers(label)
         real, inside = _real(image), _inside(self.norm, image)
         if window is not None:
             t, l, h, w = window
             image, labels, valid, real, inside = (a if a is None else a[t:t + h, l:l + w]
                                                   for a in (image, labels, valid, real, inside))
         return Pixels(image, labels, valid & real, real, inside=inside)
+
+
+def _resampled(image: np.ndarray, label: np.ndarray, size: tuple[int, int] | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(..., h, w, C) raw image and (..., h, w) label map of slices, resampled in-plane to `size` (a single
+    slice or a stack)."""
+    if size is None:
+        return image, label
+    one = image.ndim == 3
+    image, label = (image[None], label[None]) if one else (image, label)
+    image, label = resize_slices(image, size), resize_labels(label, size)
+    return (image[0], label[0]) if one else (image, label)
 
 
 def _inside(norm: Normalization, image: np.ndarray) -> np.ndarray | None:
@@ -138,20 +158,22 @@ def case_records(ds: VolumeDataset, case: VolumeCase, spec: VolumeSpec, head: He
         ds.check_labels(case, label)
     except DataError as err:
         return str(err)
-    stack = np.moveaxis(volume.data, spec.slice_axis, 0)  # the case as its slices (a view)
-    params = case_params(reader.norm, stack)
-    reader.add(case, volume.ornt)
+    axis = spec.slice_axis
+    stack = np.moveaxis(volume.data, axis, 0)  # the case as its slices (a view)
+    params = case_params(reader.norm, stack)  # on the case's own voxels, as prediction computes them
+    size = spec.slice_size(volume.shape, volume.spacing)
+    reader.add(case, volume.ornt, size)
+    stack, label = _resampled(stack, np.moveaxis(label, axis, 0), size)
     inside = _inside(reader.norm, stack) if cache else None  # (n, h, w), slices first
     layers, valid = ds.layers(label)
-    real = _real(volume.data)
+    real = _real(stack)
     valid &= real
     if not real.all():
         log.warning("case %s: %d voxels are NaN or infinite in %s: no-data, left out of the normalisation, the "
                     "loss and the scores", case.name, int((~real).sum()), [str(p) for p in case.images])
-    axis = spec.slice_axis
     records = []
-    for k in range(volume.shape[axis]):
-        labels, ok, slice_real = _take(layers, k, axis), _take(valid, k, axis), _take(real, k, axis)
+    for k in range(stack.shape[0]):
+        labels, ok, slice_real = layers[k], valid[k], real[k]
         problem = head.label_problem(labels, ok)
         if problem:
             return f"case {case.name}, slice {k} along axis {axis} ({case.label}): {problem}"
@@ -168,13 +190,21 @@ def case_records(ds: VolumeDataset, case: VolumeCase, spec: VolumeSpec, head: He
     return records
 
 
+def _cached_bytes(volume: Volume, spec: VolumeSpec, bits: int) -> int:
+    """Memory a case takes cached: its slices (float32 once resampled) and their packed labels."""
+    size = spec.slice_size(volume.shape, volume.spacing)
+    if size is None:
+        return int(np.prod(volume.shape)) * (len(spec.channel_names) * volume.itemsize + bits)
+    voxels = volume.shape[spec.slice_axis] * size[0] * size[1]
+    return voxels * (len(spec.channel_names) * 4 + bits)
+
+
 def slice_records(ds: VolumeDataset, cases: Sequence[VolumeCase], spec: VolumeSpec, head: Head, reader: SliceReader,
                   foreground: Sequence[int], budget: int, threads: int = 2) -> list[Record]:
     """Records of every slice of `cases`, cases cached whole in order while they fit `budget` bytes. All
     problems are reported together, each naming its case."""
-    sizes = [ds.image(case) for case in cases]
     bits = (len(head.classes) + 10) // 8  # packed label layers + 'valid', 'real', 'inside' (dataset.pack)
-    need = [int(np.prod(v.shape)) * (len(spec.channel_names) * v.itemsize + bits) for v in sizes]
+    need = [_cached_bytes(ds.image(case), spec, bits) for case in cases]
     cached = np.cumsum(need) <= budget
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = list(pool.map(lambda i: case_records(ds, cases[i], spec, head, reader, bool(cached[i]), foreground),
