@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
-from segkit.config import Config, parse_config
+from segkit.config import AugmentConfig, Config, parse_config
 from segkit.data.dataset import foreground_classes
 from segkit.data.inspect import Report, VolumeReport, inspect_data
 from segkit.device import resolve_device
@@ -64,6 +65,9 @@ MAX_VALIDATIONS = 20
 OPEN_STEPS, OPEN_EPOCHS, PATIENCE = 250, 200, 10
 """Without a budget: epochs of 250 steps (nnU-Net's), at most 200 of them, stopped after 10 validations
 without a better mean Dice."""
+DIRECTED = 0.25
+"""Along an axis whose halves hold the classes this unevenly (`_direction`), the pictures have a direction (sky
+above road): no flips along it, and no 90-degree turns. Evenly spread classes (cells, tissue) measure near 0."""
 SECTIONS = ("data", "model", "train")
 END_SECONDS = 5.0
 """The run's last writes (curves, last/) after the final validation."""
@@ -194,6 +198,7 @@ def make_plan(root: str | Path, budget_s: float | None = None, device: str = "au
                           "mixed precision (bf16, else fp16) on the GPU: faster and half the activation memory"
                           if dev.type == "cuda" else "off on CPU: segkit trains float32 there (bf16 autocast pays only on CPUs "
                                                     "with bf16 units)"))
+    choices.append(_augment(report))
     plan = Plan(root, str(dev), choices, report.to_dict(), budget_s)
     if not measure:
         plan.choices.append(Choice("train.crop", largest, largest_why))
@@ -247,6 +252,37 @@ def _crop(report: Report | VolumeReport, kind: str) -> tuple[int, str]:
         return crop, (f"median {what} {h:g} x {w:g}: crops of {crop}, the cap on {kind} (a step costs the square of "
                       "the side); prediction still runs on whole images")
     return crop, f"median {what} {h:g} x {w:g}: one crop of {crop} (a multiple of 32, the U-Net's stride) holds it whole"
+
+
+def _direction(first: np.ndarray, second: np.ndarray) -> float:
+    """How unevenly the classes lie between two halves, 0 (each class split evenly) to 1 (each wholly in one):
+    the mean over classes, weighted by their pixels, of |share in the first half - share in the second|."""
+    total = (first + second).sum()
+    return float(np.abs(first - second).sum() / total) if total else 0.0
+
+
+def _augment(report: Report | VolumeReport) -> Choice:
+    """Flips and 90-degree turns unless the class layout measures a direction (`DIRECTED`)."""
+    h = report.halves()
+    names = list(report.class_shares())
+    vertical, horizontal = _direction(h["top"], h["bottom"]), _direction(h["left"], h["right"])
+    top_share = h["top"] / np.maximum(h["top"] + h["bottom"], 1)
+    order = np.argsort(top_share)
+    telling = ", ".join(f"{names[i]} {top_share[i]:.0%}" for i in dict.fromkeys((order[-1], order[0]))
+                        if (h["top"] + h["bottom"])[i])  # the classes most and least in the top half
+    measured = (f"classes split top/bottom unevenly by {vertical:.2f}, left/right by {horizontal:.2f} (0 = evenly, "
+                f"1 = each class in one half; in the top half: {telling})")
+    flips = {"hflip": 0.0 if horizontal > DIRECTED else 0.5, "vflip": 0.0 if vertical > DIRECTED else 0.5}
+    flips["rotate90"] = 0.5 if max(vertical, horizontal) <= DIRECTED else 0.0
+    kept = [k for k, v in flips.items() if v]
+    dropped = [k for k, v in flips.items() if not v]
+    value = AugmentConfig(**flips).model_dump(mode="json")  # the whole section: model.json compares it whole
+    jitter = f"; brightness/contrast jitter {value['color']} (segkit's default)"
+    if not dropped:
+        return Choice("train.augment", value, f"{measured}: no direction (at most {DIRECTED}), so flips both ways "
+                                              f"and 90-degree turns, each half the time{jitter}")
+    return Choice("train.augment", value, f"{measured}: above {DIRECTED} the pictures have a direction, which "
+                                          f"{', '.join(dropped)} would break; kept: {', '.join(kept) or 'none'}{jitter}")
 
 
 def _oversampling(report: Report | VolumeReport, crop: int) -> list[Choice]:

@@ -17,6 +17,7 @@ from conftest import assert_refused, copy_nuclei
 from geodata import make_geo_dataset
 from segkit.config import parse_config
 from segkit.errors import ConfigError
+from segkit.data.volumes import Volume
 from segkit.plan import make_plan, parse_budget
 
 
@@ -219,3 +220,59 @@ def test_train_a_folder_keeps_the_plan_and_its_reasons_in_model_json(cli, tmp_pa
     edited = json.loads((tmp_path / "again" / "best" / "model.json").read_text())["plan"]["edited"]
     assert edited == ["train.epochs", "train.lr"]
     assert not math.isnan(meta["val"]["mean_dice"])
+
+
+def _unevenness(masks: list[np.ndarray], values: list[int], axis: int) -> float:
+    """By hand: per class (a mask value), its pixels in the first and second half along `axis` (the middle line
+    of an odd size in neither); the pixel-weighted mean of |first - second| / (first + second)."""
+    first, second = np.zeros(len(values)), np.zeros(len(values))
+    for m in masks:
+        n = m.shape[axis]
+        a, b = np.take(m, range(n // 2), axis), np.take(m, range(n - n // 2, n), axis)
+        first += [(a == v).sum() for v in values]
+        second += [(b == v).sum() for v in values]
+    return float(np.abs(first - second).sum() / (first + second).sum())
+
+
+def test_evenly_spread_nuclei_keep_every_flip_and_turn():
+    plan = _plan(samples.NUCLEI)
+    masks = [np.asarray(Image.open(p)) for p in sorted((samples.NUCLEI / "train" / "masks").glob("*.png"))]
+    vertical, horizontal = _unevenness(masks, [255], 0), _unevenness(masks, [255], 1)  # training masks only
+    assert max(vertical, horizontal) < 0.25
+    aug = plan.get("train.augment")
+    assert (aug["hflip"], aug["vflip"], aug["rotate90"]) == (0.5, 0.5, 0.5)
+    reason = _reason(plan, "train.augment")
+    assert f"top/bottom unevenly by {vertical:.2f}, left/right by {horizontal:.2f}" in reason
+    assert "no direction" in reason
+
+
+def test_pictures_with_a_direction_lose_the_flips_that_break_it(tmp_path):
+    """Real nuclei masks with their bottom halves cleared (nuclei only ever above the middle, as sky is above
+    road): vertical flips and turns go, left-right mirrors stay; the numbers are computed here by hand."""
+    root = copy_nuclei(tmp_path / "d", 6)
+    masks = []
+    for path in (root / "train" / "masks").iterdir():
+        m = np.asarray(Image.open(path)).copy()
+        m[m.shape[0] // 2:] = 0
+        Image.fromarray(m).save(path)
+        masks.append(m)
+    plan = _plan(root)
+    vertical, horizontal = _unevenness(masks, [255], 0), _unevenness(masks, [255], 1)
+    assert vertical == 1.0 and horizontal < 0.25
+    aug = plan.get("train.augment")
+    assert (aug["hflip"], aug["vflip"], aug["rotate90"]) == (0.5, 0.0, 0.0)
+    assert f"top/bottom unevenly by 1.00, left/right by {horizontal:.2f}" in _reason(plan, "train.augment")
+    assert "vflip, rotate90 would break; kept: hflip" in _reason(plan, "train.augment")
+
+
+def test_aligned_volumes_measure_their_direction_on_the_slices(tmp_path):
+    """MSD hippocampus on its RAS axes: the anterior part lies in front of the posterior one, so the slices'
+    class layout has a direction along the anterior axis. Counted by hand on the label volumes' slices."""
+    plan = _plan(samples.HIPPO)
+    axis = plan.get("data.slice_axis")
+    labels = [Volume(f.name, [f]).data[..., 0] for f in sorted((samples.HIPPO / "labelsTr").glob("*.nii.gz"))]
+    rows, cols = (a for a in range(3) if a != axis)
+    vertical, horizontal = _unevenness(labels, [0, 1, 2], rows), _unevenness(labels, [0, 1, 2], cols)
+    aug = plan.get("train.augment")
+    assert aug["vflip"] == (0.0 if vertical > 0.25 else 0.5) and aug["hflip"] == (0.0 if horizontal > 0.25 else 0.5)
+    assert f"top/bottom unevenly by {vertical:.2f}, left/right by {horizontal:.2f}" in _reason(plan, "train.augment")

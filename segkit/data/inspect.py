@@ -94,6 +94,7 @@ class SplitReport:
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) of each labelled image
     present: np.ndarray | None = None  # images holding each class
     objects: list[list[int]] = field(default_factory=list)  # per class: pixel areas of its connected regions
+    halves: np.ndarray | None = None  # (4, K) class pixels in the top, bottom, left and right halves
 
 
 @dataclass
@@ -211,6 +212,11 @@ class Report:
         return {c: weighted_median([a for s in self._training() if s.objects for a in s.objects[k]])
                 for k, c in enumerate(self.data.classes)}
 
+    def halves(self) -> dict[str, np.ndarray]:
+        """Class pixels (per class) in the top, bottom, left and right halves of the training images."""
+        total = sum((s.halves for s in self._training() if s.halves is not None), np.zeros((4, len(self.data.classes))))
+        return dict(zip(HALVES, total))
+
     def fingerprint_items(self) -> tuple[str, int]:
         """What presence counts, and how many there are."""
         return "images", self.items
@@ -297,6 +303,7 @@ class Report:
             "head": head, "why": head + ": " + why, "images": self.images.to_dict(), "config": self.config(),
             "items": self.items, "median_size": list(self.plane_size()), "images_with_class": self.presence(),
             "typical_object_pixels": self.object_sizes(), "encoding_reason": self.data.reason,
+            "class_pixels_by_half": {k: v.tolist() for k, v in self.halves().items()},
         }
 
     def text(self) -> str:
@@ -410,7 +417,16 @@ def _inspect_one(sample: Sample, fmt: MaskFormat, background: int | None,
     fg = np.delete(stats.pixels, background) if background is not None else stats.pixels
     out["stats"], out["empty"], out["size"] = stats, int(fg.sum()) == 0, labels.shape[:2]
     out["objects"] = [object_areas(labels[:, :, k] & valid) for k in range(labels.shape[2])]
+    out["halves"] = halves(labels * valid[..., None])
     return out
+
+
+def halves(labels: np.ndarray) -> np.ndarray:
+    """(4, K) pixels of each class in the top, bottom, left and right halves of (h, w, K) 0/1 layers (the
+    middle row or column of an odd size in neither): where in the picture each class lies."""
+    h, w = labels.shape[:2]
+    parts = (labels[:h // 2], labels[h - h // 2:], labels[:, :w // 2], labels[:, w - w // 2:])
+    return np.stack([part.sum((0, 1), dtype=np.int64) for part in parts])
 
 
 def weighted_median(areas: Sequence[float]) -> float:
@@ -444,6 +460,7 @@ def inspect(root: str | Path, data: DataGuess | None = None, threads: int = 4, p
         s.pixels = np.zeros(len(data.classes), np.int64)
         s.present = np.zeros(len(data.classes), np.int64)
         s.objects = [[] for _ in data.classes]
+        s.halves = np.zeros((4, len(data.classes)), np.int64)
         with ThreadPoolExecutor(threads) as pool:
             for r in tqdm(pool.map(lambda smp: _inspect_one(smp, fmt, data.background, data.bands), pairing.samples),
                           total=len(pairing.samples), desc=f"reading {name}", disable=not progress, leave=False):
@@ -459,6 +476,7 @@ def inspect(root: str | Path, data: DataGuess | None = None, threads: int = 4, p
                 s.present += st.pixels > 0
                 for areas, found in zip(s.objects, r["objects"]):
                     areas += found
+                s.halves += r["halves"]
                 s.pixels += st.pixels
                 s.valid += st.valid
                 s.total += st.total
@@ -478,6 +496,8 @@ def inspect_data(root: str | Path, data: DataConfig | None = None, progress: boo
     return inspect(root, DataGuess.from_config(data) if data else None, progress=progress)
 
 
+HALVES = ("top", "bottom", "left", "right")
+"""The halves of a picture (or slice: its rows and columns) whose class mixes tell whether it has a direction."""
 TRAINING_SPLITS = ("train", "val")
 """Splits whose cases training reads (val exists in the segkit layout only); test cases are only counted."""
 CHUNK = 1 << 22
@@ -499,6 +519,7 @@ class CaseStats:
     squares: np.ndarray
     histogram: dict[int, int]
     slices: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # value -> slices holding it, per axis
+    halves: list[tuple[dict[int, int], dict[int, int]]] = field(default_factory=list)  # per axis: (first, second)
 
     @property
     def voxels(self) -> int:
@@ -535,7 +556,9 @@ def _case_stats(ds: VolumeDataset, split: str, case: VolumeCase, check: bool) ->
     histogram = _histogram(label)
     return CaseStats(case.name, split, volume.shape, volume.spacing, str(data.dtype),
                      flat.min(0).astype(np.float64), flat.max(0).astype(np.float64), total, squares,
-                     histogram, _slices_holding(label, [v for v in histogram if v != 0]))
+                     histogram, _slices_holding(label, [v for v in histogram if v != 0]),
+                     [(_histogram(np.take(label, range(n // 2), a)), _histogram(np.take(label, range(n - n // 2, n), a)))
+                      for a, n in enumerate(label.shape)])
 
 
 def _slices_holding(label: np.ndarray, values: Sequence[int]) -> dict[int, tuple[int, int, int]]:
@@ -657,6 +680,16 @@ class VolumeReport:
                     areas.append(count / held * math.prod(self._scale(c)))
             out[name] = float(np.median(areas)) if areas else math.nan
         return out
+
+    def halves(self) -> dict[str, np.ndarray]:
+        """Class voxels (per class) in the first and second halves of the slices' rows (top, bottom) and columns
+        (left, right), over the training cases."""
+        def counts(histogram: dict[int, int]) -> np.ndarray:
+            return np.array([sum(histogram.get(v, 0) for v in values) for values in self.dataset.class_values.values()])
+
+        rows, cols = self._plane
+        return {name: sum(counts(c.halves[axis][i]) for c in self.cases)
+                for name, axis, i in zip(HALVES, (rows, rows, cols, cols), (0, 1, 0, 1))}
 
     def fingerprint_items(self) -> tuple[str, int]:
         return "cases", len(self.cases)
@@ -795,6 +828,7 @@ class VolumeReport:
                           "dtype": c.dtype} for c in self.cases],
             "head": head, "why": head + ": " + why, "config": self.config(),
             "items": self.items, "median_size": list(self.plane_size()), "typical_object_pixels": self.object_sizes(),
+            "class_voxels_by_half": {k: v.tolist() for k, v in self.halves().items()},
         }
 
     def text(self) -> str:
