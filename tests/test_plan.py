@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -276,3 +277,92 @@ def test_aligned_volumes_measure_their_direction_on_the_slices(tmp_path):
     aug = plan.get("train.augment")
     assert aug["vflip"] == (0.0 if vertical > 0.25 else 0.5) and aug["hflip"] == (0.0 if horizontal > 0.25 else 0.5)
     assert f"top/bottom unevenly by {vertical:.2f}, left/right by {horizontal:.2f}" in _reason(plan, "train.augment")
+
+
+def _colour_slices(root):
+    colours = {0: (0, 0, 0), 1: (255, 0, 0), 2: (0, 0, 255)}
+    for stem, (image, labels) in samples.hippo_slice_arrays(samples.HIPPO_CASES[:2], every=2).items():
+        for kind in ("images", "masks"):
+            (root / kind).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "images" / f"{stem}.png")
+        Image.fromarray(np.array([colours[v] for v in range(3)], np.uint8)[labels]).save(root / "masks" / f"{stem}.png")
+    return root
+
+
+def _segkit_volumes(root):
+    for kind, folder, suffix in (("images", "imagesTr", "_0000"), ("masks", "labelsTr", "")):
+        (root / "train" / kind).mkdir(parents=True)
+        for case in samples.HIPPO_CASES[:3]:
+            shutil.copy(samples.HIPPO / folder / f"{case}{suffix}.nii.gz", root / "train" / kind / f"{case}.nii.gz")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["colour", "segkit volumes", "resampled cord"])
+def test_train_a_folder_of_every_layout(cli, tmp_path, layout):
+    """Zero-config training end to end on the layouts the other slow test does not train: colour masks, the
+    segkit volume layout (classes from label values), and the spinal-cord scans whose 0.5 mm contrast is
+    resampled to the training cases' median in-plane spacing."""
+    root = {"colour": lambda: _colour_slices(tmp_path / "c"), "segkit volumes": lambda: _segkit_volumes(tmp_path / "v"),
+            "resampled cord": lambda: samples.CORD}[layout]()
+    out = tmp_path / "run"
+    result = cli("train", root, "--budget", "40s", "--out", out, "--no-progress")
+    assert result.code == 0, result.err
+    meta = json.loads((out / "best" / "model.json").read_text())
+    assert not math.isnan(meta["val"]["mean_dice"]) and meta["plan"]["edited"] == []
+    if layout == "colour":
+        assert meta["data"]["mask"] == "color" and len(meta["classes"]) == 3
+    elif layout == "segkit volumes":
+        assert meta["classes"] == ["background", "class_1", "class_2"]
+    else:
+        spacing = [Volume(c, [samples.CORD / "imagesTr" / f"{c}_0000.nii.gz"]).spacing for c in meta["data"]["train_cases"]]
+        plane = [a for a in range(3) if a != meta["data"]["volume"]["slice_axis"]]
+        assert meta["data"]["volume"]["target_spacing"] == pytest.approx(np.median(spacing, axis=0)[plane].tolist())
+
+
+class _FakeProbe:
+    """Step costs by formula (a step's time grows with the batch and the crop's area; memory small), so the
+    planner's choice of encoder, crop and batch is checked without timing anything."""
+
+    def __init__(self, cfg, head, device, encoder):
+        self.factor = 1.0 if encoder == "resnet34" else 0.6
+
+    def cost(self, batch, crop, steps=2):
+        from segkit.probe import StepCost
+
+        return StepCost(batch, self.factor * 0.02 * batch * (crop / 128) ** 2, 2**20 * batch)
+
+
+def _grid_masks(root):
+    """Every training mask of the embedded nuclei replaced by a grid of 3-pixel lines every 32 pixels: one
+    connected network per image (as ISBI's membranes), its typical object most of the image."""
+    for mask in (root / "train" / "masks").iterdir():
+        m = np.zeros_like(np.asarray(Image.open(mask)))
+        for k in range(0, min(m.shape), 32):
+            m[k:k + 3], m[:, k:k + 3] = 255, 255
+        Image.fromarray(m).save(mask)
+    return root
+
+
+@pytest.mark.parametrize("masks, crop, encoder", [("nuclei", 128, "resnet34"), ("grid", 256, "resnet34")])
+def test_the_crop_is_halved_for_batch_norm_only_while_it_keeps_the_objects_context(tmp_path, monkeypatch, masks,
+                                                                                   crop, encoder):
+    """48 images of 256 x 256: at crop 256 the 5 % data bound gives a batch of 2, at 128 a batch of 9. Small nuclei
+    (typical object ~1 900 px, four fit in 128 x 128) take the halved crop; a connected network filling the image
+    keeps 256 (four of its ~11 700 px would need 216 x 216), and with no batch of 8 anywhere, resnet34."""
+    monkeypatch.setattr("segkit.plan.StepProbe", _FakeProbe)
+    root = shutil.copytree(samples.NUCLEI, tmp_path / "d")
+    shutil.rmtree(root / "test")
+    if masks == "grid":
+        _grid_masks(root)
+    plan = make_plan(root, device="cpu")
+    assert (plan.get("train.crop"), plan.get("model.encoder")) == (crop, encoder)
+    typical = plan.fingerprint["typical_object_pixels"]["fg"]
+    if masks == "grid":
+        assert typical > 128 ** 2 / 4 and plan.get("train.batch_size") == 2
+        assert f"not halved below 256: a crop of 128 covers under 4 typical fg objects ({typical:.0f} pixels each)" \
+            in _reason(plan, "train.crop")
+        assert "no encoder and crop" in _reason(plan, "model.encoder")
+    else:
+        assert typical < 128 ** 2 / 4 and plan.get("train.batch_size") == 9
+        assert "halved, not below 128" in _reason(plan, "train.crop")
