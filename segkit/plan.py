@@ -325,7 +325,7 @@ def _size(plan: Plan, report: Report | VolumeReport, dev, largest: int, largest_
     linearly with the batch): the first of resnet34 then resnet18, at the largest crop then halves of it (not
     under MIN_CROP, nor under CONTEXT typical objects), where a batch of at least BN_BATCH fits every bound;
     resnet18 only when time or memory, not the amount of data, kept resnet34's batch small. When none does,
-    resnet34 at its largest batch. Returns the crop."""
+    the largest batch tried. Returns the crop."""
     cfg = plan.config()
     head, kind = cfg.head(), dev.type if dev.type in MEMORY_SHARE else "cuda"
     h, w = report.plane_size()
@@ -362,13 +362,13 @@ def _size(plan: Plan, report: Report | VolumeReport, dev, largest: int, largest_
             break  # a batch found, or the data bounds it (which a faster encoder does not change)
     if tried[-1][2] >= BN_BATCH:
         chosen, how = tried[-1], f"the first of resnet34 and resnet18 (at crops {crops}) where a batch of {BN_BATCH} fits"
-    else:  # resnet34 at its largest batch, the larger crop on a tie
-        chosen = max((t for t in tried if t[0] == "resnet34"), key=lambda t: (t[2], t[1]))
-        how = f"no encoder and crop (of {crops}) reached a batch of {BN_BATCH}: segkit's default at its largest batch"
+    else:  # the largest batch tried; on a tie the larger crop, then resnet34
+        chosen = max(tried, key=lambda t: (t[2], t[1], t[0] == "resnet34"))
+        how = f"no encoder and crop (of {crops}) reached a batch of {BN_BATCH}: the largest batch tried"
     encoder, crop, batch, bound, seconds, measured = chosen
     others = "; ".join(f"{e} at crop {c}: batch {n} ({why})" for e, c, n, why, _, _ in tried if (e, c) != (encoder, crop))
     plan.choices.append(Choice("model.encoder", encoder, (
-        f"resnet34, segkit's default ({measured})" if encoder == "resnet34" and batch >= BN_BATCH else
+        f"resnet34, segkit's default ({measured})" if encoder == "resnet34" and batch >= BN_BATCH and not others else
         f"{encoder}, {how}" + (f"; tried: {others}" if others else ""))))
     kept = ""
     if crops[-1] // 2 >= MIN_CROP and context[1]:

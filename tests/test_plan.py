@@ -324,13 +324,15 @@ class _FakeProbe:
     """Step costs by formula (a step's time grows with the batch and the crop's area; memory small), so the
     planner's choice of encoder, crop and batch is checked without timing anything."""
 
+    scale = 1.0
+
     def __init__(self, cfg, head, device, encoder):
         self.factor = 1.0 if encoder == "resnet34" else 0.6
 
     def cost(self, batch, crop, steps=2):
         from segkit.probe import StepCost
 
-        return StepCost(batch, self.factor * 0.02 * batch * (crop / 128) ** 2, 2**20 * batch)
+        return StepCost(batch, self.scale * self.factor * 0.02 * batch * (crop / 128) ** 2, 2**20 * batch)
 
 
 def _grid_masks(root):
@@ -366,3 +368,18 @@ def test_the_crop_is_halved_for_batch_norm_only_while_it_keeps_the_objects_conte
     else:
         assert typical < 128 ** 2 / 4 and plan.get("train.batch_size") == 9
         assert "halved, not below 128" in _reason(plan, "train.crop")
+
+
+def test_where_no_batch_of_8_fits_the_budget_the_largest_batch_tried_is_taken(tmp_path, monkeypatch):
+    """Steps five times dearer and a 3-minute budget (102 s of steps, >= 250 of them: at most 0.408 s a step):
+    resnet34 gets batch 2 at 256 and 4 at 128, resnet18 2 and 6; none reaches 8, so resnet18 at 128, batch 6."""
+    from segkit.probe import RunCost
+
+    monkeypatch.setattr("segkit.plan.StepProbe", type("Dear", (_FakeProbe,), {"scale": 5.0}))
+    monkeypatch.setattr("segkit.plan.run_cost", lambda cfg, dev: RunCost(1.0, 0.3, 2.0, 0.5, 8))
+    root = shutil.copytree(samples.NUCLEI, tmp_path / "d")
+    plan = make_plan(root, budget_s=180, device="cpu")
+    assert (plan.get("model.encoder"), plan.get("train.crop"), plan.get("train.batch_size")) == ("resnet18", 128, 6)
+    reason = _reason(plan, "model.encoder")
+    assert "no encoder and crop (of [256, 128]) reached a batch of 8: the largest batch tried" in reason
+    assert "resnet34 at crop 128: batch 4 (250 steps in the budget)" in reason

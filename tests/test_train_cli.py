@@ -390,11 +390,11 @@ def test_mask_at_another_resolution_same_aspect_is_resized_logged_and_trains(cli
 
 
 def test_a_time_limit_stops_inside_an_epoch_then_validates_and_saves(tmp_path, tiny_nuclei, caplog):
-    """An epoch of 100 000 steps would take hours: train.time_limit 8 s stops it after the steps that fit,
+    """An epoch of 100 000 steps would take hours: train.time_limit 3 s stops it after the steps that fit,
     then the run validates and writes best/ and last/ as a last epoch does (resumable into epoch 2)."""
     run = tmp_path / "run"
     r = run_cli(*train_args(SIGMOID, tiny_nuclei, run, "--set", "train.steps_per_epoch=100000",
-                            "--set", "train.time_limit=8", epochs=3))
+                            "--set", "train.time_limit=3", epochs=3))
     assert r.code == 0, r.err
     stop = next(m for m in caplog.messages if m.startswith("time limit: stopped after"))
     steps = int(stop.split()[4])
