@@ -60,8 +60,11 @@ def test_a_short_run_on_real_nuclei_reaches_a_validation_dice_of_0_75(tmp_path, 
     assert dice >= LEARNED, dice
 
 
+@pytest.mark.slow
 def test_the_same_run_with_masks_shuffled_between_images_does_not(tmp_path, caplog):
-    """A pipeline that paired images with the wrong masks would train without error and fail this bound."""
+    """A pipeline that paired images with the wrong masks would train without error and fail this bound. The
+    control of the test above (that its bound can fail), so in the slow tier CI runs: the default tier keeps
+    to 5 minutes on 2 cores."""
     dice = _val_dice(tmp_path, shuffled=True, caplog=caplog)
     assert dice < LEARNED, dice
     assert dice < 0.3, dice  # measured 0.00-0.06: far below, not just under the bound

@@ -383,3 +383,20 @@ def test_where_no_batch_of_8_fits_the_budget_the_largest_batch_tried_is_taken(tm
     reason = _reason(plan, "model.encoder")
     assert "no encoder and crop (of [256, 128]) reached a batch of 8: the largest batch tried" in reason
     assert "resnet34 at crop 128: batch 4 (250 steps in the budget)" in reason
+
+
+def test_the_schedule_plans_past_the_budget_by_the_probes_error_and_the_limit_ends_it(tmp_path, monkeypatch):
+    """Measured (faked): reading 1 s, 0.3 s a step, validation 2 s + checkpoint 0.5 s. The steps fill 110 % of
+    the time left after the validations; the predicted finish is the budget, which the time limit keeps."""
+    from segkit.probe import RunCost
+
+    monkeypatch.setattr("segkit.plan.StepProbe", _FakeProbe)
+    monkeypatch.setattr("segkit.plan.run_cost", lambda cfg, dev: RunCost(1.0, 0.3, 2.0, 0.5, 8))
+    root = copy_nuclei(tmp_path / "d", 8)
+    plan = make_plan(root, budget_s=300, device="cpu")
+    left = plan.get("train.time_limit") - 1.0 - 5.0  # the limit is the budget less planning; less reading, end
+    validations = min(20, int(0.1 * left // 2.5))
+    steps = (left - validations * 2.5) * 1.1 / 0.3
+    assert plan.get("train.epochs") == validations
+    assert plan.get("train.steps_per_epoch") == pytest.approx(steps / validations, abs=1)
+    assert plan.predicted_s == 300 and "with 10% to spare" in _reason(plan, "train.steps_per_epoch")
