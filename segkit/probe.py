@@ -17,6 +17,7 @@ from segkit.config import Config
 from segkit.data.dataset import SegmentationDataset
 from segkit.heads import Head
 from segkit.model import build_model
+from segkit.validation import validation_seconds
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -132,10 +133,8 @@ def run_cost(cfg: Config, device: torch.device, steps: int = 6, val_items: int =
     """Build the run of `cfg` as training does, time `steps` real steps after a warm-up one, validation on up
     to `val_items` validation samples (scaled to all of them) and one best/ + last/ checkpoint."""
     from segkit.checkpoints import Checkpointer
-    from segkit.data.transforms import eval_transform
     from segkit.loader import stop_workers
     from segkit.train import Progress, build_run, train_step
-    from segkit.validation import validate
 
     raw = cfg.model_dump(mode="json")
     raw["train"]["steps_per_epoch"] = steps + 1
@@ -158,12 +157,7 @@ def run_cost(cfg: Config, device: torch.device, steps: int = 6, val_items: int =
             began = now
     finally:
         stop_workers(run.loader)
-    subset = run.data.val[:val_items]
-    ds = SegmentationDataset(subset, run.data.reader, run.head, eval_transform(), run.data.norm)
-    began = time.perf_counter()
-    validate(run.seg, run.loss_fn, ds, run.units, run.batch)
-    _sync(device)
-    validation = (time.perf_counter() - began) * len(run.data.val) / max(1, len(subset))
+    validation = validation_seconds(run, val_items)
     with tempfile.TemporaryDirectory() as tmp:
         saver = Checkpointer(Path(tmp))
         began = time.perf_counter()

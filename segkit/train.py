@@ -38,7 +38,7 @@ from segkit.metrics import summarize_units, validation_rule
 from segkit.model import build_model, checkpoint_meta, recover_unit
 from segkit.run_control import Interrupted, RunLock, StopSignals
 from segkit.tensorboard import TensorBoardLog
-from segkit.validation import spaced_validation, val_pictures, validate
+from segkit.validation import spaced_validation, val_pictures, validate, validation_seconds
 
 log = logging.getLogger("segkit")
 
@@ -272,11 +272,13 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
     board = TensorBoardLog(out / "tensorboard") if main and t.tensorboard else None
     signals = StopSignals()
     interrupted: Interrupted | None = None
-    stopped, images_seen, train_seconds, tail = "completed", 0, 0.0, 0.0
+    stopped, images_seen, train_seconds = "completed", 0, 0.0
+    tail = validation_seconds(run) if t.time_limit else 0.0  # the run's end, known before the first validation
 
     def time_up(at_sync: bool) -> bool:
-        """Whether only the run's end (the last validation and save, as long as the longest so far) still fits
-        train.time_limit; under DDP decided at the loss read-backs, where the ranks meet anyway."""
+        """Whether only the run's end (the last validation and save: as long as the longest so far, at first a
+        validation timed on a few samples) still fits train.time_limit; under DDP decided at the loss
+        read-backs, where the ranks meet anyway."""
         if not t.time_limit or (dist.active() and not at_sync):
             return False
         return _agreed(time.perf_counter() - started + tail > t.time_limit, run.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,6 +15,7 @@ from torch import nn
 from segkit import distributed as dist
 from segkit.data.dataset import Pixels, Record, SegmentationDataset
 from segkit.data.source import ImageSource
+from segkit.data.transforms import eval_transform
 from segkit.infer import Segmenter, batches_by_shape
 from segkit.viz import overlay_picture
 
@@ -89,3 +91,16 @@ def spaced_validation(val_seconds: float, epoch_seconds: float, main: bool, shar
         log.info("validation takes %.1f s against %.1f s of training per epoch: validating every %d epochs "
                  "(and the last); set train.val_every to choose", val_seconds, epoch_seconds, every)
     return every
+
+
+def validation_seconds(run, items: int = 8) -> float:
+    """A whole validation of `run` (a `train.Run`), timed on up to `items` of its validation samples and
+    scaled to all of them."""
+    subset = run.data.val[:items]
+    ds = SegmentationDataset(subset, run.data.reader, run.head, eval_transform(), run.data.norm)
+    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda device: None)
+    sync(run.device)
+    began = time.perf_counter()
+    validate(run.seg, run.loss_fn, ds, run.units, run.batch)
+    sync(run.device)
+    return (time.perf_counter() - began) * len(run.data.val) / max(1, len(subset))

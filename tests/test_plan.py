@@ -148,9 +148,11 @@ def test_bad_budgets_are_refused(text):
         parse_budget(text)
 
 
+@pytest.mark.slow
 def test_a_measured_plan_fits_its_budget(tmp_path):
     """The schedule's arithmetic on measured costs: the predicted time is the budget's (within the rounding of
-    steps into epochs), and the training time limit is the budget less the planning."""
+    steps into epochs), and the training time limit is the budget less the planning. (Slow tier: the default
+    tier checks the same arithmetic exactly on faked costs.)"""
     root = samples.hippo_slices(tmp_path / "idx", cases=samples.HIPPO_CASES[:3], every=2)
     plan = make_plan(root, budget_s=120, device="cpu")
     per_epoch, epochs = plan.get("train.steps_per_epoch"), plan.get("train.epochs")

@@ -404,3 +404,15 @@ def test_a_time_limit_stops_inside_an_epoch_then_validates_and_saves(tmp_path, t
     assert json.loads((run / "last" / "model.json").read_text())["epoch"] == 1
     assert torch.load(run / "last" / "train_state.pt", weights_only=True)["epoch"] == 1
     assert (run / "best" / "model.json").is_file()
+
+
+def test_a_time_limit_counts_the_last_validation_before_the_first_one(tmp_path, tiny_nuclei, caplog, monkeypatch):
+    """The run's end is known from the start (a validation timed on a few samples), so a limit that only the
+    first validation would overrun stops the first epoch at once: here a (faked) 1000 s validation against a
+    500 s limit, after one step."""
+    monkeypatch.setattr(segkit.train, "validation_seconds", lambda run: 1000.0)
+    run = tmp_path / "run"
+    r = run_cli(*train_args(SIGMOID, tiny_nuclei, run, "--set", "train.steps_per_epoch=100000",
+                            "--set", "train.time_limit=500", epochs=3))
+    assert r.code == 0, r.err
+    assert any(m.startswith("time limit: stopped after 1 of 100000 steps of epoch 1") for m in caplog.messages)
