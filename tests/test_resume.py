@@ -237,9 +237,11 @@ def _wait_for(proc: subprocess.Popen, text: str) -> list[str]:
     raise AssertionError(f"never saw {text!r}: {''.join(lines)[-3000:]}")
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_real_process_group_with_data_workers_exits_143_with_last_written(tiny_nuclei, tmp_path):
     """Schedulers and Ctrl-C signal every process of the job: the loader workers ignore it, the main
-    process finishes its step, writes last/ and says where it stopped."""
+    process finishes its step, writes last/ and says where it stopped. (Slow tier, which CI runs: a real
+    process group takes 10 s; the in-process SIGTERM tests above cover the stop and resume in the default tier.)"""
     run = tmp_path / "run"
     run.mkdir()  # an existing empty folder: a new run may use it (its own lock file does not count)
     proc = _start(_args(tiny_nuclei, run, "--set", "train.workers=2"))
