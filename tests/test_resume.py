@@ -112,8 +112,10 @@ def reference(reference_run) -> Path:
 
 @pytest.mark.parametrize("where, call, stopped, state", [
     ("to_network", 3, "stopped at epoch 2 step 1/2", (1, 1)),  # mid-epoch: the first step of epoch 2 done
-    ("to_network", 4, "stopped at epoch 2 step 2/2", (1, 2)),  # every step of epoch 2 done, not validated
-    ("validate", 1, "stopped at epoch 1 step 2/2", (1, 0)),  # during epoch 1's validation: at its end
+    pytest.param("to_network", 4, "stopped at epoch 2 step 2/2", (1, 2),  # every step of epoch 2 done, not validated
+                 marks=pytest.mark.slow),
+    pytest.param("validate", 1, "stopped at epoch 1 step 2/2", (1, 0),  # during epoch 1's validation: at its end
+                 marks=pytest.mark.slow),
 ], ids=["mid-epoch", "before-validation", "epoch-boundary"])
 def test_sigterm_stops_writes_last_and_the_printed_command_resumes_exactly(
         reference, tiny_nuclei, tmp_path, monkeypatch, caplog, where, call, stopped, state):
@@ -259,6 +261,7 @@ def test_sigterm_to_a_real_process_group_with_data_workers_exits_143_with_last_w
     assert not (run / LOCK).exists()
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_then_resume_gives_the_uninterrupted_run(reference, tiny_nuclei, tmp_path):
     """kill -9 right after epoch 2 is logged, while its last/ is being written in the background:
     last/ is epoch 1's or epoch 2's, whole, and resuming from it ends where the reference does."""
@@ -311,7 +314,7 @@ KILL_LOOP = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("mode", ["exchange", "renames"])
+@pytest.mark.parametrize("mode", ["exchange", pytest.param("renames", marks=pytest.mark.slow)])
 def test_kill_9_at_random_points_of_writing_leaves_a_whole_folder(tmp_path, mode):
     """20 SIGKILLs at random moments of a loop that rewrites last/: after each (and `recover_unit`,
     which training runs first), last/ holds exactly the three files of one generation."""
