@@ -231,11 +231,16 @@ def _data_choices(report: Report | VolumeReport) -> list[Choice]:
     return out + [Choice(k, v, why) for k, v, why in report.input_choices()]
 
 
+def _foreground(names: list[str]) -> list[str]:
+    """The class names that are not named background (`foreground_classes`, by name)."""
+    return [names[i] for i in foreground_classes(names)]
+
+
 def _model_choices(report: Report | VolumeReport) -> list[Choice]:
     head, why = report.advice()
     shares = report.class_shares()
     names = list(shares)
-    fg = [names[i] for i in foreground_classes(names)] or names
+    fg = _foreground(names) or names
     rarest = min(fg, key=lambda c: shares[c])
     base = "ce" if head == "softmax" else "bce"
     loss = f"{base}+dice" if shares[rarest] < RARE else base
@@ -298,7 +303,7 @@ def _augment(report: Report | VolumeReport) -> Choice:
 def _oversampling(report: Report | VolumeReport, crop: int) -> list[Choice]:
     sizes, present, items = report.object_sizes(), report.presence(), report.fingerprint_items()
     names = list(sizes)
-    fg = [names[i] for i in foreground_classes(names)]
+    fg = _foreground(names)
     small = [(c, sizes[c]) for c in fg if sizes[c] < SMALL * crop * crop]  # nan (no object) compares False
     scarce = [(c, present[c]) for c in fg if present[c] < items[1] / 2]
     if not (small or scarce):
@@ -318,7 +323,7 @@ def _context(report: Report | VolumeReport) -> tuple[str, float]:
     (("", 0) when no class has an object)."""
     sizes = report.object_sizes()
     names = list(sizes)
-    known = [(c, a) for c, a in ((names[i], sizes[names[i]]) for i in foreground_classes(names)) if not math.isnan(a)]
+    known = [(c, sizes[c]) for c in _foreground(names) if not math.isnan(sizes[c])]
     if not known:
         return "", 0.0
     name, area = max(known, key=lambda ca: ca[1])

@@ -16,7 +16,7 @@ import logging
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -86,10 +86,8 @@ def fit_spec(ds: VolumeDataset, cases: Sequence[VolumeCase], d: DataConfig, seed
     norm = fit_per_case(schemes, [sample(i, case) for i, case in enumerate(cases)])
     spacing = tuple(float(s) for s in np.median([v.spacing for v in volumes], axis=0))
     spec = VolumeSpec(ds.layout, tuple(ds.channel_names), axis, dict(ds.class_values), ds.regions_class_order,
-                      ds.ignore_label, spacing=spacing)
-    if d.target_spacing is not None:
-        target = [spacing[a] for a in spec.plane] if d.target_spacing == "median" else d.target_spacing
-        spec = replace(spec, target_spacing=tuple(float(t) for t in target))
+                      ds.ignore_label, spacing=spacing).with_target(d.target_spacing)
+    if spec.target_spacing is not None:
         moved = [v.case for v in volumes if spec.slice_size(v.shape, v.spacing) is not None]
         log.info("in-plane target spacing %s mm (data.target_spacing: %s): %d of %d training cases resampled%s",
                  " x ".join(f"{t:.3g}" for t in spec.target_spacing), d.target_spacing, len(moved), len(volumes),

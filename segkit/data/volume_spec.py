@@ -72,6 +72,14 @@ class VolumeSpec:
         h, w = (a for a in range(3) if a != self.slice_axis)
         return h, w
 
+    def with_target(self, setting: str | tuple[float, float] | None) -> VolumeSpec:
+        """This spec with `data.target_spacing` applied: `median` is the training cases' median in-plane
+        spacing (`spacing`), a pair is taken as it is, None keeps each case on its own grid."""
+        if setting is None:
+            return self
+        target = [self.spacing[a] for a in self.plane] if setting == "median" else setting
+        return replace(self, target_spacing=tuple(float(t) for t in target))
+
     def slice_size(self, shape: tuple[int, ...], spacing: tuple[float, ...]) -> tuple[int, int] | None:
         """The (height, width) a case of `shape` and `spacing` is resampled to in-plane, or None when it is
         used on its own grid (no target spacing, or already at it)."""
