@@ -12,7 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import segkit.data.inspect as inspect_module
 import volumedata
 from samples import CORD, HIPPO
 from segkit.config import load_config
@@ -146,3 +149,31 @@ def test_bad_cases_are_refused_by_name(cli, tmp_path):
     assert "2 of 6 cases cannot be used" in r.err
     assert "case hippocampus_003" in r.err and "label values [5]" in r.err
     assert "case hippocampus_006" in r.err and "(34, 52, 34) voxels but image" in r.err and "(35, 52, 34)" in r.err
+
+
+# --- the label counts, against np.unique on np.take copies ------------------------------------------------------
+
+def _unique(label: np.ndarray) -> dict:
+    values, counts = np.unique(label, return_counts=True)
+    return dict(zip(values.tolist(), counts.tolist()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.tuples(*[st.integers(0, 7)] * 3),
+       dtype=st.sampled_from([np.uint8, np.int16, np.uint16, np.int32, np.float32]),
+       high=st.sampled_from([1, 4, 300, 70000]), chunk=st.sampled_from([1, 5, 1 << 22]), data=st.data())
+def test_histogram_and_halves_equal_a_sort_of_each_half(shape, dtype, high, chunk, data):
+    """Any label volume (negative, large and float values take np.unique's path; blocks of 1 and 5 voxels
+    split the rows): the histogram, and per axis those of the first n//2 and last n//2 slices, equal np.unique
+    counts of np.take copies."""
+    low = -2 if np.issubdtype(dtype, np.signedinteger) or dtype == np.float32 else 0
+    top = min(high, np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else high
+    flat = data.draw(st.lists(st.integers(low, top), min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
+    label = np.array(flat, dtype=dtype).reshape(shape)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(inspect_module, "CHUNK", chunk)
+        histogram, halves = inspect_module._histogram_and_halves(label)
+        assert histogram == _unique(label) == inspect_module._histogram(label)
+    for axis, n in enumerate(shape):
+        first, second = (_unique(np.take(label, range(*r), axis)) for r in ((0, n // 2), (n - n // 2, n)))
+        assert halves[axis] == (first, second)

@@ -36,8 +36,8 @@ from segkit.data.io import image_size, is_image, read_mask_raw
 from segkit.data.layout import Sample, by_stem, pair, split_dirs
 from segkit.data.masks import MaskFormat, build_mask_format, distinct
 from segkit.data.normalize import sample_windows, valid_pixels
-from segkit.data.resample import plane_size
 from segkit.data.source import ImageSource
+from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import VolumeCase, VolumeDataset, is_volume_root, slice_axis
 from segkit.errors import DataError, SegkitError
 
@@ -526,15 +526,55 @@ class CaseStats:
         return int(np.prod(self.shape))
 
 
+def _counts(label: np.ndarray, axes: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """The label values present and, for each, its voxels split by side along each of `axes`: an array of shape
+    (values, 3, 3, ...) whose index per axis is 0 (first half), 1 (second half) or 2 (an odd middle slice).
+
+    One pass of bincounts over blocks of CHUNK voxels (much faster than sorting; at once, the int64 copy a
+    bincount makes of a CT label volume takes 8x its size and 8x the time). Values other than small
+    non-negative integers are first numbered with np.unique."""
+    if label.size and np.issubdtype(label.dtype, np.integer) and 0 <= label.min() and label.max() < 1 << 16:
+        index, values = label, np.arange(int(label.max()) + 1)
+    else:
+        values, inverse = np.unique(label, return_inverse=True)
+        index = inverse.reshape(label.shape)
+    shape = (len(values),) + (3,) * len(axes)
+    counts = np.zeros(math.prod(shape), np.int64)
+    sides = []
+    for a in axes:
+        n = label.shape[a]
+        side = np.full(n, 2, np.int64)
+        side[:n // 2], side[n - n // 2:] = 0, 1
+        sides.append(side.reshape([-1 if b == a else 1 for b in range(label.ndim)]))
+    rows = max(1, CHUNK // max(1, math.prod(label.shape[1:])))
+    for start in range(0, len(index), rows):
+        key = index[start:start + rows].astype(np.int64)
+        for a, side in zip(axes, sides):
+            key = key * 3 + (side[start:start + rows] if a == 0 else side)
+        counts += np.bincount(key.ravel(), minlength=len(counts))
+    counts = counts.reshape(shape)
+    present = counts.sum(axis=tuple(range(1, counts.ndim))) > 0
+    return values[present], counts[present]
+
+
+def _as_dict(values: np.ndarray, counts: np.ndarray) -> dict[int, int]:
+    return {v: n for v, n in zip(values.tolist(), counts.tolist()) if n}
+
+
 def _histogram(label: np.ndarray) -> dict[int, int]:
-    """Label value -> voxel count; a bincount for small non-negative integers (much faster than sorting)."""
-    flat = label.ravel()
-    if flat.size and np.issubdtype(flat.dtype, np.integer) and 0 <= flat.min() and flat.max() < 1 << 16:
-        counts = np.bincount(flat)
-        present = np.flatnonzero(counts)
-        return dict(zip(present.tolist(), counts[present].tolist()))
-    values, counts = np.unique(flat, return_counts=True)
-    return dict(zip(values.tolist(), counts.tolist()))
+    """Label value -> voxel count."""
+    return _as_dict(*_counts(label))
+
+
+def _histogram_and_halves(label: np.ndarray) -> tuple[dict[int, int], list[tuple[dict[int, int], dict[int, int]]]]:
+    """The label histogram and, per axis, the histograms of the first and second halves along it (an odd
+    middle slice is in neither), from one pass over the volume."""
+    values, counts = _counts(label, range(label.ndim))
+    halves = []
+    for a in range(label.ndim):
+        per_side = counts.sum(axis=tuple(1 + b for b in range(label.ndim) if b != a))
+        halves.append((_as_dict(values, per_side[:, 0]), _as_dict(values, per_side[:, 1])))
+    return _as_dict(values, counts.sum(axis=tuple(range(1, counts.ndim)))), halves
 
 
 def _case_stats(ds: VolumeDataset, split: str, case: VolumeCase, check: bool) -> CaseStats | str:
@@ -553,12 +593,11 @@ def _case_stats(ds: VolumeDataset, split: str, case: VolumeCase, check: bool) ->
         block = flat[start:start + CHUNK].astype(np.float64)
         total += block.sum(0)
         squares += np.square(block).sum(0)
-    histogram = _histogram(label)
+    histogram, halves = _histogram_and_halves(label)
     return CaseStats(case.name, split, volume.shape, volume.spacing, str(data.dtype),
                      flat.min(0).astype(np.float64), flat.max(0).astype(np.float64), total, squares,
                      histogram, _slices_holding(label, [v for v in histogram if v != 0]),
-                     [(_histogram(np.take(label, range(n // 2), a)), _histogram(np.take(label, range(n - n // 2, n), a)))
-                      for a, n in enumerate(label.shape)])
+                     halves)
 
 
 def _slices_holding(label: np.ndarray, values: Sequence[int]) -> dict[int, tuple[int, int, int]]:
@@ -638,27 +677,23 @@ class VolumeReport:
         return sum(c.shape[self.slice_axis] for c in self.cases)
 
     @property
-    def _plane(self) -> list[int]:
-        return [a for a in range(3) if a != self.slice_axis]
+    def spec(self) -> VolumeSpec:
+        """How training with `data.target_spacing: median` cuts these cases: slice axis, median spacing and the
+        in-plane target (the planner's choice, so its sizes are what the network will see)."""
+        ds = self.dataset
+        return VolumeSpec(ds.layout, tuple(ds.channel_names), self.slice_axis, dict(ds.class_values),
+                          ds.regions_class_order, ds.ignore_label,
+                          spacing=tuple(self.median_spacing)).with_target("median")
 
-    @property
-    def target_spacing(self) -> list[float]:
-        """The in-plane spacing training resamples to (`data.target_spacing: median`)."""
-        return [self.median_spacing[a] for a in self._plane]
-
-    def _scale(self, case: CaseStats) -> list[float]:
+    def _scale(self, case: CaseStats, spec: VolumeSpec) -> list[float]:
         """Per in-plane axis, a case's voxel size over the target's: its slices grow by these factors."""
-        return [case.spacing[a] / t for a, t in zip(self._plane, self.target_spacing)]
+        return [case.spacing[a] / t for a, t in zip(spec.plane, spec.target_spacing)]
 
     def plane_size(self) -> tuple[float, float]:
         """Median (height, width) of the slices once resampled to the target spacing."""
-        sizes = [self._resampled(c) or [c.shape[a] for a in self._plane] for c in self.cases]
+        spec = self.spec
+        sizes = [spec.slice_size(c.shape, c.spacing) or [c.shape[a] for a in spec.plane] for c in self.cases]
         return tuple(float(v) for v in np.median(sizes, axis=0))
-
-    def _resampled(self, case: CaseStats) -> tuple[int, int] | None:
-        """A case's slice size at the target spacing, None when it is already there (as training decides)."""
-        return plane_size([case.shape[a] for a in self._plane], [case.spacing[a] for a in self._plane],
-                          self.target_spacing)
 
     def class_shares(self) -> dict[str, float]:
         valid = max(1, self.valid)
@@ -670,14 +705,15 @@ class VolumeReport:
     def object_sizes(self) -> dict[str, float]:
         """Median over cases of the mean area of a class's cross-sections in the slices that hold it, in pixels
         at the target spacing."""
-        axis, out = self.slice_axis, {}
+        spec, out = self.spec, {}
+        axis = spec.slice_axis
         for name, values in self.dataset.class_values.items():
             areas = []
             for c in self.cases:
                 count = sum(c.histogram.get(v, 0) for v in values)
                 held = max((c.slices.get(v, (0, 0, 0))[axis] for v in values), default=0)
                 if count and held:
-                    areas.append(count / held * math.prod(self._scale(c)))
+                    areas.append(count / held * math.prod(self._scale(c, spec)))
             out[name] = float(np.median(areas)) if areas else math.nan
         return out
 
@@ -687,7 +723,7 @@ class VolumeReport:
         def counts(histogram: dict[int, int]) -> np.ndarray:
             return np.array([sum(histogram.get(v, 0) for v in values) for values in self.dataset.class_values.values()])
 
-        rows, cols = self._plane
+        rows, cols = self.spec.plane
         return {name: sum(counts(c.halves[axis][i]) for c in self.cases)
                 for name, axis, i in zip(HALVES, (rows, rows, cols, cols), (0, 1, 0, 1))}
 
@@ -706,11 +742,12 @@ class VolumeReport:
         why = {"ct": "CT: Hounsfield units are absolute, so one transform for all cases (clip to the training "
                      "foreground's 0.5/99.5 percentiles, then its mean and std; nnU-Net's CT scheme)",
                "zscore": "no absolute scale (MRI and most modalities): z-score per case over its body"}
+        spec = self.spec
         spacing = ", ".join(f"{v:.3g}" for v in self.median_spacing)
-        inplane = " x ".join(f"{t:.3g}" for t in self.target_spacing)
-        moved = [c.name for c in self.cases if self._resampled(c) is not None]
+        inplane = " x ".join(f"{t:.3g}" for t in spec.target_spacing)
+        moved = [c.name for c in self.cases if spec.slice_size(c.shape, c.spacing) is not None]
         spread = " and ".join(f"{st['min']:.3g}-{st['max']:.3g}" for st in
-                              (_stats([c.spacing[a] for c in self.cases]) for a in self._plane))
+                              (_stats([c.spacing[a] for c in self.cases]) for a in spec.plane))
         resampled = (f"{len(moved)} of {len(self.cases)} cases ({', '.join(moved[:3])}{', ...' if len(moved) > 3 else ''}) "
                      "are resampled in-plane to it for training (images bilinear, labels nearest)"
                      if moved else f"every case is already at it (in-plane {spread} mm), so none is resampled")
