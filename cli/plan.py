@@ -19,9 +19,13 @@ def plan(
     out: Annotated[Path, typer.Option(help="The plan (a segkit config with its reasons); the fingerprint is "
                                            "written beside it as <name>.fingerprint.json.")] = Path("plan.yaml"),
     progress: Annotated[bool, typer.Option(help="Show a progress bar while reading the data.")] = True,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Declare a data key the files cannot tell, e.g. "
+                                                               "--set data.ignore_index=11; the plan reads the "
+                                                               "data as it says.")] = None,
 ) -> None:
     """Read the data once, measure training on the device, and write a complete config whose every choice
     carries its reason; `segkit train plan.yaml` trains it."""
+    from segkit.config import data_overrides
     from segkit.data.io import write_bytes
     from segkit.errors import SegkitError
     from segkit.plan import make_plan, parse_budget
@@ -33,7 +37,12 @@ def plan(
     for path in (out, fingerprint):  # a plan the user may have edited is never overwritten
         if path.exists():
             raise SegkitError(f"--out {out}: {path} exists. Fix: --out another file, or remove it first.")
-    made = make_plan(root, seconds, device, progress=progress, started=started())
+    other = [a for a in set_ or [] if not data_overrides([a])]
+    if other:
+        raise SegkitError(f"--set {other[0]}: `segkit plan` takes the data keys that say how to read the data. "
+                          "Fix: edit the written plan.yaml, or pass it to `segkit train plan.yaml --set`.")
+    made = make_plan(root, seconds, device, progress=progress, started=started(),
+                     declared=data_overrides(set_ or []))
     files = made.files()
     write_bytes(out, files["plan.yaml"])
     write_bytes(fingerprint, files["fingerprint.json"])

@@ -98,7 +98,7 @@ def _planned(root: Path, budget: str | None, device: str | None, overrides: list
     from segkit import distributed
     from segkit.config import load_config, parse_config, set_dotted
     from segkit.errors import SegkitError
-    from segkit.plan import make_plan, parse_budget
+    from segkit.plan import declared_reading, make_plan, parse_budget
 
     if distributed.world_size() > 1:
         raise SegkitError(f"{root}: planning under --nproc would plan once per process. Fix: `segkit plan {root} "
@@ -106,7 +106,7 @@ def _planned(root: Path, budget: str | None, device: str | None, overrides: list
     if resume:
         return load_config(folder / "plan.yaml", overrides), {}
     made = make_plan(root, parse_budget(budget) if budget is not None else None, device or "auto",
-                     progress=progress, started=started())
+                     progress=progress, started=started(), declared=declared_reading(overrides))
     typer.echo(made.table() + "\n", err=True)
     raw = made.raw()
     for assignment in overrides:

@@ -219,12 +219,13 @@ class Config(_Strict):
 _UNION_TAG = re.compile(r"^(int|float|bool|str|none|literal\[.*\]|list\[.*\]|tuple\[.*\])$")
 
 
-def _format(err: ValidationError, source: str) -> str:
-    """One line per key; the alternatives of a union (int | 'nonzero') are joined on that key's line."""
+def _format(err: ValidationError, source: str, prefix: str = "") -> str:
+    """One line per key (`prefix` + its path); the alternatives of a union (int | 'nonzero') are joined on that
+    key's line."""
     lines = [f"{source}: invalid config"]
     values: dict[str, tuple[object, list[str]]] = {}
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"] if not _UNION_TAG.match(str(p))) or "(top level)"
+        key = prefix + ".".join(str(p) for p in e["loc"] if not _UNION_TAG.match(str(p))) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key. Fix: remove it or check its spelling (see configs/*.yaml).")
         elif e["type"] == "missing":
@@ -276,6 +277,25 @@ def resolve_volumes(d: DataConfig) -> VolumeDataset | None:
     schemes_for(d.normalize, ds.channel_names)
     d.classes, d.mask, d.channels = list(ds.classes), "volume", channels
     return ds
+
+
+def data_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """The `data.KEY=value` assignments among `overrides`, as {KEY: value}: what a user declares about the
+    data before it is planned (class names, the ignore value, bands)."""
+    raw: dict[str, Any] = {}
+    for assignment in overrides:
+        if assignment.partition("=")[0].strip().startswith("data."):
+            set_dotted(raw, assignment)
+    return raw.get("data", {})
+
+
+def check_data_keys(data: dict[str, Any], source: str) -> None:
+    """Validate data keys given on their own (each key's type and range; what needs the whole config, such as
+    classes against the head, is checked with it)."""
+    try:
+        DataConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source, prefix="data.")) from None
 
 
 def parse_config(raw: dict[str, Any], source: str = "config") -> Config:

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from segkit.config import AugmentConfig, Config, parse_config
+from segkit.config import AugmentConfig, Config, check_data_keys, data_overrides, parse_config
 from segkit.data.dataset import foreground_classes
-from segkit.data.inspect import Report, VolumeReport, inspect_data
+from segkit.data.inspect import READING, Report, VolumeReport, inspect_data
 from segkit.device import resolve_device
 from segkit.errors import ConfigError, SegkitError
 from segkit.probe import StepProbe, available_memory, run_cost
@@ -188,19 +188,27 @@ def parse_budget(text: str) -> float:
 
 
 def make_plan(root: str | Path, budget_s: float | None = None, device: str = "auto", progress: bool = False,
-              measure: bool = True, started: float | None = None, report: Report | VolumeReport | None = None
-              ) -> Plan:
+              measure: bool = True, started: float | None = None, report: Report | VolumeReport | None = None,
+              declared: dict[str, Any] | None = None) -> Plan:
     """The plan for the dataset at `root`. `measure`: time and size training on `device` (batch, encoder and
     with `budget_s` the schedule); without, those keep segkit's defaults and the plan says so (what `segkit
     inspect` shows). `started`: `time.perf_counter()` when the user's command began (the budget counts from it).
-    `report`: the dataset's inspection, if already made."""
+    `report`: the dataset's inspection, if already made. `declared`: data keys the user states (`--set
+    data.ignore_index=11`, class names): the data is read as they say, and the plan is made from that reading."""
     started = time.perf_counter() if started is None else started
     root = Path(root)
-    report = report or inspect_data(root, progress=progress)
+    declared = declared or {}
+    other = sorted(set(declared) - set(READING))
+    if other:
+        raise ConfigError(f"data.{other[0]}: a plan is made from the keys that say how to read the data "
+                          f"({', '.join(f'data.{k}' for k in READING)}). Fix: set data.{other[0]} in the written "
+                          "plan.yaml, or pass it to `segkit train DATA --set`, which applies it after planning.")
+    check_data_keys({"root": root, **declared}, "the declared data keys (--set data.KEY)")
+    report = report or inspect_data(root, progress=progress, declared=declared)
     report.refuse_untrainable()
     dev = resolve_device(device)
     kind = dev.type if dev.type in CROP_CAP else "cuda"
-    choices = _data_choices(report) + _model_choices(report)
+    choices = _data_choices(report, declared) + _model_choices(report)
     largest, largest_why = _crop(report, kind)
     choices.append(Choice("train.device", dev.type, f"{dev} ({'a CUDA GPU' if dev.type == 'cuda' else 'no GPU'} "
                                                      "found)" if device == "auto" else f"{dev}, as asked"))
@@ -222,12 +230,18 @@ def make_plan(root: str | Path, budget_s: float | None = None, device: str = "au
     return plan
 
 
-def _data_choices(report: Report | VolumeReport) -> list[Choice]:
+def declared_reading(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """The `--set data.KEY=value` overrides that say how to read the data (`READING`): a plan is made from the
+    data read as they say. Every override is still applied to the plan afterwards."""
+    return {k: v for k, v in data_overrides(overrides).items() if k in READING}
+
+
+def _data_choices(report: Report | VolumeReport, declared: dict[str, Any]) -> list[Choice]:
     data = report.config()["data"]
     out = [Choice("data.root", data.pop("root"), "the dataset folder")]
     encoding = report.encoding_reason()
     for key, value in data.items():
-        out.append(Choice(f"data.{key}", value, encoding))
+        out.append(Choice(f"data.{key}", value, f"as declared (--set data.{key})" if key in declared else encoding))
     return out + [Choice(k, v, why) for k, v, why in report.input_choices()]
 
 

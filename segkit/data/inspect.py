@@ -22,7 +22,7 @@ import math
 import textwrap
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,14 @@ class DataGuess:
         return cls(d.mask, list(d.classes), d.ignore_index, d.foreground_value, d.colors,
                    binary_threshold=d.binary_threshold, bands=d.bands, nodata=d.nodata)
 
+    def declare(self, declared: dict) -> DataGuess:
+        """This reading with the `READING` keys the user declared in place of the guessed ones."""
+        if not declared:
+            return self
+        colors = declared.get("colors")
+        return replace(self, **declared | ({"colors": [tuple(c) for c in colors]} if colors else {}),
+                       guessed=self.guessed and "classes" not in declared)
+
     def format(self) -> MaskFormat:
         return build_mask_format(self.mask, self.classes, self.ignore_index, self.foreground_value, self.colors,
                                  self.binary_threshold)
@@ -74,6 +82,11 @@ class DataGuess:
         if "background" in names:
             return names.index("background")
         return 0 if self.guessed and self.mask in ("index", "color") else None
+
+
+READING = ("mask", "classes", "ignore_index", "foreground_value", "binary_threshold", "colors", "bands", "nodata")
+"""The data keys that say how a dataset is read (how masks encode classes, which bands): a config's or the user's
+declaration of them replaces what inspection would guess."""
 
 
 @dataclass
@@ -280,7 +293,7 @@ class Report:
         and the advised head; every other key keeps its default."""
         d = self.data
         data: dict = {"root": str(self.root), "mask": d.mask, "classes": list(d.classes)}
-        for key in ("ignore_index", "foreground_value", "binary_threshold", "bands", "nodata"):
+        for key in ("ignore_index", "foreground_value", "binary_threshold", "bands", "nodata"):  # READING's
             if getattr(d, key) is not None:
                 data[key] = getattr(d, key)
         if d.colors is not None:
@@ -341,8 +354,9 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and is_image(p)) if folder.is_dir() else []
 
 
-def guess_data(root: Path) -> DataGuess:
-    """Mask format and class names from (a sample of 20) mask files of the first split, with the reason."""
+def guess_data(root: Path, ignore: int | None = None) -> DataGuess:
+    """Mask format and class names from (a sample of 20) mask files of the first split, with the reason; a
+    declared `ignore` value is no class."""
     _, masks_dir = next(iter(split_dirs(root).values()))
     folders = sorted(p.name for p in masks_dir.iterdir() if p.is_dir() and _files(p)) if masks_dir.is_dir() else []
     if folders:
@@ -366,6 +380,7 @@ def guess_data(root: Path) -> DataGuess:
         else:
             for value, n in _histogram(arr if arr.ndim == 2 else arr[:, :, 0]).items():
                 counts[value] = counts.get(value, 0) + n
+    counts.pop(ignore, None)
     seen = f"{len(sample)} of {len(files)} mask files read"
     if colours and not lossy:
         ordered = sorted(colours)
@@ -394,6 +409,12 @@ def guess_data(root: Path) -> DataGuess:
                          reason=f"{len(values)} values up to {max(values)} ({seen}): instance IDs, so any value but "
                                 "0 is foreground")
     top = int(max(values, default=0))
+    if top + 1 - len(values) > len(values):
+        raise DataError(f"{masks_dir}: grey masks holding the values {values[:12]}{' ...' if len(values) > 12 else ''} "
+                        f"({seen}): as class indices these would be {top + 1} classes, {top + 1 - len(values)} of "
+                        f"them never seen. A value set apart, like {top}, usually marks unlabelled pixels. Fix: "
+                        f"declare it (`--set data.ignore_index={top}` to segkit plan or train, or data.ignore_index "
+                        "in a config), and name the classes with data.classes.")
     return DataGuess("index", ["background", *(f"class_{i}" for i in range(1, top + 1))], guessed=True,
                      reason=f"grey masks holding the values {values[:12]}{' ...' if len(values) > 12 else ''} "
                             f"({seen}): class index masks, 0 = background; name the classes in data.classes "
@@ -487,13 +508,17 @@ def inspect(root: str | Path, data: DataGuess | None = None, threads: int = 4, p
     return Report(root, data, splits, summarize_images(images, data.bands, data.nodata))
 
 
-def inspect_data(root: str | Path, data: DataConfig | None = None, progress: bool = False) -> Report | VolumeReport:
+def inspect_data(root: str | Path, data: DataConfig | None = None, progress: bool = False,
+                 declared: dict | None = None) -> Report | VolumeReport:
     """`inspect` for images, `inspect_volumes` for a volume dataset; `data` (a config's data section) says how
-    to read masks, or, for volumes, selects or renames classes."""
+    to read masks, or, for volumes, selects or renames classes. Without `data`, the reading is guessed from the
+    files, except for the `READING` keys the user `declared` (an ignore value, class names)."""
+    declared = declared or {}
     if is_volume_root(Path(root)):
-        return inspect_volumes(root, data.classes if data else None, data.ignore_index if data else None,
-                               progress=progress)
-    return inspect(root, DataGuess.from_config(data) if data else None, progress=progress)
+        given = data.model_dump() if data else declared
+        return inspect_volumes(root, given.get("classes"), given.get("ignore_index"), progress=progress)
+    guess = DataGuess.from_config(data) if data else guess_data(Path(root), declared.get("ignore_index"))
+    return inspect(root, guess.declare(declared), progress=progress)
 
 
 HALVES = ("top", "bottom", "left", "right")
