@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from segkit.config import Config
-from segkit.data.dataset import SegmentationDataset
 from segkit.heads import Head
 from segkit.model import build_model
 from segkit.validation import validation_seconds

@@ -47,7 +47,7 @@ def make_geo_dataset(root: Path, bands: int, tile: int = 300, splits: dict[str, 
     Tiles are assigned to splits in order (e.g. {"train": 6, "test": 3} for a 900 x 900 source
     cut in 300 x 300 tiles). Images keep the source's CRS and nodata (0); masks are {0, 255}."""
     with rasterio.open(SPACENET / "images" / "buildings.tif") as src:
-        raw, profile, crs, transform, nodata = src.read(1), src.profile, src.crs, src.transform, src.nodata
+        raw, crs, transform, nodata = src.read(1), src.crs, src.transform, src.nodata
     with warnings.catch_warnings():  # the sample's mask file carries no georeference of its own
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         m = rasterio.open(SPACENET / "masks" / "buildings.tif")

@@ -11,6 +11,8 @@ so a test can recompute what it expects from the same real files:
 - `hippo_multilabel`: the same slices with overlapping labels, one binary mask folder per class:
   `hippocampus` (labels 1 or 2) and `posterior` (label 2), so every posterior pixel has two labels.
 - `hippo_regions`: the hippocampus volumes as an nnU-Net v2 region dataset: whole = {1, 2}, core = {2}.
+- `msd_hippocampus`: the hippocampus volumes in the Medical Segmentation Decathlon layout (dataset.json with
+  `modality` and `training`), two channels in one 4-D file: the scan and twice the scan.
 
 Slices are stored as 8-bit grey PNG: cases stored as uint8 keep their values; float32 cases are scaled
 linearly from [0, case max] to [0, 255] and rounded (`grey8`).
@@ -136,3 +138,23 @@ def inverted_nuclei(dst: Path, stems: list[str], split: str = "train") -> Path:
         _save((255 - mask).astype(np.uint8), dst / split / "masks" / f"{stem}.png")
     return dst
 
+
+
+def msd_hippocampus(dst: Path, cases: tuple[str, ...] = HIPPO_CASES[:3], test: str = "hippocampus_033") -> Path:
+    """DST/{imagesTr,labelsTr,imagesTs} and dataset.json in the MSD layout; each image a 4-D float32 file of
+    the scan and twice the scan (the `test` case too). Returns DST."""
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (dst / folder).mkdir(parents=True, exist_ok=True)
+    for name, folder in [(c, "imagesTr") for c in cases] + [(test, "imagesTs")]:
+        img = nib.load(HIPPO / "imagesTr" / f"{name}_0000.nii.gz")
+        voxels = np.asanyarray(img.dataobj).astype(np.float32)
+        nib.save(nib.Nifti1Image(np.stack([voxels, 2 * voxels], axis=-1), img.affine), dst / folder / f"{name}.nii.gz")
+    for name in cases:
+        shutil.copy(HIPPO / "labelsTr" / f"{name}.nii.gz", dst / "labelsTr" / f"{name}.nii.gz")
+    (dst / "dataset.json").write_text(json.dumps({
+        "name": "Hippocampus", "modality": {"0": "MRI", "1": "MRI x2"},
+        "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+        "numTraining": len(cases), "numTest": 1,
+        "training": [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in cases],
+        "test": [f"./imagesTs/{test}.nii.gz"]}, indent=1))
+    return dst

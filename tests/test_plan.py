@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
 import yaml
@@ -333,13 +334,15 @@ def _segkit_volumes(root):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["colour", "segkit volumes", "resampled cord"])
+@pytest.mark.parametrize("layout", ["colour", "segkit volumes", "resampled cord", "msd"])
 def test_train_a_folder_of_every_layout(cli, tmp_path, layout):
     """Zero-config training end to end on the layouts the other slow test does not train: colour masks, the
-    segkit volume layout (classes from label values), and the spinal-cord scans whose 0.5 mm contrast is
-    resampled to the training cases' median in-plane spacing."""
+    segkit volume layout (classes from label values), the spinal-cord scans whose 0.5 mm contrast is
+    resampled to the training cases' median in-plane spacing, and the Decathlon (MSD) layout with two channels
+    in one 4-D file, whose test image is then predicted on its own grid."""
     root = {"colour": lambda: _colour_slices(tmp_path / "c"), "segkit volumes": lambda: _segkit_volumes(tmp_path / "v"),
-            "resampled cord": lambda: samples.CORD}[layout]()
+            "resampled cord": lambda: samples.CORD, "msd": lambda: samples.msd_hippocampus(tmp_path / "Task04")
+            }[layout]()
     out = tmp_path / "run"
     result = cli("train", root, "--budget", "40s", "--out", out, "--no-progress")
     assert result.code == 0, result.err
@@ -349,6 +352,14 @@ def test_train_a_folder_of_every_layout(cli, tmp_path, layout):
         assert meta["data"]["mask"] == "color" and len(meta["classes"]) == 3
     elif layout == "segkit volumes":
         assert meta["classes"] == ["background", "class_1", "class_2"]
+    elif layout == "msd":
+        assert meta["classes"] == ["background", "Anterior", "Posterior"] and meta["in_channels"] == 2
+        assert meta["data"]["volume"]["layout"] == "msd"
+        predicted = cli("predict", out / "best", root / "imagesTs", tmp_path / "masks", "--no-progress")
+        assert predicted.code == 0, predicted.err
+        image, mask = nib.load(root / "imagesTs" / "hippocampus_033.nii.gz"), nib.load(tmp_path / "masks" / "hippocampus_033.nii.gz")
+        assert mask.shape == image.shape[:3] and np.allclose(mask.affine, image.affine)
+        assert set(np.unique(np.asanyarray(mask.dataobj)).tolist()) <= {0, 1, 2}
     else:
         spacing = [Volume(c, [samples.CORD / "imagesTr" / f"{c}_0000.nii.gz"]).spacing for c in meta["data"]["train_cases"]]
         plane = [a for a in range(3) if a != meta["data"]["volume"]["slice_axis"]]

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import samples
 import volumedata
 from samples import CORD, DATA, HIPPO, HIPPO_CASES
 from segkit.data.volumes import (
@@ -334,24 +335,8 @@ def test_ignore_label_is_allowed_in_label_files_but_is_no_class(tmp_path):
 # --- MSD: dataset.json with modality/training, multi-channel as one 4-D file ---------------------------------
 
 def test_msd_layout_with_a_4d_image(tmp_path):
-    root = tmp_path / "Task04_Hippocampus"
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    (root / "imagesTs").mkdir()
-    for name in HIPPO_CASES[:3]:
-        src = HIPPO / "imagesTr" / f"{name}_0000.nii.gz"
-        img = nib.load(src)
-        voxels = np.asanyarray(img.dataobj).astype(np.float32)
-        _save(np.stack([voxels, 2 * voxels], axis=-1), img.affine, root / "imagesTr" / f"{name}.nii.gz")
-        shutil.copy(HIPPO / "labelsTr" / f"{name}.nii.gz", root / "labelsTr" / f"{name}.nii.gz")
+    root = samples.msd_hippocampus(tmp_path / "Task04_Hippocampus")
     shutil.copy(HIPPO / "imagesTr" / "hippocampus_033_0000.nii.gz", root / "imagesTs" / "hippocampus_033.nii.gz")
-    _json(root / "dataset.json", {
-        "name": "Hippocampus", "modality": {"0": "MRI", "1": "MRI x2"},
-        "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
-        "numTraining": 3, "numTest": 1,
-        "training": [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in HIPPO_CASES[:3]],
-        "test": ["./imagesTs/hippocampus_033.nii.gz"],
-    })
     ds = VolumeDataset.from_root(root)
     assert ds.layout == "msd" and ds.classes == ["background", "Anterior", "Posterior"]
     assert ds.channel_names == ["MRI", "MRI x2"] and not ds.multilabel

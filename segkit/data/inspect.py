@@ -34,7 +34,7 @@ from segkit.config import DataConfig
 from segkit.data.dataset import label_stats
 from segkit.data.io import image_size, is_image, read_mask_raw
 from segkit.data.layout import Sample, by_stem, pair, split_dirs
-from segkit.data.masks import MaskFormat, build_mask_format, distinct
+from segkit.data.masks import MaskFormat, build_mask_format
 from segkit.data.normalize import sample_windows, valid_pixels
 from segkit.data.source import ImageSource
 from segkit.data.volume_spec import VolumeSpec
