@@ -37,12 +37,8 @@ def plan(
     for path in (out, fingerprint):  # a plan the user may have edited is never overwritten
         if path.exists():
             raise SegkitError(f"--out {out}: {path} exists. Fix: --out another file, or remove it first.")
-    other = [a for a in set_ or [] if not data_overrides([a])]
-    if other:
-        raise SegkitError(f"--set {other[0]}: `segkit plan` takes the data keys that say how to read the data. "
-                          "Fix: edit the written plan.yaml, or pass it to `segkit train plan.yaml --set`.")
     made = make_plan(root, seconds, device, progress=progress, started=started(),
-                     declared=data_overrides(set_ or []))
+                     declared=data_overrides(set_ or [], "plan"))
     files = made.files()
     write_bytes(out, files["plan.yaml"])
     write_bytes(fingerprint, files["fingerprint.json"])

@@ -225,7 +225,8 @@ def _format(err: ValidationError, source: str, prefix: str = "") -> str:
     lines = [f"{source}: invalid config"]
     values: dict[str, tuple[object, list[str]]] = {}
     for e in err.errors():
-        key = prefix + ".".join(str(p) for p in e["loc"] if not _UNION_TAG.match(str(p))) or "(top level)"
+        path = ".".join(str(p) for p in e["loc"] if not _UNION_TAG.match(str(p)))
+        key = prefix + path if path else "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key. Fix: remove it or check its spelling (see configs/*.yaml).")
         elif e["type"] == "missing":
@@ -255,6 +256,16 @@ MISSING_CLASSES = ("required key is missing (a dataset of images; a volume datas
                    "Fix: add it, e.g. [background, nucleus].")
 
 
+def _refuse_image_keys(d: DataConfig) -> None:
+    """The keys that say how to read images, set for a volume dataset: an error naming the first."""
+    for key in ("bands", "colors", "foreground_value", "binary_threshold", "mean", "std", "nodata"):
+        if getattr(d, key) is not None:
+            raise ConfigError(f"data.{key}: not used for volume datasets ({d.root}). Fix: remove it.")
+    if "mask" in d.model_fields_set and d.mask != "volume":
+        raise ConfigError(f"data.mask: '{d.mask}', but {d.root} is a volume dataset whose labels dataset.json "
+                          "(or, without one, label value = class index) defines. Fix: remove data.mask.")
+
+
 def resolve_volumes(d: DataConfig) -> VolumeDataset | None:
     """A volume dataset's classes, channels and label encoding come from its files (dataset.json), so
     `data.root` alone is a valid data section; what the config does say must agree with them. The
@@ -263,12 +274,7 @@ def resolve_volumes(d: DataConfig) -> VolumeDataset | None:
         if d.classes is None:
             raise ConfigError(f"data.classes: {MISSING_CLASSES}")
         return None
-    for key in ("bands", "colors", "foreground_value", "binary_threshold", "mean", "std", "nodata"):
-        if getattr(d, key) is not None:
-            raise ConfigError(f"data.{key}: not used for volume datasets ({d.root}). Fix: remove it.")
-    if "mask" in d.model_fields_set and d.mask != "volume":
-        raise ConfigError(f"data.mask: '{d.mask}', but {d.root} is a volume dataset whose labels dataset.json "
-                          "(or, without one, label value = class index) defines. Fix: remove data.mask.")
+    _refuse_image_keys(d)
     ds = VolumeDataset.from_root(d.root, d.classes, d.ignore_index)
     channels = len(ds.channel_names)
     if "channels" in d.model_fields_set and d.channels != channels:
@@ -279,23 +285,31 @@ def resolve_volumes(d: DataConfig) -> VolumeDataset | None:
     return ds
 
 
-def data_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+def data_overrides(overrides: list[str] | tuple[str, ...], command: str | None = None) -> dict[str, Any]:
     """The `data.KEY=value` assignments among `overrides`, as {KEY: value}: what a user declares about the
-    data before it is planned (class names, the ignore value, bands)."""
+    data before it is planned (class names, the ignore value, bands). With `command` (one that only reads the
+    data: inspect, plan), any other override is an error."""
     raw: dict[str, Any] = {}
     for assignment in overrides:
         if assignment.partition("=")[0].strip().startswith("data."):
             set_dotted(raw, assignment)
+        elif command:
+            raise ConfigError(f"--set {assignment}: `segkit {command}` takes the data keys that say how to read the "
+                              "data. Fix: edit the written plan.yaml, or pass it to `segkit train ... --set`.")
     return raw.get("data", {})
 
 
-def check_data_keys(data: dict[str, Any], source: str) -> None:
-    """Validate data keys given on their own (each key's type and range; what needs the whole config, such as
-    classes against the head, is checked with it)."""
+def check_data_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Validate data keys given on their own (`data` holds `root` and them): each key's type and range, and
+    for a volume dataset whether it applies to volumes at all. Returns them validated (root left out); what
+    needs the whole config, such as classes against the head, is checked with it."""
     try:
-        DataConfig.model_validate(data)
+        d = DataConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format(err, source, prefix="data.")) from None
+    if is_volume_root(d.root):
+        _refuse_image_keys(d)
+    return d.model_dump(include=set(data) - {"root"})
 
 
 def parse_config(raw: dict[str, Any], source: str = "config") -> Config:

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from segkit.config import AugmentConfig, Config, check_data_keys, data_overrides, parse_config
+from segkit.config import AugmentConfig, Config, data_overrides, parse_config
 from segkit.data.dataset import foreground_classes
-from segkit.data.inspect import READING, Report, VolumeReport, inspect_data
+from segkit.data.inspect import READING, Report, VolumeReport, check_declared, inspect_data
 from segkit.device import resolve_device
 from segkit.errors import ConfigError, SegkitError
 from segkit.probe import StepProbe, available_memory, run_cost
@@ -197,13 +197,7 @@ def make_plan(root: str | Path, budget_s: float | None = None, device: str = "au
     data.ignore_index=11`, class names): the data is read as they say, and the plan is made from that reading."""
     started = time.perf_counter() if started is None else started
     root = Path(root)
-    declared = declared or {}
-    other = sorted(set(declared) - set(READING))
-    if other:
-        raise ConfigError(f"data.{other[0]}: a plan is made from the keys that say how to read the data "
-                          f"({', '.join(f'data.{k}' for k in READING)}). Fix: set data.{other[0]} in the written "
-                          "plan.yaml, or pass it to `segkit train DATA --set`, which applies it after planning.")
-    check_data_keys({"root": root, **declared}, "the declared data keys (--set data.KEY)")
+    declared = check_declared(root, declared) if declared else {}
     report = report or inspect_data(root, progress=progress, declared=declared)
     report.refuse_untrainable()
     dev = resolve_device(device)
@@ -238,6 +232,7 @@ def declared_reading(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
 
 def _data_choices(report: Report | VolumeReport, declared: dict[str, Any]) -> list[Choice]:
     data = report.config()["data"]
+    data |= {k: v for k, v in declared.items() if k not in data}  # a volume report writes no ignore value
     out = [Choice("data.root", data.pop("root"), "the dataset folder")]
     encoding = report.encoding_reason()
     for key, value in data.items():

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import segkit.data.inspect as inspect_module
@@ -161,15 +161,20 @@ def _unique(label: np.ndarray) -> dict:
 @settings(max_examples=60, deadline=None)
 @given(shape=st.tuples(*[st.integers(0, 7)] * 3),
        dtype=st.sampled_from([np.uint8, np.int16, np.uint16, np.int32, np.float32]),
-       high=st.sampled_from([1, 4, 300, 70000]), chunk=st.sampled_from([1, 5, 1 << 22]), data=st.data())
-def test_histogram_and_halves_equal_a_sort_of_each_half(shape, dtype, high, chunk, data):
+       high=st.sampled_from([1, 4, 300, 70000]), chunk=st.sampled_from([1, 5, 1 << 22]),
+       layout=st.sampled_from(["C", "F", "reversed"]), data=st.data())
+@example(shape=(7, 1, 2), dtype=np.uint8, high=4, chunk=5, layout="C", data=None)  # blocks of 2 rows, then 1
+def test_histogram_and_halves_equal_a_sort_of_each_half(shape, dtype, high, chunk, layout, data):
     """Any label volume (negative, large and float values take np.unique's path; blocks of 1 and 5 voxels
-    split the rows): the histogram, and per axis those of the first n//2 and last n//2 slices, equal np.unique
-    counts of np.take copies."""
+    split the rows; Fortran order and a reversed view as well as C order): the histogram, and per axis those of
+    the first n//2 and last n//2 slices, equal np.unique counts of np.take copies."""
     low = -2 if np.issubdtype(dtype, np.signedinteger) or dtype == np.float32 else 0
     top = min(high, np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else high
-    flat = data.draw(st.lists(st.integers(low, top), min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
+    size = int(np.prod(shape))
+    flat = (data.draw(st.lists(st.integers(low, top), min_size=size, max_size=size)) if data is not None
+            else [v % (top + 1) for v in range(size)])
     label = np.array(flat, dtype=dtype).reshape(shape)
+    label = {"C": label, "F": np.asfortranarray(label), "reversed": label[::-1, :, ::-1]}[layout]
     with pytest.MonkeyPatch.context() as m:
         m.setattr(inspect_module, "CHUNK", chunk)
         histogram, halves = inspect_module._histogram_and_halves(label)

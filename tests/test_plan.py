@@ -80,6 +80,9 @@ def test_a_value_set_apart_is_refused_until_declared_then_read_as_declared(cli, 
     assert_refused(cli("plan", root, "--out", tmp_path / "out" / "plan.yaml", "--no-progress"), tmp_path / "out",
                    "[0, 1, 2, 255]", "--set data.ignore_index=255")
     names = ["background", "anterior", "posterior"]
+    declare = ["--set", "data.ignore_index=255", "--set", f"data.classes=[{', '.join(names)}]"]
+    shown = cli("inspect", root, *declare)
+    assert shown.code == 0 and "data.ignore_index            255             as declared" in shown.out, shown.err
     plan = _plan(root, declared=declared_reading(["data.ignore_index=255", f"data.classes=[{', '.join(names)}]",
                                                   "train.lr=0.1", "data.cache=false"]))
     assert plan.get("data.ignore_index") == 255 and plan.get("data.classes") == names
@@ -91,6 +94,24 @@ def test_a_value_set_apart_is_refused_until_declared_then_read_as_declared(cli, 
     rarest = min(shares, key=shares.get)
     assert f"{rarest} covers {shares[rarest]:.2%} of the pixels" in _reason(plan, "train.loss")
     plan.config()
+
+
+def test_volume_labels_declared_ignored_leave_the_classes_and_their_shares(tmp_path):
+    """Hippocampus volumes in the segkit layout (no dataset.json) with label 2 (posterior) declared the ignore
+    value: two classes whose shares, counted here with nibabel, leave those voxels out, and plan.yaml states the
+    ignore value (a volume report writes none of its own). Where dataset.json says otherwise, and for a key
+    volumes do not use, the declaration is refused naming the key."""
+    root = _segkit_volumes(tmp_path / "v")
+    plan = _plan(root, declared={"ignore_index": 2})
+    assert plan.get("data.classes") == ["background", "class_1"] and plan.get("data.ignore_index") == 2
+    assert yaml.safe_load(plan.yaml())["data"]["ignore_index"] == 2
+    labels = [np.asanyarray(nib.load(p).dataobj) for p in sorted((root / "train" / "masks").glob("*.nii.gz"))]
+    share = sum(int((m == 1).sum()) for m in labels) / sum(int((m != 2).sum()) for m in labels)
+    assert f"class_1 covers {share:.2%} of the voxels" in _reason(plan, "train.loss")
+    with pytest.raises(ConfigError, match=r"data.ignore_index: 2, but .*dataset.json gives None"):
+        _plan(samples.HIPPO, declared={"ignore_index": 2})
+    with pytest.raises(ConfigError, match=r"data.bands: not used for volume datasets"):
+        _plan(samples.HIPPO, declared={"bands": [1]})
 
 
 def test_plan_takes_only_the_keys_that_say_how_to_read_the_data(cli, tmp_path):

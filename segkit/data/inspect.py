@@ -30,7 +30,7 @@ import yaml
 from scipy import ndimage
 from tqdm import tqdm
 
-from segkit.config import DataConfig
+from segkit.config import DataConfig, check_data_keys
 from segkit.data.dataset import label_stats
 from segkit.data.io import image_size, is_image, read_mask_raw
 from segkit.data.layout import Sample, by_stem, pair, split_dirs
@@ -39,7 +39,7 @@ from segkit.data.normalize import sample_windows, valid_pixels
 from segkit.data.source import ImageSource
 from segkit.data.volume_spec import VolumeSpec
 from segkit.data.volumes import VolumeCase, VolumeDataset, is_volume_root, slice_axis
-from segkit.errors import DataError, SegkitError
+from segkit.errors import ConfigError, DataError, SegkitError
 
 
 @dataclass
@@ -293,11 +293,9 @@ class Report:
         and the advised head; every other key keeps its default."""
         d = self.data
         data: dict = {"root": str(self.root), "mask": d.mask, "classes": list(d.classes)}
-        for key in ("ignore_index", "foreground_value", "binary_threshold", "bands", "nodata"):  # READING's
-            if getattr(d, key) is not None:
-                data[key] = getattr(d, key)
-        if d.colors is not None:
-            data["colors"] = [list(c) for c in d.colors]
+        for key in READING:
+            if key not in data and getattr(d, key) is not None:
+                data[key] = [list(c) for c in d.colors] if key == "colors" else getattr(d, key)
         return {"data": data, "model": {"head": self.advice()[0]}}
 
     def to_dict(self) -> dict:
@@ -354,9 +352,11 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and is_image(p)) if folder.is_dir() else []
 
 
-def guess_data(root: Path, ignore: int | None = None) -> DataGuess:
-    """Mask format and class names from (a sample of 20) mask files of the first split, with the reason; a
-    declared `ignore` value is no class."""
+def guess_data(root: Path, declared: dict | None = None) -> DataGuess:
+    """Mask format and class names from (a sample of 20) mask files of the first split, with the reason. What
+    the user `declared` (`READING` keys) is taken as said: a declared ignore value is no class, and the
+    reason asks only for what is still unsaid."""
+    declared = declared or {}
     _, masks_dir = next(iter(split_dirs(root).values()))
     folders = sorted(p.name for p in masks_dir.iterdir() if p.is_dir() and _files(p)) if masks_dir.is_dir() else []
     if folders:
@@ -380,7 +380,7 @@ def guess_data(root: Path, ignore: int | None = None) -> DataGuess:
         else:
             for value, n in _histogram(arr if arr.ndim == 2 else arr[:, :, 0]).items():
                 counts[value] = counts.get(value, 0) + n
-    counts.pop(ignore, None)
+    counts.pop(declared.get("ignore_index"), None)
     seen = f"{len(sample)} of {len(files)} mask files read"
     if colours and not lossy:
         ordered = sorted(colours)
@@ -409,17 +409,19 @@ def guess_data(root: Path, ignore: int | None = None) -> DataGuess:
                          reason=f"{len(values)} values up to {max(values)} ({seen}): instance IDs, so any value but "
                                 "0 is foreground")
     top = int(max(values, default=0))
-    if top + 1 - len(values) > len(values):
-        raise DataError(f"{masks_dir}: grey masks holding the values {values[:12]}{' ...' if len(values) > 12 else ''} "
-                        f"({seen}): as class indices these would be {top + 1} classes, {top + 1 - len(values)} of "
-                        f"them never seen. A value set apart, like {top}, usually marks unlabelled pixels. Fix: "
-                        f"declare it (`--set data.ignore_index={top}` to segkit plan or train, or data.ignore_index "
-                        "in a config), and name the classes with data.classes.")
+    shown = f"{values[:12]}{' ...' if len(values) > 12 else ''}"
+    if top - values[-2] > len(values) and not {"classes", "mask"} & set(declared):
+        raise DataError(f"{masks_dir}: grey masks holding the values {shown} ({seen}): {top} stands apart from "
+                        f"the others, and as a class index it would make {top + 1} classes, most never seen; such "
+                        f"a value usually marks unlabelled pixels. Fix: declare it (`--set data.ignore_index={top}` "
+                        "to segkit inspect, plan or train, or data.ignore_index in a config), or name the classes "
+                        "(data.classes) if it is one.")
+    unsaid = ["name the classes in data.classes (value order)"] * ("classes" not in declared)
+    unsaid += ["declare an ignore value (e.g. data.ignore_index: 255) if one marks unlabelled pixels"] * (
+        "ignore_index" not in declared)
     return DataGuess("index", ["background", *(f"class_{i}" for i in range(1, top + 1))], guessed=True,
-                     reason=f"grey masks holding the values {values[:12]}{' ...' if len(values) > 12 else ''} "
-                            f"({seen}): class index masks, 0 = background; name the classes in data.classes "
-                            "(value order), and declare an ignore value (e.g. data.ignore_index: 255) if one "
-                            "marks unlabelled pixels")
+                     reason=f"grey masks holding the values {shown} ({seen}): class index masks, 0 = background"
+                            + "".join(f"; {u}" for u in unsaid))
 
 
 def _inspect_one(sample: Sample, fmt: MaskFormat, background: int | None,
@@ -508,16 +510,27 @@ def inspect(root: str | Path, data: DataGuess | None = None, threads: int = 4, p
     return Report(root, data, splits, summarize_images(images, data.bands, data.nodata))
 
 
+def check_declared(root: str | Path, declared: dict) -> dict:
+    """The data keys a user declares (`--set data.KEY=...`), validated: `READING` keys only, each of the right
+    type, and only those that apply to volumes for a volume dataset."""
+    other = sorted(set(declared) - set(READING))
+    if other:
+        raise ConfigError(f"data.{other[0]}: the data is read with the keys that say how to read it "
+                          f"({', '.join(f'data.{k}' for k in READING)}). Fix: set data.{other[0]} in the written "
+                          "plan.yaml, or pass it to `segkit train DATA --set`, which applies it after planning.")
+    return check_data_keys({"root": root, **declared}, "the declared data keys (--set data.KEY)")
+
+
 def inspect_data(root: str | Path, data: DataConfig | None = None, progress: bool = False,
                  declared: dict | None = None) -> Report | VolumeReport:
     """`inspect` for images, `inspect_volumes` for a volume dataset; `data` (a config's data section) says how
     to read masks, or, for volumes, selects or renames classes. Without `data`, the reading is guessed from the
     files, except for the `READING` keys the user `declared` (an ignore value, class names)."""
-    declared = declared or {}
+    declared = check_declared(root, declared) if declared else {}
     if is_volume_root(Path(root)):
         given = data.model_dump() if data else declared
         return inspect_volumes(root, given.get("classes"), given.get("ignore_index"), progress=progress)
-    guess = DataGuess.from_config(data) if data else guess_data(Path(root), declared.get("ignore_index"))
+    guess = DataGuess.from_config(data) if data else guess_data(Path(root), declared)
     return inspect(root, guess.declare(declared), progress=progress)
 
 
