@@ -37,7 +37,7 @@ def inspect(
     typer.echo(report.text())
     if cfg is None:
         try:
-            typer.echo("\n" + make_plan(root, measure=False, report=report, declared=declared).table())
+            typer.echo("\n" + make_plan(root, measure=False, report=report).table())
         except DataError as err:
             typer.echo(f"\nno plan: {err}")
     if json_out is not None:

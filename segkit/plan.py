@@ -27,7 +27,7 @@ import yaml
 
 from segkit.config import AugmentConfig, Config, data_overrides, parse_config
 from segkit.data.dataset import foreground_classes
-from segkit.data.inspect import READING, Report, VolumeReport, check_declared, inspect_data
+from segkit.data.inspect import READING, Report, VolumeReport, inspect_data
 from segkit.device import resolve_device
 from segkit.errors import ConfigError, SegkitError
 from segkit.probe import StepProbe, available_memory, run_cost
@@ -193,12 +193,15 @@ def make_plan(root: str | Path, budget_s: float | None = None, device: str = "au
     """The plan for the dataset at `root`. `measure`: time and size training on `device` (batch, encoder and
     with `budget_s` the schedule); without, those keep segkit's defaults and the plan says so (what `segkit
     inspect` shows). `started`: `time.perf_counter()` when the user's command began (the budget counts from it).
-    `report`: the dataset's inspection, if already made. `declared`: data keys the user states (`--set
-    data.ignore_index=11`, class names): the data is read as they say, and the plan is made from that reading."""
+    `report`: the dataset's inspection, if already made (it carries what was declared). `declared`: data keys
+    the user states (`--set data.ignore_index=11`, class names), for the inspection made here: the data is read
+    as they say, and the plan is made from that reading."""
     started = time.perf_counter() if started is None else started
     root = Path(root)
-    declared = check_declared(root, declared) if declared else {}
+    if report is not None and declared:
+        raise ValueError("make_plan: declare the keys to inspect_data, whose report carries them")
     report = report or inspect_data(root, progress=progress, declared=declared)
+    declared = report.declared
     report.refuse_untrainable()
     dev = resolve_device(device)
     kind = dev.type if dev.type in CROP_CAP else "cuda"

@@ -175,6 +175,7 @@ class Report:
     data: DataGuess
     splits: list[SplitReport]
     images: ImageSummary = field(default_factory=ImageSummary)
+    declared: dict = field(default_factory=dict)  # the READING keys the user stated, validated
     unit = "pixels"
 
     def _sum(self, key: str) -> int:
@@ -529,9 +530,12 @@ def inspect_data(root: str | Path, data: DataConfig | None = None, progress: boo
     declared = check_declared(root, declared) if declared else {}
     if is_volume_root(Path(root)):
         given = data.model_dump() if data else declared
-        return inspect_volumes(root, given.get("classes"), given.get("ignore_index"), progress=progress)
-    guess = DataGuess.from_config(data) if data else guess_data(Path(root), declared)
-    return inspect(root, guess.declare(declared), progress=progress)
+        report = inspect_volumes(root, given.get("classes"), given.get("ignore_index"), progress=progress)
+    else:
+        guess = DataGuess.from_config(data) if data else guess_data(Path(root), declared)
+        report = inspect(root, guess.declare(declared), progress=progress)
+    report.declared = declared
+    return report
 
 
 HALVES = ("top", "bottom", "left", "right")
@@ -661,6 +665,7 @@ class VolumeReport:
     split_counts: dict[str, int]
     guessed: bool = False
     classes_given: bool = False
+    declared: dict = field(default_factory=dict)  # the READING keys the user stated, validated
     unit = "voxels"
 
     # -- label statistics, from the histograms ------------------------------------------------------------
