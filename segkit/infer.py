@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from torch.utils.data import DataLoader, Dataset
@@ -43,6 +42,7 @@ from segkit.errors import SegkitError
 from segkit.heads import Head, head_from_metadata
 from segkit.model import load_checkpoint
 from segkit.onnx_runtime import load_onnx
+from segkit.padding import pad_centred
 
 log = logging.getLogger("segkit")
 
@@ -50,24 +50,15 @@ STRIDE = 32
 """Input sizes must be multiples of this (five 2x downsamplings in the encoders segkit builds)."""
 
 
-def pad_to_stride(x: torch.Tensor, stride: int = STRIDE) -> tuple[torch.Tensor, int, int]:
-    """Pad (N, C, H, W) at the bottom/right to multiples of `stride`: reflect where the image is
-    big enough, replicate otherwise (tiny images). Returns the padded batch and the original H, W."""
-    h, w = x.shape[-2:]
-    ph, pw = -h % stride, -w % stride
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        x = F.pad(x, (0, pw, 0, ph), mode=mode)
-    return x, h, w
-
-
 def forward_padded(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Logits (N, C, H, W) of a normalised batch of any size: pad to the stride, run, crop back."""
-    padded, h, w = pad_to_stride(x)
+    """Logits (N, C, H, W) of a normalised batch of any size: padded to multiples of the stride as training
+    pads (`pad_centred`), run, cropped back."""
+    h, w = x.shape[-2:]
+    padded, top, left = pad_centred(x, -(-h // STRIDE) * STRIDE, -(-w // STRIDE) * STRIDE)
     padded = padded.contiguous(memory_format=torch.channels_last)  # oneDNN and cuDNN convolve NHWC fastest
     with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         logits = model(padded)
-    return logits[..., :h, :w].float()
+    return logits[..., top:top + h, left:left + w].float()
 
 
 FLIPS = ((), (-1,), (-2,), (-2, -1))

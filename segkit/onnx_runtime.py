@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from segkit.errors import SegkitError
 from segkit.heads import Head, head_from_metadata
+from segkit.padding import pad_centred
 
 log = logging.getLogger("segkit")
 
@@ -150,13 +150,10 @@ class OnnxModel(nn.Module):
             raise SegkitError(f"{self.path}: exported with a fixed input of {fh}x{fw} pixels; got {h}x{w}. "
                               f"Fix: predict with --tile {min(fh, fw)} (Segmenter(tile={min(fh, fw)})), "
                               "or export with --dynamic.")
-        x = x.detach().float()
-        if (fh, fw) != (h, w):
-            mode = "reflect" if fh - h < h and fw - w < w else "replicate"
-            x = F.pad(x, (0, fw - w, 0, fh - h), mode=mode)
+        x, top, left = pad_centred(x.detach().float(), fh, fw)
         batch = np.ascontiguousarray(x.cpu().numpy())
         out = self._run(self.session(x.device), batch)
-        return torch.from_numpy(out)[..., :h, :w].to(x.device)
+        return torch.from_numpy(out)[..., top:top + h, left:left + w].to(x.device)
 
     def extra_repr(self) -> str:
         return f"path={str(self.path)!r}, device={self.device}"

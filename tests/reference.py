@@ -53,8 +53,14 @@ def batch_logits(folder: Path, images: list[np.ndarray]) -> np.ndarray:
 
 
 def padded_logits(folder: Path, image: np.ndarray) -> np.ndarray:
-    """(C, H, W) float64 logits of a checkpoint for an (H, W, C) image of any size: mirrored at the
-    bottom/right to multiples of 32 (the edge not repeated), run as `model_logits`, cropped back."""
+    """(C, H, W) float64 logits of a checkpoint for an (H, W, C) image of any size: normalised with numpy,
+    centred in zeros to multiples of 32 (as training pads a crop), run, cropped back."""
+    model, meta = hand_model(folder)
+    norm = meta["normalization"]
     h, w = image.shape[:2]
-    padded = np.pad(image, ((0, -h % 32), (0, -w % 32), (0, 0)), mode="reflect")
-    return model_logits(folder, padded)[:, :h, :w]
+    top, left = -h % 32 // 2, -w % 32 // 2
+    x = (image.astype(np.float64) - np.array(norm["mean"])) / np.array(norm["std"])
+    x = np.pad(x, ((top, -h % 32 - top), (left, -w % 32 - left), (0, 0)))
+    with torch.no_grad():
+        out = model(torch.from_numpy(x.transpose(2, 0, 1).astype(np.float32))[None])[0]
+    return out.double().numpy()[:, top:top + h, left:left + w]

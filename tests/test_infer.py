@@ -1,4 +1,4 @@
-"""Inference: padding to the stride, windowed prediction with Gaussian blending in logit space,
+"""Inference: padding to the stride as training pads, windowed prediction with Gaussian blending in logit space,
 flip TTA, predictions of arrays and streams, and `segkit predict` over awkward folders."""
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from segkit.infer import (
     forward_padded,
     forward_tta,
     gaussian_weight,
-    pad_to_stride,
     plan_outputs,
     window_starts,
 )
 from segkit.data.normalize import Normalization
+from segkit.data.transforms import Augment
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
+from segkit.padding import pad_centred
 from conftest import NUCLEI, run_cli
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -131,37 +132,40 @@ def test_gaussian_weight_is_centred_symmetric_and_floored():
 # -- padding ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("h,w", [(7, 5), (33, 65), (32, 64), (1, 1), (31, 33)])
-def test_pad_to_stride_pads_bottom_right_to_multiples(h, w):
+@pytest.mark.parametrize("h,w,target_h,target_w", [(7, 5, 32, 32), (33, 65, 64, 96), (32, 64, 32, 64),
+                                                    (1, 1, 32, 32), (35, 52, 64, 64)])
+def test_pad_centred_places_the_image_in_zeros_as_training_pads_a_crop(h, w, target_h, target_w):
+    """Prediction's padding is training's: the crop transform, given an image smaller than its crop, must put
+    it at the same offsets with the same zeros around it (its padded pixels are masked to 0 after
+    normalisation, `to_network`)."""
     x = torch.randn(2, 3, h, w)
-    padded, oh, ow = pad_to_stride(x)
-    assert (oh, ow) == (h, w)
-    assert padded.shape == (2, 3, -(-h // STRIDE) * STRIDE, -(-w // STRIDE) * STRIDE)
-    assert torch.equal(padded[..., :h, :w], x)  # the image stays at the top left, untouched
-    if (h, w) == (32, 64):
-        assert padded is x or torch.equal(padded, x)
-    if (h, w) == (33, 65):  # reflect: row 33 mirrors row 31, column 65 mirrors column 63
-        assert torch.equal(padded[..., h, :w], x[..., h - 2, :])
-        assert torch.equal(padded[..., :h, w], x[..., :, w - 2])
-    if (h, w) == (7, 5):  # too small to reflect 25 rows: replicate the last row and column
-        assert torch.equal(padded[..., -1, :w], x[..., -1, :])
-        assert torch.equal(padded[..., :h, -1], x[..., :, -1])
+    padded, top, left = pad_centred(x, target_h, target_w)
+    assert padded.shape == (2, 3, target_h, target_w)
+    assert (top, left) == ((target_h - h) // 2, (target_w - w) // 2)
+    assert torch.equal(padded[..., top:top + h, left:left + w], x)
+    border = torch.ones(target_h, target_w, dtype=torch.bool)
+    border[top:top + h, left:left + w] = False
+    assert not padded[..., border].any()
+    if target_h == target_w:  # the training crop of a square network input, from the same image
+        image = np.arange(h * w, dtype=np.float32).reshape(h, w, 1) + 1
+        out, _ = Augment(crop=target_h)(image, np.ones((h, w, 1), np.uint8), np.random.default_rng(0), classes=0)
+        placed = pad_centred(torch.from_numpy(image[None, None, ..., 0]), target_h, target_w)[0][0, 0]
+        assert np.array_equal(out[..., 0], placed.numpy())
 
 
 @pytest.mark.parametrize("h,w", [(7, 5), (33, 65), (64, 32)])
 def test_forward_padded_returns_logits_at_exactly_the_input_size(h, w):
-    """The U-Net's output on the input padded at the bottom/right (numpy: mirrored without repeating
-    the edge, or the edge repeated where the image is smaller than the padding), cropped back."""
+    """The U-Net's output on the input zero-padded (numpy) to multiples of 32, the image centred, cropped back."""
     torch.manual_seed(0)
     unet = build_model("Unet", "resnet18", 3).eval()
     conv = pointwise(2).eval()
     x = torch.randn(2, 3, h, w)
     ph, pw = -h % STRIDE, -w % STRIDE
-    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (0, ph), (0, pw)), mode="reflect" if ph < h and pw < w else "edge")
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)))
     with torch.inference_mode():
         out = forward_padded(unet, x)
         assert out.shape == (2, 3, h, w) and out.dtype == torch.float32
-        want = unet(torch.from_numpy(padded))[..., :h, :w]
+        want = unet(torch.from_numpy(padded))[..., ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]
         assert torch.allclose(out, want, rtol=1e-4, atol=1e-5), float((out - want).abs().max())
         # a pointwise model: cropping the padded output gives the model's own output exactly
         assert torch.allclose(forward_padded(conv, x), conv(x), atol=1e-6)

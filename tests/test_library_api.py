@@ -3,7 +3,7 @@ model run here by hand, on real images, for both heads: a nuclei PNG (PNG masks,
 involved) and a real GeoTIFF (GeoTIFF masks on its exact grid).
 
 By hand: an smp model given the checkpoint's safetensors weights, model.json's normalisation applied
-with numpy, reflect padding by numpy, the head's rule written out (sigmoid: probability above the
+with numpy, zero padding (centred, as training pads) by numpy, the head's rule written out (sigmoid: probability above the
 threshold; softmax: argmax). The checkpoints are conftest's `content_checkpoints`, whose masks follow
 the image. Two float32 runs of one network differ by ~1e-5 of its largest logit (NOISE is 5x that):
 a pixel that close to its decision may go either way and is not compared (such pixels are rare), and

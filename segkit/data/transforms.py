@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from segkit.config import AugmentConfig
+from segkit.padding import centred
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,8 @@ def _crop_or_pad(image: np.ndarray, stack: np.ndarray, crop: int, rng: np.random
     y = int(rng.integers(0, h - crop + 1)) if h > crop else 0
     x = int(rng.integers(0, w - crop + 1)) if w > crop else 0
     image, stack = image[y:y + crop, x:x + crop], stack[y:y + crop, x:x + crop]
-    ph, pw = crop - image.shape[0], crop - image.shape[1]
-    if ph or pw:
-        pad = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0))
+    if image.shape[0] < crop or image.shape[1] < crop:
+        pad = (centred(image.shape[0], crop), centred(image.shape[1], crop), (0, 0))
         image, stack = np.pad(image, pad), np.pad(stack, pad)
     return image, stack
 
