@@ -11,7 +11,7 @@ from pathlib import Path
 
 from segkit.config import DataConfig
 from segkit.data.layout import Sample, find_pairs, seeded_split, split_dirs
-from segkit.data.volumes import VolumeCase, VolumeDataset, is_volume_root
+from segkit.data.volumes import VolumeCase, VolumeDataset, case_split, is_volume_root
 
 HOLDOUT_SEED = 7
 """Not training's split seed (0): the held-out share is drawn apart from the validation share."""
@@ -62,7 +62,7 @@ def _volume_view(root: Path, out: Path, fraction: float) -> tuple[Path, int]:
     if ds.layout != "nnunet":
         raise SystemExit(f"{root}: a held-out view is made for the nnU-Net v2 layout only (this is {ds.layout}). "
                          "Fix: give the dataset labelled test cases, or convert it to nnU-Net v2.")
-    train, test = seeded_split(sorted(ds.cases("train"), key=lambda c: c.name), fraction, HOLDOUT_SEED)
+    train, test = case_split(ds.cases("train"), fraction, HOLDOUT_SEED)
     shutil.rmtree(out, ignore_errors=True)
     for images, labels, cases in (("imagesTr", "labelsTr", train), ("imagesTs", "labelsTs", test)):
         for case in cases:

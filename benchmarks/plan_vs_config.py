@@ -28,8 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from benchmarks.common import ROOT, write_result
 from benchmarks.holdout import held_out
 from segkit.config import load_config
@@ -55,12 +53,13 @@ def _score(run_dir: Path, root: Path, out: Path) -> float:
 
 def compare(root: Path, config: Path, budget: str, out: Path, declare: list[str]) -> dict:
     seconds = parse_budget(budget)
-    data = yaml.safe_load(config.read_text())["data"]
-    declared = [f"data.{k}={json.dumps(data[k])}" for k in declare if data.get(k) is not None]
+    data = load_config(config, [f"data.root={root}"]).data
+    declared = [f"data.{k}={json.dumps(getattr(data, k))}" for k in declare
+                if k in data.model_fields_set and getattr(data, k) is not None]
     plan_dir, hand_dir = out / f"{root.name}-plan", out / f"{root.name}-config"
     for d in (plan_dir, hand_dir):
         shutil.rmtree(d, ignore_errors=True)
-    view, held = held_out(root, load_config(config, [f"data.root={root}"]).data, out / f"{root.name}-view")
+    view, held = held_out(root, data, out / f"{root.name}-view")
     plan_s = _run([sys.executable, "-m", "cli", "train", str(view), "--budget", budget, "--out", str(plan_dir),
                    "--device", "cpu", "--no-progress", *(a for d in declared for a in ("--set", d))])
     hand_s = _run([sys.executable, "-m", "cli", "train", str(config), "--out", str(hand_dir), "--device", "cpu",
