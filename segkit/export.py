@@ -33,8 +33,9 @@ from segkit.data.normalize import Normalization
 from segkit.data.volume_spec import input_normalization
 from segkit.errors import SegkitError
 from segkit.heads import Head
-from segkit.infer import STRIDE, Segmenter, list_images
+from segkit.infer import Segmenter, list_images
 from segkit.onnx_runtime import EXPORT_KEY, META_KEY, OnnxModel, require
+from segkit.padding import STRIDE
 
 log = logging.getLogger("segkit")
 

@@ -42,19 +42,20 @@ from segkit.errors import SegkitError
 from segkit.heads import Head, head_from_metadata
 from segkit.model import load_checkpoint
 from segkit.onnx_runtime import load_onnx
-from segkit.padding import pad_centred
+from segkit.padding import STRIDE, mirrored, pad_centred, to_stride
 
 log = logging.getLogger("segkit")
 
-STRIDE = 32
-"""Input sizes must be multiples of this (five 2x downsamplings in the encoders segkit builds)."""
 
-
-def forward_padded(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Logits (N, C, H, W) of a normalised batch of any size: padded to multiples of the stride as training
-    pads (`pad_centred`), run, cropped back."""
+def forward_padded(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None,
+                   crop: int | None = None) -> torch.Tensor:
+    """Logits (N, C, H, W) of a normalised batch of any size: padded, centred, to the model's input size
+    (multiples of the stride, or an exported model's fixed size) by the rule of `padding` for a model trained
+    on crops of `crop` pixels, run, cropped back."""
     h, w = x.shape[-2:]
-    padded, top, left = pad_centred(x, -(-h // STRIDE) * STRIDE, -(-w // STRIDE) * STRIDE)
+    size = getattr(model, "input_size", None)  # a model with a fixed input (an ONNX export) says which
+    height, width = size(h, w) if size else (to_stride(h), to_stride(w))
+    padded, top, left = pad_centred(x, height, width, (mirrored(h, crop), mirrored(w, crop)))
     padded = padded.contiguous(memory_format=torch.channels_last)  # oneDNN and cuDNN convolve NHWC fastest
     with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         logits = model(padded)
@@ -65,7 +66,7 @@ FLIPS = ((), (-1,), (-2,), (-2, -1))
 
 
 def forward_tta(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None,
-                max_batch: int | None = None) -> torch.Tensor:
+                max_batch: int | None = None, crop: int | None = None) -> torch.Tensor:
     """Mean logits over the identity and the horizontal, vertical and double flips. The 4N flipped
     images go through the model in batches of `max_batch` (default all at once): flips fill a
     small batch (one tile: one forward of 4), without making a large one larger than the device
@@ -73,7 +74,7 @@ def forward_tta(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = N
     n = x.shape[0]
     flipped = torch.cat([x.flip(d) if d else x for d in FLIPS])
     step = max_batch or len(flipped)
-    out = torch.cat([forward_padded(model, flipped[i:i + step], dtype) for i in range(0, len(flipped), step)])
+    out = torch.cat([forward_padded(model, flipped[i:i + step], dtype, crop) for i in range(0, len(flipped), step)])
     parts = [out[k * n:(k + 1) * n] for k in range(len(FLIPS))]
     return sum(p.flip(d) if d else p for p, d in zip(parts, FLIPS)) / len(FLIPS)
 
@@ -145,6 +146,7 @@ class Segmenter:
         data = meta.get("data") or {}
         self.bands, self.nodata = data.get("bands"), data.get("nodata")
         self.image_dtypes: list[str] | None = data.get("image_dtypes")
+        self.crop: int | None = meta.get("crop")  # the training crop: how padding fills the border (`padding`)
         self._weights: dict[tuple[int, int], torch.Tensor] = {}
 
     @classmethod
@@ -206,8 +208,8 @@ class Segmenter:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a normalised batch (any size ≤ the tile), with TTA when enabled."""
         if self.tta:
-            return forward_tta(self.model, x, self.dtype, max(self.batch_size, x.shape[0]))
-        return forward_padded(self.model, x, self.dtype)
+            return forward_tta(self.model, x, self.dtype, max(self.batch_size, x.shape[0]), self.crop)
+        return forward_padded(self.model, x, self.dtype, self.crop)
 
     def fits(self, image: Image) -> bool:
         """Whether an image goes through the network whole (else in windows)."""

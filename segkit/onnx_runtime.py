@@ -19,7 +19,7 @@ from torch import nn
 
 from segkit.errors import SegkitError
 from segkit.heads import Head, head_from_metadata
-from segkit.padding import pad_centred
+from segkit.padding import to_stride
 
 log = logging.getLogger("segkit")
 
@@ -96,7 +96,7 @@ class OnnxModel(nn.Module):
 
     The CUDA provider runs when the device is cuda and onnxruntime has it (onnxruntime-gpu),
     else the CPU one. A file exported with a fixed input shape takes any batch (run in chunks
-    of its batch) and any size up to its own (padded at the bottom/right, cropped back)."""
+    of its batch) and any size up to its own (`input_size`: padded to it as the checkpoint pads, cropped back)."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
         super().__init__()
@@ -141,19 +141,23 @@ class OnnxModel(nn.Module):
             outs.append(session.run([self.output_name], {self.input_name: chunk})[0][:size - short])
         return np.concatenate(outs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, c, h, w = x.shape
-        if self.fixed[1] is not None and c != self.fixed[1]:
-            raise SegkitError(f"{self.path}: takes {self.fixed[1]} input channels, got {c}.")
-        fh, fw = self.fixed[2] or h, self.fixed[3] or w
+    def input_size(self, h: int, w: int) -> tuple[int, int]:
+        """The (height, width) an h x w input is padded to (`infer.forward_padded`): the exported fixed size,
+        or multiples of the stride along a dynamic axis."""
+        fh, fw = self.fixed[2] or to_stride(h), self.fixed[3] or to_stride(w)
         if h > fh or w > fw:
             raise SegkitError(f"{self.path}: exported with a fixed input of {fh}x{fw} pixels; got {h}x{w}. "
                               f"Fix: predict with --tile {min(fh, fw)} (Segmenter(tile={min(fh, fw)})), "
                               "or export with --dynamic.")
-        x, top, left = pad_centred(x.detach().float(), fh, fw)
-        batch = np.ascontiguousarray(x.cpu().numpy())
-        out = self._run(self.session(x.device), batch)
-        return torch.from_numpy(out)[..., top:top + h, left:left + w].to(x.device)
+        return fh, fw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of an input already at `input_size`."""
+        c = x.shape[1]
+        if self.fixed[1] is not None and c != self.fixed[1]:
+            raise SegkitError(f"{self.path}: takes {self.fixed[1]} input channels, got {c}.")
+        batch = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        return torch.from_numpy(self._run(self.session(x.device), batch)).to(x.device)
 
     def extra_repr(self) -> str:
         return f"path={str(self.path)!r}, device={self.device}"

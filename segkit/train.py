@@ -185,7 +185,7 @@ def build_run(cfg: Config, device: torch.device) -> Run:
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.epochs * steps, min(steps, 100)))
-    meta = checkpoint_meta(head, cfg.model.arch, cfg.model.encoder, d.channels, data.norm,
+    meta = checkpoint_meta(head, cfg.model.arch, cfg.model.encoder, d.channels, data.norm, crop=t.crop,
                            data={"mask": d.mask, "ignore_index": d.ignore_index,
                                  "foreground_value": d.foreground_value, "binary_threshold": d.binary_threshold,
                                  "colors": d.colors, "bands": d.bands, "nodata": d.nodata,

@@ -213,7 +213,8 @@ def content_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Untrained resnet18 U-Net checkpoints ({"sigmoid": [nucleus], "softmax": [background, nucleus]})
     whose masks follow the image: batch-norm statistics taken from 4 real nuclei images (a fresh network's
     statistics give an almost constant output), then logits scaled to mean 0, std 3 on those images.
-    About 30% of their pixels change under flip TTA; sigmoid probabilities spread over (0, 1)."""
+    About 30% of their pixels change under flip TTA; sigmoid probabilities spread over (0, 1). Their model.json
+    records a training crop of 256: prediction mirrors a 360-pixel side into its padding (`segkit.padding`)."""
     import numpy as np
     import torch
 
@@ -233,6 +234,6 @@ def content_checkpoints(tmp_path_factory) -> dict[str, Path]:
         model = follow_content(build_model("Unet", "resnet18", head.channels), x)
         folders[head_name] = root / head_name
         save_checkpoint(folders[head_name], model, checkpoint_meta(head, "Unet", "resnet18", 3,
-                                                                   Normalization.unit(*IMAGENET),
+                                                                   Normalization.unit(*IMAGENET), crop=256,
                                                                    data={"mask": "binary"}))
     return folders

@@ -54,13 +54,19 @@ def batch_logits(folder: Path, images: list[np.ndarray]) -> np.ndarray:
 
 def padded_logits(folder: Path, image: np.ndarray) -> np.ndarray:
     """(C, H, W) float64 logits of a checkpoint for an (H, W, C) image of any size: normalised with numpy,
-    centred in zeros to multiples of 32 (as training pads a crop), run, cropped back."""
+    centred to multiples of 32 (an axis at least as long as model.json's training `crop` continued by its
+    mirror, a shorter one in zeros as training pads a crop), run, cropped back."""
     model, meta = hand_model(folder)
     norm = meta["normalization"]
-    h, w = image.shape[:2]
-    top, left = -h % 32 // 2, -w % 32 // 2
     x = (image.astype(np.float64) - np.array(norm["mean"])) / np.array(norm["std"])
-    x = np.pad(x, ((top, -h % 32 - top), (left, -w % 32 - left), (0, 0)))
+    offsets = []
+    for axis, n in enumerate(image.shape[:2]):
+        before = -n % 32 // 2
+        pads = [(0, 0)] * 3
+        pads[axis] = (before, -n % 32 - before)
+        x = np.pad(x, pads, mode="reflect" if meta.get("crop") is not None and n >= meta["crop"] else "constant")
+        offsets.append(before)
+    (top, left), (h, w) = offsets, image.shape[:2]
     with torch.no_grad():
         out = model(torch.from_numpy(x.transpose(2, 0, 1).astype(np.float32))[None])[0]
     return out.double().numpy()[:, top:top + h, left:left + w]

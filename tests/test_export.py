@@ -274,7 +274,12 @@ def test_a_four_band_model_exports_and_runs_on_a_four_band_array(tmp_path):
 
 
 def test_a_static_export_runs_at_its_size_and_says_how_to_tile(exported, check_dir, tmp_path):
-    ckpt = exported["softmax"][0]
+    """Windows of the file's size run as they are; an image smaller than it is padded to it by the checkpoint's
+    rule (mirrored along a side at least as long as the training crop, here 64), straight to its size."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(exported["softmax"][0], ckpt)
+    meta = json.loads((ckpt / "model.json").read_text())
+    (ckpt / "model.json").write_text(json.dumps({**meta, "crop": 64}))
     small, _ = _nuclei_images(1)
     with _recorded_parity() as seen:
         r = run_cli("export", ckpt, tmp_path / "s.onnx", "--static", "--size", 128, "--check-images", check_dir)
@@ -286,6 +291,15 @@ def test_a_static_export_runs_at_its_size_and_says_how_to_tile(exported, check_d
     ox = Segmenter.load(tmp_path / "s.onnx", device="cpu", tile=128, overlap=32, batch_size=3)
     assert ox.model.fixed == [1, 3, 128, 128]
     want, got = pt.logits(image), ox.logits(image)  # batches of 3 windows, run one by one
+    assert (want - got).abs().max() <= LOGIT_REL * want.abs().max()
+    _assert_only_ties_differ(pt.head, want[None], got[None])
+    part = image[:70, :50]  # to the file's 128 x 128: rows (70 >= the crop) mirrored, columns (50 < 64) in zeros
+    x = pt.to_input(part).numpy()
+    x = np.pad(x, ((0, 0), (0, 0), (29, 29), (0, 0)), mode="reflect")
+    x = np.pad(x, ((0, 0), (0, 0), (0, 0), (39, 39)))
+    with torch.inference_mode():
+        want = pt.model(torch.from_numpy(x))[0, :, 29:99, 39:89]
+    got = ox.logits(part)
     assert (want - got).abs().max() <= LOGIT_REL * want.abs().max()
     _assert_only_ties_differ(pt.head, want[None], got[None])
     whole = Segmenter.load(tmp_path / "s.onnx", device="cpu")  # tile 1024: the 256 image goes in whole

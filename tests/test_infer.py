@@ -29,7 +29,7 @@ from segkit.infer import (
 from segkit.data.normalize import Normalization
 from segkit.data.transforms import Augment
 from segkit.model import build_model, checkpoint_meta, save_checkpoint
-from segkit.padding import pad_centred
+from segkit.padding import mirrored, pad_centred
 from conftest import NUCLEI, run_cli
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -153,22 +153,59 @@ def test_pad_centred_places_the_image_in_zeros_as_training_pads_a_crop(h, w, tar
         assert np.array_equal(out[..., 0], placed.numpy())
 
 
-@pytest.mark.parametrize("h,w", [(7, 5), (33, 65), (64, 32)])
-def test_forward_padded_returns_logits_at_exactly_the_input_size(h, w):
-    """The U-Net's output on the input zero-padded (numpy) to multiples of 32, the image centred, cropped back."""
+def test_pad_centred_mirrors_an_axis_as_far_as_the_image_reaches_then_zeros():
+    """Rows a, b, c padded to 8 (2 before, 3 after) by their mirror: c b | a b c | b a, then one zero row, as the
+    image holds no more; the columns (not mirrored) in zeros."""
+    a, b, c = 1.0, 2.0, 3.0
+    x = torch.tensor([a, b, c]).reshape(1, 1, 3, 1)
+    padded, top, left = pad_centred(x, 8, 3, mirror=(True, False))
+    assert (top, left) == (2, 1)
+    assert padded[0, 0, :, 1].tolist() == [c, b, a, b, c, b, a, 0.0]
+    assert not padded[0, 0, :, [0, 2]].any()
+    assert pad_centred(torch.ones(1, 1, 1, 1), 4, 4, (True, True))[0].sum() == 1  # one pixel has no mirror
+
+
+@pytest.mark.parametrize("h,w,crop", [(40, 33, 32), (40, 33, 36), (33, 40, 64)])
+def test_pad_centred_mirrors_the_axes_training_cropped_inside(h, w, crop):
+    """Along an axis at least as long as the crop, the padding is numpy's reflection of the image; along a
+    shorter one, zeros (as training pads): each axis padded to the next multiple of 32, centred."""
+    x = torch.randn(2, 3, h, w)
+    mirror = (mirrored(h, crop), mirrored(w, crop))
+    assert mirror == (h >= crop, w >= crop)
+    padded, top, left = pad_centred(x, 64, 64, mirror)
+    want = x.numpy()
+    for axis, n, m in ((2, h, mirror[0]), (3, w, mirror[1])):
+        pads = [(0, 0)] * 4
+        pads[axis] = ((64 - n) // 2, 64 - n - (64 - n) // 2)
+        want = np.pad(want, pads, mode="reflect" if m else "constant")
+    assert (top, left) == ((64 - h) // 2, (64 - w) // 2)
+    assert np.array_equal(padded.numpy(), want)
+    assert not mirrored(10_000, None)  # a checkpoint that does not record its crop: zeros
+
+
+@pytest.mark.parametrize("h,w,crop", [(7, 5, None), (33, 65, None), (64, 32, None), (40, 70, 64), (40, 70, 32)])
+def test_forward_padded_returns_logits_at_exactly_the_input_size(h, w, crop):
+    """The U-Net's output on the input padded (numpy) to multiples of 32, the image centred, cropped back:
+    mirrored along a side at least as long as the training crop, zeros elsewhere."""
     torch.manual_seed(0)
     unet = build_model("Unet", "resnet18", 3).eval()
     conv = pointwise(2).eval()
     x = torch.randn(2, 3, h, w)
     ph, pw = -h % STRIDE, -w % STRIDE
-    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)))
+    padded = x.numpy()
+    for axis, n, p in ((2, h, ph), (3, w, pw)):
+        pads = [(0, 0)] * 4
+        pads[axis] = (p // 2, p - p // 2)
+        padded = np.pad(padded, pads, mode="reflect" if crop is not None and n >= crop else "constant")
     with torch.inference_mode():
-        out = forward_padded(unet, x)
+        out = forward_padded(unet, x, crop=crop)
         assert out.shape == (2, 3, h, w) and out.dtype == torch.float32
         want = unet(torch.from_numpy(padded))[..., ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]
         assert torch.allclose(out, want, rtol=1e-4, atol=1e-5), float((out - want).abs().max())
+        if crop is not None:  # the border matters: zeros there give other logits
+            assert not torch.allclose(out, forward_padded(unet, x), rtol=1e-4, atol=1e-5)
         # a pointwise model: cropping the padded output gives the model's own output exactly
-        assert torch.allclose(forward_padded(conv, x), conv(x), atol=1e-6)
+        assert torch.allclose(forward_padded(conv, x, crop=crop), conv(x), atol=1e-6)
 
 
 # -- windowed prediction ---------------------------------------------------------------------------
