@@ -147,6 +147,9 @@ class Segmenter:
         self.bands, self.nodata = data.get("bands"), data.get("nodata")
         self.image_dtypes: list[str] | None = data.get("image_dtypes")
         self.crop: int | None = meta.get("crop")  # the training crop: how padding fills the border (`padding`)
+        if self.crop is not None and (type(self.crop) is not int or self.crop < 1):
+            raise SegkitError(f"model.json: crop {self.crop!r} is not a size in pixels (the training crop, which "
+                              "decides how prediction pads). Fix: set it to the run's train.crop, or remove it.")
         self._weights: dict[tuple[int, int], torch.Tensor] = {}
 
     @classmethod

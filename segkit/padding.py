@@ -34,7 +34,9 @@ def centred(size: int, target: int) -> tuple[int, int]:
 
 def mirrored(size: int, crop: int | None) -> bool:
     """Whether padding along an axis of `size` pixels mirrors the image (else zeros): where training cropped
-    inside the image (size >= crop). A checkpoint that does not record its crop gets zeros."""
+    inside the image (size >= crop; with `augment.scale` below 1, a side a little longer than the crop was
+    sometimes shrunk below it and padded, but mostly cropped inside). A checkpoint that does not record its
+    crop gets zeros."""
     return crop is not None and size >= crop
 
 
@@ -52,7 +54,7 @@ def _pad_axis(x: torch.Tensor, dim: int, before: int, after: int, mirror: bool) 
     def pad(b: int, a: int) -> tuple[int, ...]:
         return (b, a, 0, 0) if dim == -1 else (0, 0, b, a)
 
-    if mirror and x.shape[dim] > 1:
+    if mirror and (before or after) and x.shape[dim] > 1:
         reach = x.shape[dim] - 1
         near_before, near_after = min(before, reach), min(after, reach)
         x = F.pad(x, pad(near_before, near_after), mode="reflect")

@@ -364,6 +364,26 @@ def symmetric_conv(channels: int) -> nn.Module:
     return conv
 
 
+def test_tta_pads_each_flip_by_the_training_crop_rule():
+    """The mean over the four flips of the U-Net run on each flipped image padded by numpy (rows 40 >= the crop
+    of 36: mirrored; columns 33 < 36: zeros), cropped and flipped back."""
+    torch.manual_seed(0)
+    unet = build_model("Unet", "resnet18", 3).eval()
+    x = torch.randn(1, 3, 40, 33)
+    outs = []
+    for dims in ((), (-1,), (-2,), (-2, -1)):
+        xf = x.flip(dims).numpy() if dims else x.numpy()
+        xf = np.pad(xf, ((0, 0), (0, 0), (12, 12), (0, 0)), mode="reflect")
+        xf = np.pad(xf, ((0, 0), (0, 0), (0, 0), (15, 16)))
+        with torch.inference_mode():
+            out = unet(torch.from_numpy(xf))[..., 12:52, 15:48]
+        outs.append(out.flip(dims) if dims else out)
+    with torch.inference_mode():
+        got = forward_tta(unet, x, crop=36)
+    want = torch.stack(outs).mean(0)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), float((got - want).abs().max())
+
+
 @pytest.mark.parametrize("head_name,classes", HEADS)
 def test_tta_of_a_flip_equivariant_model_equals_no_tta(head_name, classes):
     image = rgb(64, 96, seed=7)

@@ -84,6 +84,20 @@ def test_a_string_instead_of_a_list_of_classes_is_refused():
         build_head("sigmoid", "nucleus")
 
 
+@pytest.mark.parametrize("crop", ["256", 0, 12.5])
+def test_predict_with_a_crafted_checkpoint_crop_exits_2_and_writes_nothing(tmp_path, crop):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", "sigmoid", ["nucleus"])
+    meta = json.loads((ckpt / "model.json").read_text())
+    (ckpt / "model.json").write_text(json.dumps({**meta, "crop": crop}))
+    images = tmp_path / "in"
+    images.mkdir()
+    shutil.copy(NUCLEI_TEST[0], images / NUCLEI_TEST[0].name)
+    before = snapshot(tmp_path)
+    result = run_cli("predict", ckpt, images, tmp_path / "out", "--device", "cpu", "--no-progress", "--workers", "0")
+    assert_refused(result, tmp_path / "out", "model.json: crop", "Fix: set it to the run's train.crop")
+    assert snapshot(tmp_path) == before
+
+
 def test_ordinary_class_names_are_accepted():
     names = ["nucleus", "spinal_cord", "pigment network", "Zellkern-2", "v1.2", "Straße", "血管", "SignSymbol"]
     assert build_head("sigmoid", names).classes == names
