@@ -60,9 +60,13 @@ BUDGET_RESERVE = 60.0
 MAX_BATCH = 64
 MEMORY_SHARE = {"cuda": 0.8, "cpu": 0.5}
 """Of the free memory a batch may take: headroom for the allocator (GPU), for the cache and workers (host)."""
-MIN_STEPS = 250
-"""With a budget, batches stay small enough for this many optimiser steps (one nnU-Net epoch; the demo's 96
-steps at batch 8 already reach 0.89 test Dice on nuclei, 32 reach 0.66)."""
+MIN_STEPS = 100
+"""With a budget, batches stay small enough for this many optimiser steps (the demo's 96 steps at batch 8 reach
+0.89 test Dice on nuclei, 32 reach 0.66), and where that bound is the one that binds, no larger than BN_BATCH:
+past batch norm's needs the time buys steps. At 3 min on 2 CPU cores (held-out Dice, seeds 0-2) the floor of
+250 held CamVid to batch 2 (0.272 / 0.240 / 0.258) and ISBI to batch 2 (0.788 / 0.792 / 0.762), 100 gave batch
+5 (0.296 / 0.296 / 0.275) and 4 (0.795 / 0.793 / 0.782); at 10 min, 100 without the stop at 8 gave CamVid
+batch 19 for 74 steps (0.332), with it batch 8 for 222 steps (0.420; the floor of 250: 0.419-0.448)."""
 VAL_SHARE = 0.10
 """Validation and checkpoints take at most this share of the training time..."""
 MAX_VALIDATIONS = 20
@@ -345,7 +349,8 @@ def _context(report: Report | VolumeReport) -> tuple[str, float]:
 def _size(plan: Plan, report: Report | VolumeReport, dev, largest: int, largest_why: str) -> int:
     """Encoder, crop and batch from step costs measured on `dev` at batches 2 and 4 (memory and time grow
     linearly with the batch): the first of resnet34 then resnet18, at the largest crop then halves of it (not
-    under MIN_CROP, nor under CONTEXT typical objects), where a batch of at least BN_BATCH fits every bound;
+    under MIN_CROP, nor under CONTEXT typical objects), where a batch of at least BN_BATCH fits every bound
+    (a batch that only the budget's MIN_STEPS bounds stops at BN_BATCH);
     resnet18 only when time or memory, not the amount of data, kept resnet34's batch small. When none does,
     the largest batch tried. Returns the crop."""
     cfg = plan.config()
@@ -371,8 +376,11 @@ def _size(plan: Plan, report: Report | VolumeReport, dev, largest: int, largest_
                                                                       if n == 1 or mem(n) <= room),
                       "segkit's cap": MAX_BATCH}
             if train_s:
-                bounds[f"{MIN_STEPS} steps in the budget"] = max(
+                steps_bound = f"{MIN_STEPS} steps in the budget"
+                bounds[steps_bound] = max(
                     (n for n in range(1, MAX_BATCH + 1) if train_s / sec(n) >= MIN_STEPS), default=0)
+                if min(bounds, key=bounds.get) == steps_bound and bounds[steps_bound] > BN_BATCH:
+                    bounds[f"batch norm's {BN_BATCH} (time binds: the rest of the budget buys steps)"] = BN_BATCH
             batch = max(MIN_BATCH, min(bounds.values()))
             bound = min(bounds, key=bounds.get)
             measured = (f"{a.seconds:.3g} s and {a.memory / 2**20:.0f} MiB a step at batch 2, {b.seconds:.3g} s and "

@@ -438,18 +438,35 @@ def test_the_crop_is_halved_for_batch_norm_only_while_it_keeps_the_objects_conte
 
 
 def test_where_no_batch_of_8_fits_the_budget_the_largest_batch_tried_is_taken(tmp_path, monkeypatch):
-    """Steps five times dearer and a 3-minute budget (102 s of steps, >= 250 of them: at most 0.408 s a step):
+    """Steps 12.5 times dearer and a 3-minute budget (102 s of steps, >= 100 of them: at most 1.02 s a step):
     resnet34 gets batch 2 at 256 and 4 at 128, resnet18 2 and 6; none reaches 8, so resnet18 at 128, batch 6."""
     from segkit.probe import RunCost
 
-    monkeypatch.setattr("segkit.plan.StepProbe", type("Dear", (_FakeProbe,), {"scale": 5.0}))
+    monkeypatch.setattr("segkit.plan.StepProbe", type("Dear", (_FakeProbe,), {"scale": 12.5}))
     monkeypatch.setattr("segkit.plan.run_cost", lambda cfg, dev: RunCost(1.0, 0.3, 2.0, 0.5, 8))
     root = shutil.copytree(samples.NUCLEI, tmp_path / "d")
     plan = make_plan(root, budget_s=180, device="cpu")
     assert (plan.get("model.encoder"), plan.get("train.crop"), plan.get("train.batch_size")) == ("resnet18", 128, 6)
     reason = _reason(plan, "model.encoder")
     assert "no encoder and crop (of [256, 128]) reached a batch of 8: the largest batch tried" in reason
-    assert "resnet34 at crop 128: batch 4 (250 steps in the budget)" in reason
+    assert "resnet34 at crop 128: batch 4 (100 steps in the budget)" in reason
+
+
+def test_where_time_binds_the_batch_stops_at_8_and_the_budget_buys_steps(tmp_path, monkeypatch):
+    """A 3-minute budget (102 s of steps, >= 100 of them: at most 1.02 s a step; resnet34 at 256 costs 0.08 s a
+    sample) bounds the batch at 12, above batch norm's 8; the data would allow more (half of the 38 training
+    images instead of 5 %: 19), so time binds, and the batch is 8 with the time left going to steps."""
+    from segkit.probe import RunCost
+
+    monkeypatch.setattr("segkit.plan.StepProbe", _FakeProbe)
+    monkeypatch.setattr("segkit.plan.run_cost", lambda cfg, dev: RunCost(1.0, 0.3, 2.0, 0.5, 8))
+    monkeypatch.setattr("segkit.plan.BATCH_SHARE", 0.5)
+    root = shutil.copytree(samples.NUCLEI, tmp_path / "d")
+    shutil.rmtree(root / "test")
+    plan = make_plan(root, budget_s=180, device="cpu")
+    assert (plan.get("model.encoder"), plan.get("train.crop"), plan.get("train.batch_size")) == ("resnet34", 256, 8)
+    assert "8: the largest under batch norm's 8 (time binds: the rest of the budget buys steps)" \
+        in _reason(plan, "train.batch_size")
 
 
 def test_the_schedule_plans_past_the_budget_by_the_probes_error_and_the_limit_ends_it(tmp_path, monkeypatch):
