@@ -64,9 +64,9 @@ def main() -> None:
     if "plan" in only:
         r = child("plan_vs_config", out, "plan_vs_config", "--budget", a.plan_budget)["rows"][0]
         plan, hand = r["plan"], r["config_run"]
-        rows.append((f"zero-config plan / configs/nuclei-sigmoid.yaml, {a.plan_budget} (val fg Dice)",
-                     f"{plan['val_fg_dice']:.3f} / {hand['val_fg_dice']:.3f}", ">= config",
-                     status(plan["val_fg_dice"] >= hand["val_fg_dice"])))
+        rows.append((f"zero-config plan / configs/nuclei-sigmoid.yaml, {a.plan_budget} (held-out fg Dice)",
+                     f"{plan['test_fg_dice']:.3f} / {hand['test_fg_dice']:.3f}", ">= config",
+                     status(plan["test_fg_dice"] >= hand["test_fg_dice"])))
         rows.append(("  the plan's wall time against its budget", f"{plan['vs_budget']:+.1%}", "within +-10 %",
                      status(abs(plan["vs_budget"]) <= 0.10)))
     if "huge" in only:
