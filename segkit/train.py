@@ -53,16 +53,23 @@ class TrainResult:
     stopped: str  # "completed", "early stop", "time limit"
 
 
-def lr_lambda(total_steps: int, warmup: int):
-    """Linear warm-up, then cosine decay to zero, per optimizer step."""
+@dataclass
+class Schedule:
+    """The learning-rate factor of an optimizer step: linear warm-up, then cosine decay to zero over
+    `total_steps` or, under train.time_limit, over the time between the end of warm-up and the last step that
+    fits (`elapsed`, that time's share passed, set by the loop), whichever is further along. So a run whose
+    steps go faster or slower than planned still anneals by its deadline, neither cut at a high rate nor
+    ended early."""
 
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    total_steps: int
+    warmup: int
+    elapsed: float = 0.0
 
-    return f
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = max(self.elapsed, (step - self.warmup) / max(1, self.total_steps - self.warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def compiled(model: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -184,7 +191,7 @@ def build_run(cfg: Config, device: torch.device) -> Run:
     loss_fn = head.loss(t.loss, t.class_weights).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
                                   fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.epochs * steps, min(steps, 100)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(t.epochs * steps, min(steps, 100)))
     meta = checkpoint_meta(head, cfg.model.arch, cfg.model.encoder, d.channels, data.norm, crop=t.crop,
                            data={"mask": d.mask, "ignore_index": d.ignore_index,
                                  "foreground_value": d.foreground_value, "binary_threshold": d.binary_threshold,
@@ -207,7 +214,7 @@ def resumed(run: Run, out: Path) -> Progress:
     the config (a mid-epoch state needs the same epoch layout; a finished run needs more epochs)."""
     t = run.cfg.train
     state = resume_state(out / "last", run.model, run.optimizer, run.scheduler, run.scaler)
-    run.scheduler.lr_lambdas[0] = lr_lambda(t.epochs * run.steps, min(run.steps, 100))
+    run.scheduler.lr_lambdas[0] = Schedule(t.epochs * run.steps, min(run.steps, 100))  # this process's clock
     p = fresh_progress(t)
     p.epoch, p.step, p.best, p.best_epoch, p.bad_epochs = (state["epoch"], state.get("step", 0), state["best"],
                                                           state["best_epoch"], state["bad_epochs"])
@@ -274,14 +281,25 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
     interrupted: Interrupted | None = None
     stopped, images_seen, train_seconds = "completed", 0, 0.0
     tail = validation_seconds(run) if t.time_limit else 0.0  # the run's end, known before the first validation
+    schedule: Schedule = run.scheduler.lr_lambdas[0]
+    warmed: float | None = None  # when this process's steps passed the warm-up
 
     def time_up(at_sync: bool) -> bool:
         """Whether only the run's end (the last validation and save: as long as the longest so far, at first a
-        validation timed on a few samples) still fits train.time_limit; under DDP decided at the loss
-        read-backs, where the ranks meet anyway."""
+        validation timed on a few samples) still fits train.time_limit; the schedule learns the share of the
+        time after warm-up that has passed. Under DDP both are decided at the loss read-backs, where the ranks
+        meet anyway, and agreed (every rank steps with the same learning rate)."""
+        nonlocal warmed
         if not t.time_limit or (dist.active() and not at_sync):
             return False
-        return _agreed(time.perf_counter() - started + tail > t.time_limit, run.device)
+        now = time.perf_counter()
+        end = started + t.time_limit - tail
+        if warmed is None and run.scheduler.last_epoch >= schedule.warmup:
+            warmed = now
+        share = 0.0 if warmed is None else 1.0 if end <= warmed else (now - warmed) / (end - warmed)
+        late, share = _agreed_clock(now > end, share, run.device)
+        schedule.elapsed = max(schedule.elapsed, min(1.0, share))
+        return late
 
     signals.install()
     try:
@@ -353,9 +371,16 @@ def _start(run: Run, out: Path, lock: RunLock, resume: bool, files: dict[str, by
 def _agreed(flag: bool, device: torch.device) -> bool:
     """`flag` on this process or, under DDP, on any rank: every rank takes the same branch (one rank's clock or
     signal must not leave the others waiting in a collective)."""
+    return _agreed_clock(flag, 0.0, device)[0]
+
+
+def _agreed_clock(late: bool, share: float, device: torch.device) -> tuple[bool, float]:
+    """`late` on any rank (as `_agreed`), and the ranks' mean `share` of the time passed: one decision and one
+    learning rate for all of them."""
     if not dist.active():
-        return flag
-    return dist.all_reduce_sum([1.0 if flag else 0.0], device)[0] > 0
+        return late, share
+    flags, shares = dist.all_reduce_sum([1.0 if late else 0.0, share], device)
+    return flags > 0, shares / dist.world_size()
 
 
 def _stop_requested(signals: StopSignals, device: torch.device) -> bool:

@@ -469,9 +469,10 @@ def test_where_time_binds_the_batch_stops_at_8_and_the_budget_buys_steps(tmp_pat
         in _reason(plan, "train.batch_size")
 
 
-def test_the_schedule_plans_past_the_budget_by_the_probes_error_and_the_limit_ends_it(tmp_path, monkeypatch):
-    """Measured (faked): reading 1 s, 0.3 s a step, validation 2 s + checkpoint 0.5 s. The steps fill 110 % of
-    the time left after the validations; the predicted finish is the budget, which the time limit keeps."""
+def test_the_schedule_plans_epochs_past_the_budget_by_the_probes_error_and_the_limit_ends_it(tmp_path, monkeypatch):
+    """Measured (faked): reading 1 s, 0.3 s a step, validation 2 s + checkpoint 0.5 s. Epochs of steps fill the
+    time left after the validations, and a quarter more epochs are planned; the predicted finish is the budget,
+    which the time limit keeps."""
     from segkit.probe import RunCost
 
     monkeypatch.setattr("segkit.plan.StepProbe", _FakeProbe)
@@ -480,7 +481,9 @@ def test_the_schedule_plans_past_the_budget_by_the_probes_error_and_the_limit_en
     plan = make_plan(root, budget_s=300, device="cpu")
     left = plan.get("train.time_limit") - 1.0 - 5.0  # the limit is the budget less planning; less reading, end
     validations = min(20, int(0.1 * left // 2.5))
-    steps = (left - validations * 2.5) * 1.1 / 0.3
-    assert plan.get("train.epochs") == validations
+    steps = (left - validations * 2.5) / 0.3
+    assert plan.get("train.epochs") == validations + math.ceil(validations / 4)
     assert plan.get("train.steps_per_epoch") == pytest.approx(steps / validations, abs=1)
-    assert plan.predicted_s == 300 and "with 10% to spare" in _reason(plan, "train.steps_per_epoch")
+    assert plan.predicted_s == 300
+    assert f"{validations} validations fit" in _reason(plan, "train.epochs")
+    assert "follows the clock" in _reason(plan, "train.epochs")

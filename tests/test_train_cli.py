@@ -406,6 +406,33 @@ def test_a_time_limit_stops_inside_an_epoch_then_validates_and_saves(tmp_path, t
     assert (run / "best" / "model.json").is_file()
 
 
+def test_the_schedule_warms_up_then_decays_by_its_steps_or_its_clock_whichever_is_further():
+    """Hand values: 10 warm-up steps of 110; then 0.5 (1 + cos(pi p)) with p the larger of the steps' and the
+    clock's progress."""
+    s = segkit.train.Schedule(total_steps=110, warmup=10)
+    assert [s(0), s(4), s(9), s(10)] == [0.1, 0.5, 1.0, 1.0]
+    assert s(60) == pytest.approx(0.5) and s(110) == pytest.approx(0.0) and s(500) == pytest.approx(0.0)
+    s.elapsed = 0.75  # the clock ahead of the steps
+    assert s(60) == pytest.approx(0.5 * (1 + np.cos(0.75 * np.pi))) and s(9) == 1.0
+    assert s(100) == pytest.approx(0.5 * (1 + np.cos(0.9 * np.pi)))  # the steps ahead of the clock
+    s.elapsed = 1.0
+    assert s(11) == pytest.approx(0.0)
+
+
+def test_under_a_time_limit_the_learning_rate_anneals_by_the_clock(tmp_path, tiny_nuclei, caplog):
+    """400 000 planned steps would keep the step cosine near its peak; an 8 s limit ends the run after a few
+    epochs of 4 steps, and by then the learning rate has followed the clock down to near 0 (monotonically,
+    after the 4 warm-up steps), rather than being cut at its peak."""
+    run = tmp_path / "run"
+    r = run_cli(*train_args(SIGMOID, tiny_nuclei, run, "--set", "train.steps_per_epoch=4",
+                            "--set", "train.time_limit=8", epochs=100000))
+    assert r.code == 0, r.err
+    assert any(m.startswith("time limit: stopped after") for m in caplog.messages)
+    lrs = [float(row["lr"]) for row in _rows(run / "metrics.csv")]
+    assert len(lrs) >= 2 and lrs[-1] < 0.05 * 1e-3, lrs
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])), lrs
+
+
 def test_a_time_limit_counts_the_last_validation_before_the_first_one(tmp_path, tiny_nuclei, caplog, monkeypatch):
     """The run's end is known from the start (a validation timed on a few samples), so a limit that only the
     first validation would overrun stops the first epoch at once: here a (faked) 1000 s validation against a
