@@ -421,6 +421,11 @@ def _size(plan: Plan, report: Report | VolumeReport, dev, largest: int, largest_
     return crop
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 epoch', '3 epochs'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _schedule(plan: Plan, dev, started: float) -> None:
     """Epochs, steps per epoch and validation spacing: fitted to the budget from a timed probe of the real
     run, or (no budget) a cap on steps with early stopping."""
@@ -451,12 +456,12 @@ def _schedule(plan: Plan, dev, started: float) -> None:
               f"from the loader), {cost.validation:.1f} s a validation of {cost.val_items} samples, "
               f"{cost.checkpoint:.1f} s a checkpoint; planning took {spent:.0f} s")
     plan.choices += [
-        Choice("train.steps_per_epoch", per_epoch, f"{validations} epochs of {per_epoch} steps fill the budget: "
-                                                   f"{timing}"),
+        Choice("train.steps_per_epoch", per_epoch, f"the budget holds {_count(validations, 'epoch')} of {per_epoch} "
+                                                   f"steps: {timing}"),
         Choice("train.epochs", validations + extra,
-               f"{validations} validations fit (at most {VAL_SHARE:.0%} of the time, at most {MAX_VALIDATIONS}), and "
-               f"{extra} more epoch{'s' if extra > 1 else ''} in case steps run faster than measured: the time limit "
-               "ends the run, and the learning rate's cosine follows the clock to its end; best/ is the best "
+               f"the budget holds {_count(validations, 'validation')} (at most {VAL_SHARE:.0%} of the time, at most "
+               f"{MAX_VALIDATIONS}); {_count(extra, 'more epoch')} in case steps run faster than measured: the time "
+               "limit ends the run, and the learning rate's cosine follows the clock to its end; best/ is the best "
                "validation"),
         Choice("train.val_every", 1, "every epoch"),
         Choice("train.time_limit", round(plan.budget_s - spent, 1),

@@ -316,6 +316,11 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
             if run.device.type == "cuda":
                 torch.cuda.synchronize(run.device)
             seconds = time.perf_counter() - began
+            if t.time_limit and not out_of_time and steps_run and epoch + 1 < t.epochs:
+                # where this epoch's validation and save, a step, and the last validation and save would not all
+                # fit, this epoch's are the run's last (not a second one a step later, past the limit)
+                out_of_time = _agreed(time.perf_counter() - started + 2 * tail + seconds / steps_run > t.time_limit,
+                                      run.device)
             images = steps_run * run.batch * dist.world_size()
             images_seen, train_seconds = images_seen + images, train_seconds + seconds
             ending = time.perf_counter()

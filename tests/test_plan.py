@@ -485,5 +485,5 @@ def test_the_schedule_plans_epochs_past_the_budget_by_the_probes_error_and_the_l
     assert plan.get("train.epochs") == validations + math.ceil(validations / 4)
     assert plan.get("train.steps_per_epoch") == pytest.approx(steps / validations, abs=1)
     assert plan.predicted_s == 300
-    assert f"{validations} validations fit" in _reason(plan, "train.epochs")
+    assert f"the budget holds {validations} validations" in _reason(plan, "train.epochs")
     assert "follows the clock" in _reason(plan, "train.epochs")

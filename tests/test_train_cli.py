@@ -406,6 +406,20 @@ def test_a_time_limit_stops_inside_an_epoch_then_validates_and_saves(tmp_path, t
     assert (run / "best" / "model.json").is_file()
 
 
+def test_a_time_limit_ends_at_the_epoch_after_which_another_validation_would_not_fit(tmp_path, tiny_nuclei, caplog,
+                                                                                     monkeypatch):
+    """A (faked) 499.9 s validation against a 1000 s limit: the first epoch's 2 steps fit with their validation,
+    but not a step more and a second validation, so the run ends after epoch 1 (of 3), validated and saved,
+    rather than validating again one step later, past the limit."""
+    monkeypatch.setattr(segkit.train, "validation_seconds", lambda run: 499.9)
+    run = tmp_path / "run"
+    r = run_cli(*train_args(SIGMOID, tiny_nuclei, run, "--set", "train.time_limit=1000", epochs=3))
+    assert r.code == 0, r.err
+    assert any(m.startswith("time limit: stopped after 2 of 2 steps of epoch 1") for m in caplog.messages)
+    assert len(_rows(run / "metrics.csv")) == 1
+    assert json.loads((run / "last" / "model.json").read_text())["epoch"] == 1 and (run / "best").is_dir()
+
+
 def test_the_schedule_warms_up_then_decays_by_its_steps_or_its_clock_whichever_is_further():
     """Hand values: 10 warm-up steps of 110; then 0.5 (1 + cos(pi p)) with p the larger of the steps' and the
     clock's progress."""
