@@ -790,6 +790,17 @@ def test_truncated_file_is_data_error(tmp_path, broken_sources, kind, keep):
     assert path.name in str(err.value)
 
 
+def test_a_tiff_whose_size_outgrows_its_tiles_is_data_error(tmp_path):
+    """A header promising far more rows than its tiles hold (found by fuzzing: 15 769 881 x 40 from 9 tiles of
+    16) read as zeros, and predict streamed it for hours; it is refused as damaged, naming the file."""
+    path = tmp_path / "tall.tif"
+    tifffile.imwrite(path, np.zeros((48, 40, 3), np.uint8), tile=(16, 16), compression="zlib")
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tif.pages[0].tags["ImageLength"].overwrite(15769881)
+    with pytest.raises(DataError, match="tall.tif: damaged: its size \\(15769881 x 40\\) needs 2956854 tiles"):
+        open_raster(path)
+
+
 @pytest.mark.parametrize("name", ["noise.png", "noise.jpg", "noise.tif", "noise.tiff", "noise.jp2"])
 def test_random_bytes_is_data_error(tmp_path, name):
     path = tmp_path / name
