@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from segkit import distributed as dist
 from segkit.checkpoints import STATE, Checkpointer, check_run_dir, damaged, read_history, resume_state, rng_state
-from segkit.config import Config, dump_config
+from segkit.config import Config, TrainConfig, dump_config
 from segkit.data.dataset import SegmentationDataset, cache_budget, to_network
 from segkit.data.io import write_bytes
 from segkit.data.training_data import TrainingData, training_data
@@ -70,6 +70,11 @@ class Schedule:
             return (step + 1) / self.warmup
         progress = max(self.elapsed, (step - self.warmup) / max(1, self.total_steps - self.warmup))
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    @classmethod
+    def of(cls, t: TrainConfig, steps: int) -> Schedule:
+        """The schedule of train config `t` with epochs of `steps`: warm-up over an epoch, at most 100 steps."""
+        return cls(t.epochs * steps, min(steps, 100))
 
 
 def compiled(model: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -191,7 +196,7 @@ def build_run(cfg: Config, device: torch.device) -> Run:
     loss_fn = head.loss(t.loss, t.class_weights).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
                                   fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(t.epochs * steps, min(steps, 100)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule.of(t, steps))
     meta = checkpoint_meta(head, cfg.model.arch, cfg.model.encoder, d.channels, data.norm, crop=t.crop,
                            data={"mask": d.mask, "ignore_index": d.ignore_index,
                                  "foreground_value": d.foreground_value, "binary_threshold": d.binary_threshold,
@@ -214,7 +219,7 @@ def resumed(run: Run, out: Path) -> Progress:
     the config (a mid-epoch state needs the same epoch layout; a finished run needs more epochs)."""
     t = run.cfg.train
     state = resume_state(out / "last", run.model, run.optimizer, run.scheduler, run.scaler)
-    run.scheduler.lr_lambdas[0] = Schedule(t.epochs * run.steps, min(run.steps, 100))  # this process's clock
+    run.scheduler.lr_lambdas[0] = Schedule.of(t, run.steps)  # this run's epochs, this process's clock
     p = fresh_progress(t)
     p.epoch, p.step, p.best, p.best_epoch, p.bad_epochs = (state["epoch"], state.get("step", 0), state["best"],
                                                           state["best_epoch"], state["bad_epochs"])
@@ -284,6 +289,10 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
     schedule: Schedule = run.scheduler.lr_lambdas[0]
     warmed: float | None = None  # when this process's steps passed the warm-up
 
+    def deadline() -> float:
+        """When the last step must end: train.time_limit less the run's end (its last validation and save)."""
+        return started + t.time_limit - tail
+
     def time_up(at_sync: bool) -> bool:
         """Whether only the run's end (the last validation and save: as long as the longest so far, at first a
         validation timed on a few samples) still fits train.time_limit; the schedule learns the share of the
@@ -292,8 +301,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
         nonlocal warmed
         if not t.time_limit or (dist.active() and not at_sync):
             return False
-        now = time.perf_counter()
-        end = started + t.time_limit - tail
+        now, end = time.perf_counter(), deadline()
         if warmed is None and run.scheduler.last_epoch >= schedule.warmup:
             warmed = now
         share = 0.0 if warmed is None else 1.0 if end <= warmed else (now - warmed) / (end - warmed)
@@ -319,8 +327,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
             if t.time_limit and not out_of_time and steps_run and epoch + 1 < t.epochs:
                 # where this epoch's validation and save, a step, and the last validation and save would not all
                 # fit, this epoch's are the run's last (not a second one a step later, past the limit)
-                out_of_time = _agreed(time.perf_counter() - started + 2 * tail + seconds / steps_run > t.time_limit,
-                                      run.device)
+                out_of_time = _agreed(time.perf_counter() + tail + seconds / steps_run > deadline(), run.device)
             images = steps_run * run.batch * dist.world_size()
             images_seen, train_seconds = images_seen + images, train_seconds + seconds
             ending = time.perf_counter()

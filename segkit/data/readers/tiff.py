@@ -29,9 +29,10 @@ def check_one_image(tif: tifffile.TiffFile, path: Path) -> None:
     if ends and max(ends) > tif.filehandle.size:
         raise DataError(f"{path}: truncated: its pixel data runs to byte {max(ends)} of a "
                         f"{tif.filehandle.size}-byte file. Fix: replace the file (copy it again) or remove it.")
-    if len(page.dataoffsets) < math.prod(page.chunked):  # tifffile reads the missing ones as zeros
+    needed = math.prod(page.chunked)
+    if len(page.dataoffsets) < needed:  # tifffile reads the missing ones as zeros
         raise DataError(f"{path}: damaged: its size ({page.imagelength} x {page.imagewidth}) needs "
-                        f"{math.prod(page.chunked)} tiles or strips of pixel data, the file lists "
+                        f"{needed} tiles or strips of pixel data, the file lists "
                         f"{len(page.dataoffsets)}. Fix: replace the file (copy it again) or remove it.")
     series = tif.series[0]
     full_pages = [p for p in tif.pages if not (int(getattr(p, "subfiletype", 0)) & 1)]
