@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--encoder", default="resnet18")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     began = time.perf_counter()
@@ -76,7 +77,7 @@ def main() -> None:
     mode = "binary" if binary else "multiclass"
     dice = smp.losses.DiceLoss(mode, from_logits=True, ignore_index=ig)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-4)
-    warm = min(100, a.steps)
+    warm = max(1, min(a.warmup, a.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
                                               0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, a.steps - warm))))
     model.train()

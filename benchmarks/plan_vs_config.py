@@ -17,6 +17,8 @@ budget (goal: within +-10 %).
     python -m benchmarks.plan_vs_config --seed 0 --seed 1 --seed 2    # each pair once per seed, and the means
 
 `--declare KEY` gives the plan run `--set data.KEY=...` with the config's value, where the config sets it.
+`--plans DIR` plans each pair and seed once (`segkit plan`, kept in DIR) and trains that plan.yaml, so a change
+to training is measured on the same plans: run the benchmark from each version with the same DIR.
 `--seed S` gives both runs `train.seed=S` (the seed of their weights, crops and validation share; the held-out
 images stay the same): one 3-minute run moves by several hundredths, so a single seed says little.
 """
@@ -54,7 +56,25 @@ def _score(run_dir: Path, root: Path, out: Path) -> float:
     return float(json.loads(scores.read_text())["mean"]["dice"])
 
 
-def compare(root: Path, config: Path, budget: str, out: Path, declare: list[str], seed: int) -> dict:
+def _plan_run(view: Path, budget: str, run_dir: Path, seed: int, declared: list[str], plans: Path | None,
+              name: str) -> float:
+    """The plan's run: `segkit train ROOT --budget` in one process, or (with `plans`) `segkit train` of the
+    plan.yaml `segkit plan` wrote there for this data and seed, planned once and kept, so two code versions can
+    train the same plan (their wall time: planning, once measured, plus training)."""
+    declares = [a for d in declared for a in ("--set", d)]
+    common = ["--out", str(run_dir), "--device", "cpu", "--no-progress", "--set", f"train.seed={seed}"]
+    if plans is None:
+        return _run([sys.executable, "-m", "cli", "train", str(view), "--budget", budget, *common, *declares])
+    plan, planning = plans / f"{name}-{budget}-s{seed}.yaml", plans / f"{name}-{budget}-s{seed}.seconds"
+    if not plan.is_file():
+        plans.mkdir(parents=True, exist_ok=True)
+        planning.write_text(str(_run([sys.executable, "-m", "cli", "plan", str(view), "--budget", budget,
+                                      "--out", str(plan), "--device", "cpu", "--no-progress", *declares])))
+    return float(planning.read_text()) + _run([sys.executable, "-m", "cli", "train", str(plan), *common])
+
+
+def compare(root: Path, config: Path, budget: str, out: Path, declare: list[str], seed: int,
+            plans: Path | None = None) -> dict:
     seconds = parse_budget(budget)
     data = load_config(config, [f"data.root={root}"]).data
     declared = [f"data.{k}={json.dumps(getattr(data, k))}" for k in declare
@@ -63,9 +83,7 @@ def compare(root: Path, config: Path, budget: str, out: Path, declare: list[str]
     for d in (plan_dir, hand_dir):
         shutil.rmtree(d, ignore_errors=True)
     view, held = held_out(root, data, out / f"{root.name}-view")
-    plan_s = _run([sys.executable, "-m", "cli", "train", str(view), "--budget", budget, "--out", str(plan_dir),
-                   "--device", "cpu", "--no-progress", "--set", f"train.seed={seed}",
-                   *(a for d in declared for a in ("--set", d))])
+    plan_s = _plan_run(view, budget, plan_dir, seed, declared, plans, root.name)
     hand_s = _run([sys.executable, "-m", "cli", "train", str(config), "--out", str(hand_dir), "--device", "cpu",
                    "--no-progress", "--set", f"data.root={view}", "--set", f"train.time_limit={seconds}",
                    "--set", f"train.seed={seed}"])
@@ -86,6 +104,9 @@ def main() -> None:
                    help="pass the config's data.KEY to the plan run as --set (repeatable), e.g. ignore_index")
     p.add_argument("--seed", action="append", type=int, metavar="S",
                    help="run each pair with train.seed=S (repeatable; default 0)")
+    p.add_argument("--plans", type=Path, metavar="DIR",
+                   help="plan each pair and seed once into DIR (kept) and train that plan.yaml: an A/B of two code "
+                        "versions on the same plans")
     a = p.parse_args()
     pairs = a.pair or [f"{ROOT / 'data' / 'nuclei'}:{ROOT / 'configs' / 'nuclei-sigmoid.yaml'}"]
     rows: list[dict] = []
@@ -93,7 +114,8 @@ def main() -> None:
     partial.parent.mkdir(parents=True, exist_ok=True)
     for root, config in (pair.rsplit(":", 1) for pair in pairs):
         for seed in a.seed or [0]:
-            rows.append(compare(Path(root), Path(config), a.budget, a.out / "plan_vs_config", a.declare, seed))
+            rows.append(compare(Path(root), Path(config), a.budget, a.out / "plan_vs_config", a.declare, seed,
+                                a.plans))
             partial.write_text(json.dumps(rows, indent=2))
     write_result(a.out, "plan_vs_config", {"benchmark": "zero-config plan vs hand-written config, same wall time",
                                            "rows": rows, "means": means(rows)})

@@ -25,6 +25,7 @@ from pathlib import Path
 from benchmarks.common import ROOT, write_result
 from segkit.config import load_config
 from segkit.data.splits import train_val_samples
+from segkit.train import Schedule
 
 
 def run(root: Path, config: Path, out: Path, steps: int = 300, epochs: int = 6) -> dict:
@@ -35,6 +36,7 @@ def run(root: Path, config: Path, out: Path, steps: int = 300, epochs: int = 6) 
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs.json").write_text(json.dumps(pairs))
     per_epoch = math.ceil(steps / epochs)
+    warmup = Schedule.of(load_config(config, [f"train.epochs={epochs}"]).train, per_epoch).warmup  # segkit's
     common = {"batch_size": 8, "crop": 256, "lr": 0.001}
     run_dir = out / "segkit-run"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -50,7 +52,7 @@ def run(root: Path, config: Path, out: Path, steps: int = 300, epochs: int = 6) 
     classes = 1 if cfg.model.head == "sigmoid" and len(d.classes) == 1 else len(d.classes)
     loop = [sys.executable, "-m", "benchmarks.minimal_loop", "--pairs", str(out / "pairs.json"),
             "--classes", str(classes), "--steps", str(per_epoch * epochs), "--encoder", "resnet18",
-            "--batch-size", "8", "--crop", "256", "--lr", "0.001", "--out", str(out / "loop.pt")]
+            "--batch-size", "8", "--crop", "256", "--lr", "0.001", "--warmup", str(warmup), "--out", str(out / "loop.pt")]
     if d.ignore_index is not None:
         loop += ["--ignore", str(d.ignore_index)]
     began = time.perf_counter()

@@ -125,8 +125,9 @@ class TrainConfig(_Strict):
         None, gt=0, description="seconds from the start of training: it stops at the step after which only its "
                                 "last validation and save (timed on a few samples at the start, then the "
                                 "longest so far) still fit, then "
-                                "validates and writes best/ and last/; the learning rate's cosine decays by "
-                                "that step's time or by train.epochs' steps, whichever comes first")
+                                "validates and writes best/ and last/; the learning rate warms up over at most a "
+                                "tenth of that time and its cosine decays by that step's time or by "
+                                "train.epochs' steps, whichever comes first")
     augment: AugmentConfig = AugmentConfig()
 
     @field_validator("val_every")

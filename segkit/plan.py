@@ -414,8 +414,9 @@ def _size(plan: Plan, report: Report | VolumeReport, dev, largest: int, largest_
         "short for more") + f" ({measured}; {seconds:.3g} s a step at {batch}; batch norm wants at least {BN_BATCH})"))
     if batch < BN_BATCH:
         plan.notes.append(f"warning: batch {batch} under {BN_BATCH}; a longer --budget gives batch norm better batches")
-    plan.choices.append(Choice("train.lr", 1e-3, "AdamW at 1e-3 with weight decay 1e-4, warm-up then cosine decay "
-                                                  "to 0 over the planned steps"))
+    plan.choices.append(Choice("train.lr", 1e-3, "AdamW at 1e-3 with weight decay 1e-4; a linear warm-up over a tenth "
+                                                  "of the run (at most an epoch, at most 100 steps), then cosine "
+                                                  "decay to 0"))
     plan.choices.append(Choice("train.workers", "auto", "loader processes that keep the device busy without "
                                                         "taking its cores (segkit's measured default)"))
     return crop

@@ -53,28 +53,45 @@ class TrainResult:
     stopped: str  # "completed", "early stop", "time limit"
 
 
+WARMUP_SHARE = 0.1
+"""The warm-up's share of a run: of its planned steps, and under train.time_limit of its time."""
+
+
 @dataclass
 class Schedule:
-    """The learning-rate factor of an optimizer step: linear warm-up, then cosine decay to zero over
-    `total_steps` or, under train.time_limit, over the time between the end of warm-up and the last step that
-    fits (`elapsed`, that time's share passed, set by the loop), whichever is further along. So a run whose
-    steps go faster or slower than planned still anneals by its deadline, neither cut at a high rate nor
-    ended early."""
+    """The learning-rate factor of an optimizer step: a linear warm-up, then cosine decay to zero.
+
+    The warm-up lasts an epoch, at most 100 steps and at most a tenth of the planned steps, and under
+    train.time_limit at most a tenth of the time from the first step to the last step that fits: a short run
+    is not spent warming up. The cosine then runs over the remaining steps or, under the limit, the remaining
+    time, whichever is further along: a run whose steps go faster or slower than planned still anneals by its
+    deadline, neither cut at a high rate nor ended early. `tick` gives it the clock."""
 
     total_steps: int
     warmup: int
-    elapsed: float = 0.0
+    clock: float = 0.0  # the share passed of the time from the first step to the last that fits
+    warm_clock: float | None = None  # the clock when the warm-up ended (time limit)
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = max(self.elapsed, (step - self.warmup) / max(1, self.total_steps - self.warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if self.warm_clock is None and step < self.warmup:
+            return min(1.0, max((step + 1) / self.warmup, self.clock / WARMUP_SHARE))
+        by_steps = max(0, step - self.warmup) / max(1, self.total_steps - self.warmup)
+        warm = self.warm_clock
+        by_clock = 0.0 if warm is None else 1.0 if warm >= 1 else (self.clock - warm) / (1 - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(by_steps, by_clock))))
+
+    def tick(self, clock: float, step: int) -> None:
+        """Under a time limit: the share `clock` of the time from the first step to the last that fits has
+        passed after `step` optimizer steps; the warm-up ends here if its steps or its time are done."""
+        self.clock = max(self.clock, min(1.0, clock))
+        if self.warm_clock is None and (step >= self.warmup or self.clock >= WARMUP_SHARE):
+            self.warm_clock = self.clock
 
     @classmethod
     def of(cls, t: TrainConfig, steps: int) -> Schedule:
-        """The schedule of train config `t` with epochs of `steps`: warm-up over an epoch, at most 100 steps."""
-        return cls(t.epochs * steps, min(steps, 100))
+        """The schedule of train config `t` with epochs of `steps`."""
+        total = t.epochs * steps
+        return cls(total, max(1, min(steps, 100, math.ceil(WARMUP_SHARE * total))))
 
 
 def compiled(model: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -287,7 +304,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
     stopped, images_seen, train_seconds = "completed", 0, 0.0
     tail = validation_seconds(run) if t.time_limit else 0.0  # the run's end, known before the first validation
     schedule: Schedule = run.scheduler.lr_lambdas[0]
-    warmed: float | None = None  # when this process's steps passed the warm-up
+    first_step: float | None = None  # when this process's first step ended: the schedule's clock starts there
 
     def deadline() -> float:
         """When the last step must end: train.time_limit less the run's end (its last validation and save)."""
@@ -295,18 +312,17 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
 
     def time_up(at_sync: bool) -> bool:
         """Whether only the run's end (the last validation and save: as long as the longest so far, at first a
-        validation timed on a few samples) still fits train.time_limit; the schedule learns the share of the
-        time after warm-up that has passed. Under DDP both are decided at the loss read-backs, where the ranks
-        meet anyway, and agreed (every rank steps with the same learning rate)."""
-        nonlocal warmed
+        validation timed on a few samples) still fits train.time_limit; the schedule learns the share passed of
+        the time from the first step to the deadline. Under DDP both are decided at the loss read-backs, where
+        the ranks meet anyway, and agreed (every rank steps with the same learning rate)."""
+        nonlocal first_step
         if not t.time_limit or (dist.active() and not at_sync):
             return False
         now, end = time.perf_counter(), deadline()
-        if warmed is None and run.scheduler.last_epoch >= schedule.warmup:
-            warmed = now
-        share = 0.0 if warmed is None else 1.0 if end <= warmed else (now - warmed) / (end - warmed)
-        late, share = _agreed_clock(now > end, share, run.device)
-        schedule.elapsed = max(schedule.elapsed, min(1.0, share))
+        first_step = now if first_step is None else first_step
+        clock = 1.0 if end <= first_step else (now - first_step) / (end - first_step)
+        late, clock = _agreed_clock(now > end, clock, run.device)
+        schedule.tick(clock, run.scheduler.last_epoch)
         return late
 
     signals.install()

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,9 +104,10 @@ def test_metrics_csv_has_one_row_per_epoch(runs, head):
     per_class = [f"{kind}_{c}" for kind in ("dice", "iou") for c in CLASSES[head]]
     assert list(rows[0]) == ["epoch", "train_loss", "val_loss", "val_mean_dice", "val_mean_iou", *per_class,
                              "lr", "seconds", "images_per_s"]
-    # warm-up over epoch 1's 2 steps to train.lr, then cosine to 0 at the 4th and last step
+    # warm-up over 1 step (a tenth of the 4, rounded up), then cosine to 0 at the 4th and last: after epoch 1's
+    # 2 steps, 0.5 (1 + cos(pi / 3)) = 0.75 of train.lr
     lr = load_config(CONFIG[head]).train.lr
-    assert [float(row["lr"]) for row in rows] == pytest.approx([lr, 0.0], rel=1e-12, abs=1e-15)
+    assert [float(row["lr"]) for row in rows] == pytest.approx([0.75 * lr, 0.0], rel=1e-12, abs=1e-15)
 
 
 def test_train_loss_is_the_mean_loss_of_each_epochs_batches(runs):
@@ -422,15 +424,60 @@ def test_a_time_limit_ends_at_the_epoch_after_which_another_validation_would_not
 
 def test_the_schedule_warms_up_then_decays_by_its_steps_or_its_clock_whichever_is_further():
     """Hand values: 10 warm-up steps of 110; then 0.5 (1 + cos(pi p)) with p the larger of the steps' and the
-    clock's progress."""
+    clock's progress, the clock counted from the warm-up's end."""
     s = segkit.train.Schedule(total_steps=110, warmup=10)
     assert [s(0), s(4), s(9), s(10)] == [0.1, 0.5, 1.0, 1.0]
     assert s(60) == pytest.approx(0.5) and s(110) == pytest.approx(0.0) and s(500) == pytest.approx(0.0)
-    s.elapsed = 0.75  # the clock ahead of the steps
-    assert s(60) == pytest.approx(0.5 * (1 + np.cos(0.75 * np.pi))) and s(9) == 1.0
+    s.tick(0.2, 10)  # the warm-up's steps done when a fifth of the time has passed
+    s.tick(0.8, 30)  # three quarters of the time after it: the clock ahead of the steps
+    assert s(60) == pytest.approx(0.5 * (1 + np.cos(0.75 * np.pi)))
     assert s(100) == pytest.approx(0.5 * (1 + np.cos(0.9 * np.pi)))  # the steps ahead of the clock
-    s.elapsed = 1.0
-    assert s(11) == pytest.approx(0.0)
+    s.tick(0.5, 40)  # the clock never runs back
+    assert s.clock == 0.8
+    s.tick(1.0, 41)
+    assert s(41) == pytest.approx(0.0)
+
+
+def test_a_time_limited_warm_up_ends_at_a_tenth_of_the_time_if_its_steps_take_longer():
+    """Hand values: a warm-up of 100 steps, of which 3 ran when 5 % of the time had passed: the factor is
+    0.05 / 0.1 = 0.5, not 4 / 100; at 10 % it is over, and the cosine runs over the remaining 90 %."""
+    s = segkit.train.Schedule(total_steps=100_000, warmup=100)
+    s.tick(0.05, 3)
+    assert s(3) == pytest.approx(0.5) and s.warm_clock is None
+    s.tick(0.1, 6)
+    assert s.warm_clock == pytest.approx(0.1) and s(6) == pytest.approx(1.0)
+    s.tick(0.55, 20)
+    assert s(20) == pytest.approx(0.5)  # (0.55 - 0.1) / 0.9 = half the cosine
+    assert segkit.train.Schedule(total_steps=100_000, warmup=100)(3) == pytest.approx(0.04)  # no clock: steps
+
+
+@pytest.mark.parametrize(("epochs", "steps", "warmup"), [(2, 123, 25), (40, 46, 46), (200, 250, 100), (1, 5, 1)])
+def test_the_warm_up_is_an_epoch_at_most_100_steps_and_a_tenth_of_the_run(epochs, steps, warmup):
+    """CamVid's 3-minute plan (2 epochs of 123 steps) warmed up over 100 of them before; now over 25."""
+    t = load_config(SIGMOID, [f"train.epochs={epochs}", f"train.steps_per_epoch={steps}"]).train
+    assert segkit.train.Schedule.of(t, steps).warmup == warmup
+
+
+def test_a_time_limit_shorter_than_the_warm_up_steps_still_reaches_the_peak_and_anneals(tmp_path, tiny_nuclei,
+                                                                                      monkeypatch):
+    """An epoch of 100 000 steps warms up over 100 of them; each step here is slowed to take at least 0.1 s, so
+    a 6 s limit runs fewer than 60. The learning rate still reaches its peak (the warm-up ends at a tenth of
+    the time) and ends near 0; by steps alone it would have stopped at under 60 % of the peak."""
+    lrs: list[float] = []
+    step = segkit.train.train_step
+
+    def slow_step(run, net, item):
+        loss = step(run, net, item)
+        time.sleep(0.1)
+        lrs.append(run.optimizer.param_groups[0]["lr"])
+        return loss
+
+    monkeypatch.setattr(segkit.train, "train_step", slow_step)
+    r = run_cli(*train_args(SIGMOID, tiny_nuclei, tmp_path / "run", "--set", "train.steps_per_epoch=100000",
+                            "--set", "train.time_limit=6", epochs=1))
+    assert r.code == 0, r.err
+    assert len(lrs) < 60, len(lrs)
+    assert max(lrs) > 0.9e-3 and lrs[-1] < 0.05e-3, lrs
 
 
 def test_under_a_time_limit_the_learning_rate_anneals_by_the_clock(tmp_path, tiny_nuclei, caplog):
