@@ -1,5 +1,5 @@
 """The `segkit` command line: thin Typer commands that parse, call the library and print."""
 
-from cli.app import app, main
+from cli.app import app, console, main
 
-__all__ = ["app", "main"]
+__all__ = ["app", "console", "main"]

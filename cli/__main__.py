@@ -1,5 +1,5 @@
 """`python -m cli ...` (what `torchrun -m cli train ...` runs)."""
 
-from cli.app import main
+from cli.app import console
 
-main()
+console()

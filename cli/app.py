@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -136,3 +137,25 @@ def main(argv: list[str] | None = None) -> None:
             show()
             sys.exit(code)
         raise
+
+
+def console() -> None:
+    """The `segkit` program (and `python -m cli`): `main`, then the process ends at once, with main's exit
+    status. Python's own teardown of torch's modules took ~1 s after every command that loaded torch (a
+    training's checkpoints and files, a prediction's outputs are all written and closed before main returns),
+    and a --budget run's wall time counts it. An unexpected error still ends the usual way, with its traceback."""
+    try:
+        main()
+        code: int | str | None = 0
+    except SystemExit as done:
+        code = done.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away (`segkit ... | head`), a closed stream
+            pass
+    os._exit(code or 0)

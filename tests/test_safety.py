@@ -1,11 +1,12 @@
 """Trust at the edges: class names that would leave the output folder, errors by cause (permission,
-disk full) rather than "replace the file", `--nproc` only where it means something, encoder weights
-that must fit, and a compare report whose every named file exists. Real files from data/nuclei and the
-samples in tests/data; crafted checkpoints, weight files and failing writes."""
+disk full) rather than "replace the file", `--nproc` only where it means something, the program's exit
+status, encoder weights that must fit, and a compare report whose every named file exists. Real files from
+data/nuclei and the samples in tests/data; crafted checkpoints, weight files and failing writes."""
 
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import re
@@ -358,6 +359,34 @@ def test_nproc_where_it_means_nothing_exits_2(tmp_path, args, says):
     r = run_cli(*args)
     assert r.code == 2 and r.err.startswith("error: --nproc") and says in r.err, r
     assert "Fix:" in r.err and "Traceback" not in r.err
+
+
+# -- the program's exit --------------------------------------------------------------------------
+
+
+class Ended(Exception):
+    """What `os._exit` does here instead of ending pytest."""
+
+
+@pytest.mark.parametrize("ends, code, err", [
+    (None, 0, ""), (SystemExit(2), 2, ""), (SystemExit(None), 0, ""), (SystemExit(130), 130, ""),
+    (SystemExit("stopped"), 1, "stopped\n"),
+])
+def test_the_program_ends_with_mains_status(monkeypatch, capsys, ends, code, err):
+    """`console` ends the process at once (no teardown of torch) with the status Python would have given."""
+    def fake_main() -> None:
+        if ends is not None:
+            raise ends
+
+    def fake_exit(status: int) -> None:
+        raise Ended(status)
+
+    program = importlib.import_module("cli.app")  # the module, not the Typer app `cli` exports by that name
+    monkeypatch.setattr(program, "main", fake_main)
+    monkeypatch.setattr(program.os, "_exit", fake_exit)
+    with pytest.raises(Ended) as ended:
+        program.console()
+    assert ended.value.args == (code,) and capsys.readouterr().err == err
 
 
 # -- encoder weights must fit ---------------------------------------------------------------------
