@@ -9,6 +9,7 @@ import ctypes
 import io
 import random
 import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,6 +54,9 @@ class Checkpointer:
         self.out = out
         self.pool = ThreadPoolExecutor(1)
         self.pending: Future | None = None
+        self.seconds = 0.0
+        """The longest write so far, from the state's copy to the files synced: a timed run's last save, which
+        the run waits for, must fit its time limit."""
 
     def wait(self) -> None:
         """The write in flight is done. One that failed (disk full, permissions) stops training: every
@@ -70,6 +74,7 @@ class Checkpointer:
     def save(self, model: nn.Module, meta: dict, best: bool, last: bool, state: dict | None,
              history: list[dict], plot: bool) -> None:
         self.wait()
+        began = time.perf_counter()
         weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in unwrap(model).state_dict().items()}
         state = _to_cpu(state) if state is not None else None
         rows = [dict(r) for r in history]
@@ -89,6 +94,7 @@ class Checkpointer:
             if plot:
                 plot_curves(rows, self.out / "curves.png")
             release_free_memory()
+            self.seconds = max(self.seconds, time.perf_counter() - began)
 
         self.pending = self.pool.submit(write)
 

@@ -307,8 +307,9 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
     first_step: float | None = None  # when this process's first step ended: the schedule's clock starts there
 
     def deadline() -> float:
-        """When the last step must end: train.time_limit less the run's end (its last validation and save)."""
-        return started + t.time_limit - tail
+        """When the last step must end: train.time_limit less the run's end (its last validation, and its last
+        save, which the run waits for: as long as the longest write so far)."""
+        return started + t.time_limit - tail - (saver.seconds if saver is not None else 0.0)
 
     def time_up(at_sync: bool) -> bool:
         """Whether only the run's end (the last validation and save: as long as the longest so far, at first a

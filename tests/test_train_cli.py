@@ -19,6 +19,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+import segkit.checkpoints
 import segkit.train
 from conftest import CONFIGS, IMAGENET, ROOT, assert_refused, copy_nuclei, run_cli, train_args
 from reference import model_logits
@@ -478,6 +479,25 @@ def test_a_time_limit_shorter_than_the_warm_up_steps_still_reaches_the_peak_and_
     assert r.code == 0, r.err
     assert len(lrs) < 60, len(lrs)
     assert max(lrs) > 0.9e-3 and lrs[-1] < 0.05e-3, lrs
+
+
+def test_a_time_limit_counts_the_last_save_as_long_as_the_longest_write(tmp_path, tiny_nuclei, monkeypatch):
+    """Each checkpoint write here takes at least 2.5 s. The run waits for its last one, so the steps end early
+    enough for it (known from the first write on): the run returns within its 10 s limit, give or take a
+    step and a validation, where counting the validation alone returned at ~12.5 s."""
+    write = segkit.checkpoints.write_unit
+
+    def slow_write(folder, files):
+        time.sleep(2.5 / 2)  # best/ and last/ are both written at a run's first and last epochs
+        write(folder, files)
+
+    monkeypatch.setattr(segkit.checkpoints, "write_unit", slow_write)
+    began = time.perf_counter()
+    r = run_cli(*train_args(SIGMOID, tiny_nuclei, tmp_path / "run", "--set", "train.steps_per_epoch=4",
+                            "--set", "train.time_limit=10", epochs=100000))
+    took = time.perf_counter() - began
+    assert r.code == 0, r.err
+    assert took < 10 + 1.2, took
 
 
 def test_under_a_time_limit_the_learning_rate_anneals_by_the_clock(tmp_path, tiny_nuclei, caplog):
