@@ -123,8 +123,8 @@ class TrainConfig(_Strict):
     steps_per_epoch: int | None = Field(None, ge=1)
     time_limit: float | None = Field(
         None, gt=0, description="seconds from the start of training: it stops at the step after which only its "
-                                "last validation and save (timed on a few samples at the start, then the "
-                                "longest so far) still fit, then "
+                                "last validation (timed on a few samples at the start, then the longest so "
+                                "far) and save (the longest checkpoint write so far) still fit, then "
                                 "validates and writes best/ and last/; the learning rate warms up over at most a "
                                 "tenth of that time and its cosine decays by that step's time or by "
                                 "train.epochs' steps, whichever comes first")
