@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
+import threading
 import time
 
 import typer
@@ -98,7 +100,8 @@ def launch(nproc: int, args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user mistakes exit 2 with the message, a stopped training exits 1.
+    """The command line (`console` runs it as the program; tests call it): user mistakes exit 2 with the
+    message, a stopped training exits 1.
 
     `--nproc K` on train/predict relaunches the command under torchrun (DDP / sharded files).
     """
@@ -140,10 +143,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def console() -> None:
-    """The `segkit` program (and `python -m cli`): `main`, then the process ends at once, with main's exit
-    status. Python's own teardown of torch's modules took ~1 s after every command that loaded torch (a
-    training's checkpoints and files, a prediction's outputs are all written and closed before main returns),
-    and a --budget run's wall time counts it. An unexpected error still ends the usual way, with its traceback."""
+    """The `segkit` program (and `python -m cli`, which torchrun's ranks run): `main`, then the process ends at
+    once with main's exit status. Python's own teardown of torch's modules took ~1 s after every command that
+    loaded torch, and a --budget run's wall time counted it. Every command writes and closes its files before
+    main returns; where a thread still runs (a checkpoint or mask write that a Ctrl-C left unfinished), the
+    process ends the usual way, which waits for it. An unexpected error ends the usual way too, traceback and all."""
     try:
         main()
         code: int | str | None = 0
@@ -152,10 +156,28 @@ def console() -> None:
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
+    code = _flushed(code or 0)
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    os._exit(code)
+
+
+def _flushed(code: int) -> int:
+    """Everything written handed to its file before the process ends: logging's, Python's streams and C's (a
+    library's printf). A stream that cannot take it (a full disk) turns a status 0 into 120, as Python's own
+    exit does; a reader that went away (`segkit ... | head`) does not."""
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
+    for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a reader that went away (`segkit ... | head`), a closed stream
+        except (BrokenPipeError, ValueError):  # a reader that went away, a closed stream
             pass
-    os._exit(code or 0)
+        except OSError as err:
+            code = code or 120
+            try:
+                print(f"error: cannot write {name} ({err.strerror or err})", file=sys.__stderr__, flush=True)
+            except (OSError, ValueError):
+                pass
+    if os.name == "posix":
+        ctypes.CDLL(None).fflush(None)
+    return code

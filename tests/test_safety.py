@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import errno
 import importlib
+import io
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import PIL.Image
@@ -368,25 +372,80 @@ class Ended(Exception):
     """What `os._exit` does here instead of ending pytest."""
 
 
-@pytest.mark.parametrize("ends, code, err", [
-    (None, 0, ""), (SystemExit(2), 2, ""), (SystemExit(None), 0, ""), (SystemExit(130), 130, ""),
-    (SystemExit("stopped"), 1, "stopped\n"),
-])
-def test_the_program_ends_with_mains_status(monkeypatch, capsys, ends, code, err):
-    """`console` ends the process at once (no teardown of torch) with the status Python would have given."""
-    def fake_main() -> None:
-        if ends is not None:
-            raise ends
+@pytest.fixture
+def program(monkeypatch) -> ModuleType:
+    """cli.app with `os._exit` raising `Ended` and logging's shutdown left to pytest."""
+    module = importlib.import_module("cli.app")  # the module, not the Typer app `cli` exports by that name
 
     def fake_exit(status: int) -> None:
         raise Ended(status)
 
-    program = importlib.import_module("cli.app")  # the module, not the Typer app `cli` exports by that name
-    monkeypatch.setattr(program, "main", fake_main)
-    monkeypatch.setattr(program.os, "_exit", fake_exit)
+    monkeypatch.setattr(module.os, "_exit", fake_exit)
+    monkeypatch.setattr(module.logging, "shutdown", lambda: None)
+    return module
+
+
+def ending(ends: BaseException | None) -> Callable[[], None]:
+    def fake_main() -> None:
+        if ends is not None:
+            raise ends
+    return fake_main
+
+
+@pytest.mark.parametrize("ends, code, err", [
+    (None, 0, ""), (SystemExit(2), 2, ""), (SystemExit(None), 0, ""), (SystemExit(130), 130, ""),
+    (SystemExit("stopped"), 1, "stopped\n"),
+])
+def test_the_program_ends_at_once_with_mains_status(program, monkeypatch, capsys, ends, code, err):
+    """`console` ends the process at once (no teardown of torch) with the status Python would have given."""
+    monkeypatch.setattr(program, "main", ending(ends))
     with pytest.raises(Ended) as ended:
         program.console()
     assert ended.value.args == (code,) and capsys.readouterr().err == err
+
+
+def test_the_program_ends_the_usual_way_while_a_thread_still_writes(program, monkeypatch):
+    """A write left running (a Ctrl-C during the last checkpoint): Python's own exit, which waits for it."""
+    release = threading.Event()
+    writer = threading.Thread(target=release.wait, name="writer")
+    monkeypatch.setattr(program, "main", ending(SystemExit(130)))
+    writer.start()
+    try:
+        with pytest.raises(SystemExit) as ended:
+            program.console()
+    finally:
+        release.set()
+        writer.join()
+    assert ended.value.code == 130
+
+
+def test_an_unexpected_error_ends_the_program_with_its_traceback(program, monkeypatch):
+    monkeypatch.setattr(program, "main", ending(RuntimeError("bug")))
+    with pytest.raises(RuntimeError, match="bug"):
+        program.console()
+
+
+class Unwritable(io.StringIO):
+    def __init__(self, err: OSError) -> None:
+        super().__init__()
+        self.err = err
+
+    def flush(self) -> None:
+        raise self.err
+
+
+@pytest.mark.parametrize("err, code, says", [
+    (OSError(errno.ENOSPC, "No space left on device"), 120, "error: cannot write stdout (No space left on device)"),
+    (BrokenPipeError(errno.EPIPE, "Broken pipe"), 0, ""),
+])
+def test_output_the_program_could_not_write_makes_its_status_120(program, monkeypatch, capfd, err, code, says):
+    """As Python's own exit: a full disk under a redirected stdout is an error (120, said on stderr); a reader
+    that went away (`segkit inspect DATA | head`) is not."""
+    monkeypatch.setattr(program, "main", ending(None))
+    monkeypatch.setattr(sys, "stdout", Unwritable(err))
+    with pytest.raises(Ended) as ended:
+        program.console()
+    assert ended.value.args == (code,) and capfd.readouterr().err.strip() == says
 
 
 # -- encoder weights must fit ---------------------------------------------------------------------
