@@ -55,8 +55,8 @@ class Checkpointer:
         self.pool = ThreadPoolExecutor(1)
         self.pending: Future | None = None
         self.seconds = 0.0
-        """The longest write so far, from the state's copy to the files synced: a timed run's last save, which
-        the run waits for, must fit its time limit."""
+        """The longest save so far: the state's copy, best/ and last/ synced, metrics.csv and curves.png."""
+        self.began = 0.0
 
     def wait(self) -> None:
         """The write in flight is done. One that failed (disk full, permissions) stops training: every
@@ -74,7 +74,7 @@ class Checkpointer:
     def save(self, model: nn.Module, meta: dict, best: bool, last: bool, state: dict | None,
              history: list[dict], plot: bool) -> None:
         self.wait()
-        began = time.perf_counter()
+        self.began = began = time.perf_counter()
         weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in unwrap(model).state_dict().items()}
         state = _to_cpu(state) if state is not None else None
         rows = [dict(r) for r in history]
@@ -97,6 +97,17 @@ class Checkpointer:
             self.seconds = max(self.seconds, time.perf_counter() - began)
 
         self.pending = self.pool.submit(write)
+
+    def waiting(self, writes: int = 1) -> float:
+        """How long `writes` saves issued from now on would keep the run waiting: what is left of the write in
+        flight, then theirs, each as long as the longest so far (or as the one in flight has taken already). A
+        timed run's end must fit its limit; before its first write is done, this knows only the time that
+        write has taken."""
+        if self.pending is None or self.pending.done():
+            return writes * self.seconds
+        ran = time.perf_counter() - self.began
+        longest = max(self.seconds, ran)
+        return longest - ran + writes * longest
 
     def close(self) -> None:
         try:

@@ -85,7 +85,9 @@ validation and save fit, and the learning rate's cosine follows the clock to tha
 run faster than measured fills its budget and a slower one still anneals."""
 SECTIONS = ("data", "model", "train")
 END_SECONDS = 5.0
-"""The run's last writes (curves, last/) after the final validation."""
+"""A margin beside the measured costs (the last validation and save are among those): the run's last step, which
+may end past its limit, the command's start and its summary. The steps this keeps out of the plan only shape it:
+the time limit ends the run."""
 
 
 @dataclass

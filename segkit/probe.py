@@ -159,8 +159,7 @@ def run_cost(cfg: Config, device: torch.device, steps: int = 6, val_items: int =
     validation = validation_seconds(run, val_items)
     with tempfile.TemporaryDirectory() as tmp:
         saver = Checkpointer(Path(tmp))
-        began = time.perf_counter()
         saver.save(run.model, run.meta, True, True, Progress().state(run), [{"epoch": 0}], plot=False)
         saver.close()
-        checkpoint = time.perf_counter() - began
+        checkpoint = saver.seconds
     return RunCost(startup, sorted(times)[len(times) // 2], validation, checkpoint, len(run.data.val))

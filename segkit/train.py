@@ -14,6 +14,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -306,10 +307,10 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
     schedule: Schedule = run.scheduler.lr_lambdas[0]
     first_step: float | None = None  # when this process's first step ended: the schedule's clock starts there
 
-    def deadline() -> float:
-        """When the last step must end: train.time_limit less the run's end (its last validation, and its last
-        save, which the run waits for: as long as the longest write so far)."""
-        return started + t.time_limit - tail - (saver.seconds if saver is not None else 0.0)
+    def deadline(writes: int = 1) -> float:
+        """When the last step must end: train.time_limit less the run's end (its last validation, and the
+        `writes` saves still to come, the last of which the run waits for: `Checkpointer.waiting`)."""
+        return started + t.time_limit - tail - (saver.waiting(writes) if saver is not None else 0.0)
 
     def time_up(at_sync: bool) -> bool:
         """Whether only the run's end (the last validation and save: as long as the longest so far, at first a
@@ -343,8 +344,9 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
             seconds = time.perf_counter() - began
             if t.time_limit and not out_of_time and steps_run and epoch + 1 < t.epochs:
                 # where this epoch's validation and save, a step, and the last validation and save would not all
-                # fit, this epoch's are the run's last (not a second one a step later, past the limit)
-                out_of_time = _agreed(time.perf_counter() + tail + seconds / steps_run > deadline(), run.device)
+                # fit (this epoch's write still in flight then: the run's end waits for both), this epoch's are
+                # the run's last (not a second one a step later, past the limit)
+                out_of_time = _agreed(time.perf_counter() + tail + seconds / steps_run > deadline(2), run.device)
             images = steps_run * run.batch * dist.world_size()
             images_seen, train_seconds = images_seen + images, train_seconds + seconds
             ending = time.perf_counter()
@@ -365,13 +367,16 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, lock: RunLock, 
                              "train.time_limit %.0f s used", steps_run + first, run.steps, epoch + 1,
                              time.perf_counter() - started, t.time_limit)
                 break
-    finally:  # a pending checkpoint write finishes (or reports its error) whatever stopped the loop
-        signals.restore()
-        stop_workers(run.loader)
-        if saver is not None:
-            saver.close()
-        if board is not None:
-            board.close()
+    finally:  # whatever stopped the loop: the loader's workers stop, a pending checkpoint write finishes (or
+        # reports its error), the board closes, and only then are the signals handed back (a SIGTERM during the
+        # last write is absorbed); each even where one before it fails. ExitStack calls them last-in, first-out.
+        with ExitStack() as closing:
+            closing.callback(signals.restore)
+            if board is not None:
+                closing.callback(board.close)
+            if saver is not None:
+                closing.callback(saver.close)
+            closing.callback(stop_workers, run.loader)
     dist.barrier()
     if interrupted is not None:
         raise interrupted
