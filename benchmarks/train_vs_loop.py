@@ -36,7 +36,7 @@ def run(root: Path, config: Path, out: Path, steps: int = 300, epochs: int = 6) 
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs.json").write_text(json.dumps(pairs))
     per_epoch = math.ceil(steps / epochs)
-    warmup = Schedule.of(load_config(config, [f"train.epochs={epochs}"]).train, per_epoch).warmup  # segkit's
+    warmup = Schedule.of(cfg.train.model_copy(update={"epochs": epochs}), per_epoch).warmup  # segkit's
     common = {"batch_size": 8, "crop": 256, "lr": 0.001}
     run_dir = out / "segkit-run"
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -157,9 +157,14 @@ def console() -> None:
         print(code, file=sys.stderr)
         code = 1
     code = _flushed(code or 0)
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+    if running_threads():
         sys.exit(code)
     os._exit(code)
+
+
+def running_threads() -> list[threading.Thread]:
+    """The threads besides the main one that Python's own exit would wait for (not daemons)."""
+    return [t for t in threading.enumerate() if t.is_alive() and not t.daemon and t is not threading.main_thread()]
 
 
 def _flushed(code: int) -> int:

@@ -124,7 +124,8 @@ class TrainConfig(_Strict):
     time_limit: float | None = Field(
         None, gt=0, description="seconds from the start of training: it stops at the step after which only its "
                                 "last validation (timed on a few samples at the start, then the longest so "
-                                "far) and save (the longest checkpoint write so far) still fit, then "
+                                "far) and saves (the rest of a checkpoint write in flight and one more, each as long "
+                                "as the longest so far) still fit, then "
                                 "validates and writes best/ and last/; the learning rate warms up over at most a "
                                 "tenth of that time and its cosine decays by that step's time or by "
                                 "train.epochs' steps, whichever comes first")

@@ -17,7 +17,6 @@ import io
 import os
 import shutil
 import sys
-import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -112,7 +111,7 @@ class Result(NamedTuple):
 def run_cli(*args) -> Result:
     """`segkit ARGS` in this process: exit code, stdout and stderr (SystemExit caught). Every command, ended
     however, has finished its threads (its writes) by then: the program ends at once after it (`console`)."""
-    from cli.app import main
+    from cli.app import main, running_threads
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -121,8 +120,7 @@ def run_cli(*args) -> Result:
             code = 0
         except SystemExit as done:
             code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    running = [t.name for t in threading.enumerate()
-               if t.is_alive() and not t.daemon and t is not threading.main_thread()]
+    running = [t.name for t in running_threads()]
     assert not running, f"segkit {' '.join(map(str, args))} left threads running: {running}"
     return Result(code, out.getvalue(), err.getvalue())
 
