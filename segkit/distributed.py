@@ -60,10 +60,18 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]:
+    return _all_reduce(values, device, torch_dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values: Sequence[float], device: torch.device) -> list[float]:
+    return _all_reduce(values, device, torch_dist.ReduceOp.MAX)
+
+
+def _all_reduce(values: Sequence[float], device: torch.device, op: torch_dist.ReduceOp) -> list[float]:
     if not active():
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    torch_dist.all_reduce(t)
+    torch_dist.all_reduce(t, op=op)
     return t.tolist()
 
 

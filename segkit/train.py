@@ -409,12 +409,14 @@ def _agreed(flag: bool, device: torch.device) -> bool:
 
 
 def _agreed_clock(late: bool, share: float, device: torch.device) -> tuple[bool, float]:
-    """`late` on any rank (as `_agreed`), and the ranks' mean `share` of the time passed: one decision and one
-    learning rate for all of them."""
+    """`late` on any rank (as `_agreed`), and the largest `share` of the time passed: one decision and one
+    learning rate for all of them. The largest, because rank 0's deadline is the earliest (it alone waits for the
+    checkpoint writes): the rank that ends the run has reached the end of its schedule, so the last step's
+    learning rate is the schedule's last on every rank."""
     if not dist.active():
         return late, share
-    flags, shares = dist.all_reduce_sum([1.0 if late else 0.0, share], device)
-    return flags > 0, shares / dist.world_size()
+    flag, most = dist.all_reduce_max([1.0 if late else 0.0, share], device)
+    return flag > 0, most
 
 
 def _stop_requested(signals: StopSignals, device: torch.device) -> bool:

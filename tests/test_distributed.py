@@ -45,6 +45,34 @@ def test_epoch_sampler_new_order_each_epoch():
     assert {e for e, _ in s} == {1}
 
 
+_AGREE = """
+import json, sys
+import torch, torch.distributed as d
+from segkit.train import _agreed_clock
+rank, store, calls = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+d.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+print(json.dumps([_agreed_clock(late, share, torch.device("cpu")) for late, share in calls]))
+d.destroy_process_group()
+"""
+
+
+def test_two_ranks_agree_on_the_latest_clock_and_on_any_ranks_time_up(tmp_path):
+    """Under DDP the ranks take one learning rate and one stop from the time limit. Rank 0's deadline is the
+    earliest (it alone waits for checkpoint writes), so the agreed share of the schedule is the largest: where
+    rank 0 is past its end (1.0) and rank 1 not quite (0.9), both step with the schedule's end, not the mean
+    0.95. A time-up on either rank is the time-up of both."""
+    rank0 = [(True, 1.0), (False, 0.5), (False, 0.2)]
+    rank1 = [(False, 0.9), (False, 0.7), (True, 0.1)]
+    agreed = [[True, 1.0], [False, 0.7], [True, 0.2]]
+    procs = [subprocess.Popen([sys.executable, "-c", _AGREE, str(r), str(tmp_path / "store"), json.dumps(calls)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r, calls in enumerate((rank0, rank1))]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+        assert json.loads(out) == agreed
+
+
 def _subset(tmp: Path, n: int) -> Path:
     root = tmp / "data"
     for kind in ("images", "masks"):
